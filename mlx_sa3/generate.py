@@ -1,0 +1,123 @@
+"""``python -m mlx_sa3.generate``: Stable Audio 3 from the terminal (a thin shell over :class:`StableAudio3`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from . import _blas  # noqa: F401  (the package import already preloaded the BLAS)
+
+EXAMPLES = """examples:
+  # try the whole path offline with a tiny random model (its output is noise)
+  python -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 -o pad.wav
+
+  # text to audio, 30 s, with a converted checkpoint
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "lo-fi hip hop beat, 90 bpm" --duration 30 -o beat.wav
+
+  # audio to audio: restyle a clip (0.1 = close variation, 0.9 = loose)
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "jazz trio" --init-audio in.wav --init-noise-level 0.7 -o jazz.wav
+
+  # inpaint two regions of a clip, keep the rest
+  python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
+      --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
+
+  # continue a clip past its end (no regions: everything after the clip is generated)
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav --duration 60 -o longer.wav
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_sa3.generate", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-p", "--prompt", help="what to generate")
+    p.add_argument("--negative-prompt", help="what to steer away from (needs --cfg-scale other than 1)")
+    p.add_argument("--model", default="stabilityai/stable-audio-3-small-music",
+                   help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 8)")
+    p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG")
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed at the end)")
+    p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
+    p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
+    p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
+    p.add_argument("--inpaint-start", type=float, action="append", default=[], help="start (s) of a region to regenerate; repeatable")
+    p.add_argument("--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable")
+    p.add_argument("-o", "--output", default="output.wav", help="output file (default output.wav)")
+    p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the file suffix)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="DiT/text precision (default: half on Metal, float32 on CPU)")
+    p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
+    p.add_argument("--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _progress(quiet: bool):
+    """A callback that draws one bar for the sampling steps and one for decoding."""
+    from tqdm import tqdm
+
+    bars = {}
+
+    def callback(event):
+        if quiet or event.stage == "done":
+            for bar in bars.values():
+                bar.close()
+            return True
+        if event.stage == "sampling":
+            bar = bars.setdefault("sampling", tqdm(total=event.total, desc="sampling", unit="step", file=sys.stderr))
+            bar.update(1)
+        elif event.stage == "decoding":
+            bar = bars.setdefault("decoding", tqdm(total=event.total, desc="decoding", unit="sample",
+                                                   unit_scale=True, file=sys.stderr))
+            bar.update(event.audio.shape[-1])
+        return True
+
+    return callback
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.inpaint_start) != len(args.inpaint_end):
+        return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+    from .audio import AudioError
+    from .loading import CheckpointError
+    from .pipeline import GenerationCancelled, StableAudio3
+    from .sampling import NonFiniteError
+
+    warnings.simplefilter("always")
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+    try:
+        start = time.perf_counter()
+        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+        load_time = time.perf_counter() - start
+        if args.model == "demo":
+            print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
+        regions = list(zip(args.inpaint_start, args.inpaint_end)) or None
+        out = pipe.generate_to_file(
+            args.output, args.prompt, args.duration, fmt=args.format, callback=_progress(args.quiet),
+            negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+            apg_scale=args.apg_scale, seed=args.seed, init_audio=args.init_audio,
+            init_noise_level=args.init_noise_level, inpaint_audio=args.inpaint_audio, inpaint_regions=regions,
+            batch_size=args.batch,
+        )
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output written", 130)
+    except GenerationCancelled as err:
+        return _fail(str(err))
+    except (ValueError, AudioError, CheckpointError, NonFiniteError, FileNotFoundError, PermissionError) as err:
+        return _fail(str(err))
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
+    print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    return 0
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""``StableAudio3``: the generation API for scripts and apps, with every SA3 mode.
+
+One object is loaded once and called many times. ``stream`` is the primitive: a generator of per-step progress
+events, then decoded audio pieces as the streaming decoder produces them, then a final event. ``generate`` collects
+it into an array; ``generate_to_file`` writes each piece to disk as it comes, so memory stays flat with duration.
+Lengths, masks and schedules follow the official ``StableAudioModel.generate`` (spec §4.4-4.7).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import AudioError, format_for, load_audio_input, open_writer
+from .model import SA3Model, load_model
+from .sampling import SAMPLERS
+
+HEADROOM_SECONDS = 6.0  # the official duration_padding_sec: extra latents generated past the requested end
+DEFAULT_STEPS = 8
+
+
+class GenerationCancelled(Exception):
+    """The callback asked to stop; nothing was written to the output path."""
+
+
+# -- events -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepEvent:
+    """Sampling step ``index + 1`` of ``total`` finished at noise level ``t``."""
+
+    index: int
+    total: int
+    t: float
+    elapsed: float
+    stage: str = "sampling"
+
+
+@dataclass
+class AudioEvent:
+    """Decoded audio (B, 2, n) float32 numpy, starting at sample ``offset`` of ``total`` samples."""
+
+    audio: np.ndarray
+    offset: int
+    total: int
+    stage: str = "decoding"
+
+
+@dataclass
+class DoneEvent:
+    """The end of a generation: its latents (B, C, L), seed and seconds per stage."""
+
+    latents: mx.array
+    seed: int
+    timings: dict
+    stage: str = "done"
+
+
+@dataclass
+class GenerationOutput:
+    audio: np.ndarray  # (B, 2, N) float32 in [-1, 1]
+    sample_rate: int
+    latents: mx.array  # (B, C, L) float32: the sampled latents of the valid region
+    seed: int
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class FileOutput:
+    paths: list  # one file per batch item
+    sample_rate: int
+    seed: int
+    timings: dict = field(default_factory=dict)
+
+
+# -- request planning -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A validated request: lengths, masks and latents, all decided before any sampling starts."""
+
+    prompts: list
+    negative_prompts: list | None
+    duration: float
+    num_samples: int  # output samples per item, round(duration * sr)
+    length: int  # latents the DiT runs on (requested duration + headroom, capped by the model's canvas)
+    decode_length: int  # latents handed to the decoder (length padded to the autoencoder's alignment)
+    schedule_length: int
+    steps: int
+    sampler: str
+    cfg_scale: float
+    apg_scale: float
+    seed: int
+    noise: mx.array
+    init_latents: mx.array | None
+    init_noise_level: float
+    inpaint_mask: mx.array | None
+    inpaint_known: mx.array | None
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class StableAudio3:
+    """Text-to-audio, audio-to-audio, inpainting and continuation with one loaded SA3 checkpoint."""
+
+    def __init__(self, model: SA3Model):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, src, dtype=None, backend: str = "mlx") -> "StableAudio3":
+        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``."""
+        if str(src) == "demo":
+            from .demo import demo_model
+
+            return cls(demo_model(dtype=dtype, backend=backend))
+        model = load_model(src, dtype=dtype, backend=backend)
+        if model.source is not None and not model.source.converted:
+            print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>")
+        return cls(model)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def max_duration(self) -> float:
+        """Longest output the checkpoint's canvas (config ``sample_size``) allows, in seconds."""
+        return self.model.config.sample_size / self.sample_rate
+
+    # -- planning ------------------------------------------------------------------------------------------------
+
+    def plan(self, prompt=None, duration: float = 30.0, negative_prompt=None, steps=None, sampler=None,
+             cfg_scale=None, apg_scale: float = 1.0, seed=None, noise=None, init_audio=None,
+             init_noise_level: float = 0.9, inpaint_audio=None, inpaint_regions=None, batch_size: int = 1) -> Plan:
+        """Validate a request and work out every length, mask and latent it needs (raises ValueError/AudioError)."""
+        cfg = self.model.config
+        sr = cfg.sample_rate
+        ratio = self.model.autoencoder.downsampling_ratio
+        duration = float(duration)
+        if not math.isfinite(duration) or duration <= 0:
+            raise ValueError(f"duration must be a positive number of seconds, got {duration}")
+        if duration > self.max_duration + 1e-9:
+            raise ValueError(f"duration {duration:g} s exceeds this model's maximum of {self.max_duration:.1f} s")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        steps = DEFAULT_STEPS if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        sampler = sampler or cfg.default_sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        cfg_scale = 1.0 if cfg_scale is None else float(cfg_scale)
+        if cfg_scale != 1.0 and cfg.guidance_distilled:
+            warnings.warn(
+                f"cfg_scale {cfg_scale:g} on a guidance-distilled (post-trained) checkpoint: guidance is already "
+                "built in and the official docs say it has no useful effect; use cfg 1 or a -base model",
+                stacklevel=3,
+            )
+        if not 0.0 < float(init_noise_level) <= 1.0:
+            raise ValueError(f"init noise level must be in (0, 1], got {init_noise_level}")
+
+        prompts = self._prompts(prompt, batch_size, required=init_audio is None and inpaint_audio is None)
+        negative_prompts = None if negative_prompt is None else self._prompts(negative_prompt, batch_size, True)
+
+        num_samples = round(duration * sr)
+        # Official canvas: (duration + 6 s) rounded up to the autoencoder's alignment and capped by sample_size; the
+        # DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
+        align = ratio * cfg.latent_align
+        canvas = min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
+        effective = math.ceil(int(duration * sr) / ratio)
+        length = min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio))
+        decode_length = _ceil_to(length, cfg.latent_align)
+
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        noise_key, _ = mx.random.split(mx.random.key(seed))
+        shape = (batch_size, cfg.io_channels, length)
+        if noise is None:
+            noise = mx.random.normal(shape, key=noise_key)
+        else:
+            noise = mx.array(np.asarray(noise, dtype=np.float32)) if not isinstance(noise, mx.array) else noise
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
+
+        init_latents = None
+        if init_audio is not None:
+            init_latents = self._encode_audio(init_audio, "init audio", decode_length, length, batch_size)
+        inpaint_mask = inpaint_known = None
+        if inpaint_audio is not None:
+            known_audio = load_audio_input(inpaint_audio, "inpaint audio")
+            regions = self._regions(inpaint_regions, known_audio.shape[1] / sr, duration)
+            inpaint_known = self._encode_audio(known_audio, "inpaint audio", decode_length, length, batch_size)
+            inpaint_mask = self._latent_mask(regions, duration, length)
+        elif inpaint_regions:
+            raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
+
+        return Plan(prompts, negative_prompts, duration, num_samples, length, decode_length, effective, steps,
+                    sampler, cfg_scale, float(apg_scale), seed, noise, init_latents, float(init_noise_level),
+                    inpaint_mask, inpaint_known)
+
+    @staticmethod
+    def _prompts(prompt, batch_size: int, required: bool) -> list:
+        prompts = [prompt] * batch_size if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch_size:
+            raise ValueError(f"got {len(prompts)} prompts for batch size {batch_size}")
+        prompts = ["" if p is None else str(p) for p in prompts]
+        if required and not all(p.strip() for p in prompts):
+            raise ValueError("a non-empty prompt is required for text-to-audio")
+        return prompts
+
+    def _regions(self, regions, source_seconds: float, duration: float) -> list:
+        """Validated (start, end) pairs in seconds; none given means continue the clip past its end."""
+        if not regions:
+            if duration <= source_seconds:
+                raise ValueError(
+                    f"inpaint audio is {source_seconds:.2f} s and the duration {duration:g} s does not extend it: "
+                    "give inpaint regions (start, end) to regenerate, or a longer duration to continue the clip"
+                )
+            return [(source_seconds, duration)]
+        out = []
+        for region in regions:
+            start, end = (float(v) for v in region)
+            if not (0 <= start < end):
+                raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
+            if start >= duration or end > duration + 1e-9:
+                raise ValueError(f"inpaint region ({start:g}, {end:g}) lies outside the {duration:g} s output")
+            out.append((start, end))
+        return out
+
+    def _latent_mask(self, regions: list, duration: float, length: int) -> mx.array:
+        """Official mask semantics: 1 = keep; the regions and everything past the duration are generated.
+
+        The audio-rate mask is sampled at every ``ratio``-th sample (torch nearest interpolation), so latent i is kept
+        iff audio sample i * ratio is kept: regenerated latents are [ceil(start / ratio), ceil(end / ratio)).
+        """
+        sr, ratio = self.sample_rate, self.model.autoencoder.downsampling_ratio
+        positions = np.arange(length) * ratio
+        keep = positions < int(duration * sr)
+        for start, end in regions:
+            keep &= ~((positions >= int(start * sr)) & (positions < int(end * sr)))
+        return mx.array(keep.astype(np.float32))[None, None, :]
+
+    def _encode_audio(self, audio, what: str, decode_length: int, length: int, batch_size: int) -> mx.array:
+        """Pad/crop audio to the canvas, encode it with SAME and keep the DiT's ``length`` latents."""
+        audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
+        ratio = self.model.autoencoder.downsampling_ratio
+        canvas = np.zeros((2, decode_length * ratio), dtype=np.float32)
+        n = min(canvas.shape[1], audio.shape[1])
+        canvas[:, :n] = audio[:, :n]
+        z = self.model.autoencoder.encode(canvas[None])[:, :, :length]
+        return mx.broadcast_to(z, (batch_size, *z.shape[1:]))
+
+    # -- running -------------------------------------------------------------------------------------------------
+
+    def stream(self, prompt=None, duration: float = 30.0, *, chunk_latents: int = 64,
+               callback: Callable | None = None, **kwargs) -> Iterator:
+        """Yield :class:`StepEvent` per step, :class:`AudioEvent` per decoded piece, then one :class:`DoneEvent`.
+
+        Takes the arguments of :meth:`generate`. ``callback(event)`` sees every event first; returning ``False``
+        cancels with :class:`GenerationCancelled`.
+        """
+        plan = self.plan(prompt, duration, **kwargs)
+        timings = {}
+
+        def emit(event):
+            if callback is not None and callback(event) is False:
+                raise GenerationCancelled("generation cancelled by the callback")
+            return event
+
+        start = time.perf_counter()
+        cond = self.model.conditioning(plan.prompts, [plan.duration] * len(plan.prompts),
+                                       inpaint_mask=plan.inpaint_mask, inpaint_known_latents=plan.inpaint_known,
+                                       length=plan.length, negative_prompts=plan.negative_prompts)
+        mx.eval(cond)
+        timings["text"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        _, step_key = mx.random.split(mx.random.key(plan.seed))
+        latents = None
+        for step in self.model.sample_iter(plan.noise, cond, plan.steps, plan.sampler, plan.cfg_scale,
+                                           plan.apg_scale, plan.init_latents, plan.init_noise_level,
+                                           key=step_key, schedule_length=plan.schedule_length):
+            latents = step.x
+            yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
+        del cond
+        timings["sampling"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        latents = latents.astype(mx.float32)
+        padded = mx.pad(latents, [(0, 0), (0, 0), (0, plan.decode_length - plan.length)])
+        offset = 0
+        for piece in self.model.autoencoder.decode_stream(padded, chunk_latents=chunk_latents):
+            take = min(piece.shape[-1], plan.num_samples - offset)
+            if take <= 0:
+                break
+            audio = np.clip(np.asarray(piece[:, :, :take], dtype=np.float32), -1.0, 1.0)
+            yield emit(AudioEvent(audio, offset, plan.num_samples))
+            offset += take
+        timings["decoding"] = time.perf_counter() - start
+        yield emit(DoneEvent(latents, plan.seed, timings))
+
+    def generate(self, prompt=None, duration: float = 30.0, negative_prompt=None, steps=None, sampler=None,
+                 cfg_scale=None, apg_scale: float = 1.0, seed=None, noise=None, init_audio=None,
+                 init_noise_level: float = 0.9, inpaint_audio=None, inpaint_regions=None, batch_size: int = 1,
+                 callback=None) -> GenerationOutput:
+        """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`)."""
+        pieces, done = [], None
+        for event in self.stream(prompt, duration, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+                                 cfg_scale=cfg_scale, apg_scale=apg_scale, seed=seed, noise=noise,
+                                 init_audio=init_audio, init_noise_level=init_noise_level,
+                                 inpaint_audio=inpaint_audio, inpaint_regions=inpaint_regions,
+                                 batch_size=batch_size, callback=callback):
+            if isinstance(event, AudioEvent):
+                pieces.append(event.audio)
+            elif isinstance(event, DoneEvent):
+                done = event
+        return GenerationOutput(np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed,
+                                done.timings)
+
+    def generate_to_file(self, path, prompt=None, duration: float = 30.0, fmt: str | None = None,
+                         callback=None, **kwargs) -> FileOutput:
+        """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
+
+        Audio goes to a hidden temporary file beside each target and is renamed into place only when complete, so
+        an error, a cancel or Ctrl-C leaves no partial file at the output path (the temporary file is removed).
+        Returns the written paths with the seed and the seconds per stage.
+        """
+        path = Path(path)
+        fmt = format_for(path, fmt)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"output directory {path.parent} does not exist")
+        batch = int(kwargs.get("batch_size", 1))
+        targets = [path] if batch == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(batch)]
+        temps, writers = [], []
+        try:
+            for target in targets:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+                os.close(fd)
+                temps.append(Path(tmp))
+                writers.append(open_writer(tmp, 2, self.sample_rate, fmt))
+            for event in self.stream(prompt, duration, callback=callback, **kwargs):
+                if isinstance(event, AudioEvent):
+                    for writer, audio in zip(writers, event.audio):
+                        writer.write(audio.T)
+                elif isinstance(event, DoneEvent):
+                    done = event
+            for writer in writers:
+                writer.close()
+            for tmp, target in zip(temps, targets):
+                os.replace(tmp, target)
+            temps = []
+            return FileOutput(targets, self.sample_rate, done.seed, done.timings)
+        finally:
+            for writer in writers:
+                if not writer.closed:
+                    writer.close()
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+
+
+__all__ = ["StableAudio3", "GenerationOutput", "FileOutput", "GenerationCancelled", "StepEvent", "AudioEvent", "DoneEvent",
+           "AudioError"]

@@ -1,0 +1,394 @@
+"""mlx_sa3.convert: converted checkpoints reproduce the official numbers, the real medium key structure maps
+completely, and every refusal (pickle, damaged file, mismatched tensors, existing output, interruption) is clean."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_sa3 import convert as cv
+from mlx_sa3.loading import CheckpointError, open_source
+from mlx_sa3.model import load_model
+from mlx_sa3.same import load_autoencoder
+
+from .conftest import REF, rel_err
+
+SA3_FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
+SAME_FIXTURES = ["same_s_tiny_s0", "same_l_tiny_s0"]
+TOL_F32 = 1e-4
+# float16 storage rounds every DiT / text-encoder weight by up to 2^-11 relative; the outputs (computed in float32
+# from those weights) then move by a few 1e-4. The autoencoder stays float32 and must still match tightly.
+TOL_F16 = 5e-3
+TOL_BF16 = 3e-2  # bfloat16 keeps 8 mantissa bits: measured errors are about 8x those of float16
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_sa3.convert", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.startswith(".")]
+
+
+def copy_fixture(name: str, dst: Path) -> Path:
+    shutil.copytree(REF / name, dst)
+    for path in dst.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the fixtures are read-only
+    dst.chmod(0o755)
+    return dst
+
+
+def rewrite_weights(directory: Path, edit) -> None:
+    """Rewrite ``directory/model.safetensors`` after ``edit(tensors)`` (a dict of MLX arrays) changed it."""
+    path = directory / "model.safetensors"
+    tensors = {k: mx.array(v) for k, v in mx.load(str(path)).items()}
+    mx.eval(tensors)
+    edit(tensors)
+    cv.write_safetensors(path, tensors)
+
+
+# -------------------------------------------------------------------------------------------- parity from the files
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Every fixture converted in float32 and float16 (the SA3 ones also in bfloat16)."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name in SA3_FIXTURES + SAME_FIXTURES:
+        for dtype in ("float32", "float16", "bfloat16") if name in SA3_FIXTURES else ("float32", "float16"):
+            out[name, dtype] = cv.convert(REF / name, root / f"{name}-{dtype}", dtype=dtype)
+    return out
+
+
+def test_cli_entry_points_convert(tmp_path):
+    proc = subprocess.run([sys.executable, "convert.py", REF / "sa3_small_tiny_s0", tmp_path / "a"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.model.transformer.rotary_pos_emb.inv_freq" in proc.stdout  # the drop list is printed
+    assert "decoder" in proc.stdout
+    proc = run_cli(REF / "same_l_tiny_s0", tmp_path / "b", "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert open_source(tmp_path / "a").converted and open_source(tmp_path / "b").converted
+
+
+@pytest.mark.parametrize("name", SA3_FIXTURES)
+def test_converted_layout(converted, name):
+    out = converted[name, "float16"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["format"] == "mlx_sa3" and meta["version"] == 1 and meta["kind"] == "sa3"
+    assert meta["dtype"] == "float16"
+    assert meta["model_config"] == json.loads((REF / name / "model_config.json").read_text())
+    assert meta["source"] == {"src": str((REF / name).resolve()), "revision": None}
+    assert meta["components"] == cv.COMPONENT_FILES
+    for name_, expected in [("dit", mx.float16), ("text_encoder", mx.float16), ("autoencoder", mx.float32),
+                            ("conditioners", mx.float32)]:
+        dtypes = {v.dtype for v in mx.load(str(out / meta["components"][name_])).values()}
+        assert dtypes == {expected}, name_
+    te = out / "text_encoder"
+    assert {"config.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in te.iterdir()}
+    assert not (te / "model.safetensors").exists()
+    # every dropped tensor is a RoPE buffer, the empty noise factor or the T5Gemma decoder half
+    assert meta["dropped"], "nothing reported as dropped"
+    for key in meta["dropped"]:
+        assert re.search(r"inv_freq$|noise_scaling_factor$|model\.safetensors:decoder\.", key), key
+    assert sum(":decoder." in k for k in meta["dropped"]) == sum(
+        1 for k in mx.load(str(REF / name / "t5gemma-b-b-ul2/model.safetensors")) if k.startswith("decoder."))
+
+
+def test_written_files_read_back_with_safetensors(converted):
+    from safetensors.numpy import load_file
+
+    out = converted["sa3_medium_tiny_s0", "float32"]
+    ours = load_file(str(out / "dit.safetensors"))
+    theirs = mx.load(str(out / "dit.safetensors"))
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, np.asarray(theirs[key]))
+
+
+def dit_errors(model, io) -> dict:
+    zero_local = np.zeros_like(io["local_add_cond"])
+    args = (io["x"], io["t"], io["cross_attn_cond"], io["global_cond"])
+    return {
+        "v_plain": rel_err(model.dit(*args, zero_local), io["v_plain"]),
+        "v_inpaint": rel_err(model.dit(*args, io["local_add_cond"]), io["v_inpaint"]),
+        "v_null_context": rel_err(model.dit(io["x"], io["t"], np.zeros_like(io["cross_attn_cond"]),
+                                            io["global_cond"], zero_local), io["v_null_context"]),
+        "v_cfg3_apg1": rel_err(model.dit(*args, zero_local, cfg_scale=3.0, apg_scale=1.0), io["v_cfg3_apg1"]),
+        "seconds_embedding": rel_err(model.encode_seconds(io["seconds"]), io["seconds_embedding"]),
+    }
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL_F32), ("float16", TOL_F16), ("bfloat16", TOL_BF16)])
+@pytest.mark.parametrize("name", SA3_FIXTURES)
+def test_converted_sa3_reproduces_official(converted, name, dtype, tol):
+    model = load_model(converted[name, dtype], dtype="float32")
+    assert model.source.converted
+    io = np.load(REF / name / "io.npz")
+    pipe = np.load(REF / name / "pipeline.npz")
+    errors = dit_errors(model, io)
+    emb, mask = model.encode_text(list(pipe["prompts"]))
+    errors["prompt_embedding"] = rel_err(emb, pipe["prompt_embedding"])
+    np.testing.assert_array_equal(np.asarray(mask), pipe["prompt_mask"].astype(bool))
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"{name} {dtype}: {bad}"
+    if dtype != "float32":  # the half-precision file really is different from the float32 one
+        assert errors["v_plain"] > 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", SAME_FIXTURES)
+def test_converted_same_reproduces_official(converted, name, dtype):
+    io = np.load(REF / name / "io.npz")
+    ae = load_autoencoder(converted[name, dtype])
+    # --dtype never touches the autoencoder: float32 tolerances in both cases
+    assert rel_err(ae.encode(io["encode_in_audio"]), io["encode_out_latents"]) <= TOL_F32
+    assert rel_err(ae.decode(io["decode_in_latents"]), io["decode_out_audio"]) <= TOL_F32
+
+
+@pytest.mark.parametrize("name,same_fixture", zip(SA3_FIXTURES, SAME_FIXTURES))
+def test_converted_sa3_autoencoder_equals_original(converted, name, same_fixture):
+    """The SA3 fixtures carry their own SAME weights (no io.npz): the converted one must match the original."""
+    io = np.load(REF / same_fixture / "io.npz")
+    original = load_autoencoder(REF / name)
+    ae = load_autoencoder(converted[name, "float16"])
+    for method, data in (("encode", io["encode_in_audio"]), ("decode", io["decode_in_latents"])):
+        assert rel_err(getattr(ae, method)(data), getattr(original, method)(data)) <= 1e-6, method
+
+
+# -------------------------------------------------------------------------------------------- the real medium layout
+
+
+def medium_model_config() -> dict:
+    """sa3_medium_tiny_s0's config with the real stable-audio-3-medium sizes (shapes in hub-manifest-medium.txt)."""
+    config = json.loads((REF / "sa3_medium_tiny_s0" / "model_config.json").read_text())
+    model = config["model"]
+    model["io_channels"] = 256
+    model["diffusion"]["config"].update(io_channels=256, embed_dim=1536, depth=24, num_heads=24,
+                                        local_add_cond_dim=257, num_memory_tokens=64)
+    ae = model["pretransform"]["config"]
+    ae["latent_dim"] = 256
+    for part in ("encoder", "decoder"):
+        ae[part]["config"].update(channels=768, transformer_depths=[12], latent_dim=256, dim_heads=64)
+    ae["bottleneck"]["config"]["dim"] = 256
+    return config
+
+
+def manifest_shapes() -> dict[str, tuple]:
+    shapes = {}
+    for line in (REF / "hub-manifest-medium.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape, _ = line.split("\t")
+            shapes[name] = tuple(json.loads(shape))
+    return shapes
+
+
+def lazy_manifest_tensors() -> dict[str, mx.array]:
+    """Zeros of every manifest shape (lazy: nothing is allocated) with the true values in the RoPE buffers,
+    which the sanitizers check."""
+    tensors = {}
+    for name, shape in manifest_shapes().items():
+        if name.endswith("inv_freq"):
+            dims = 2 * shape[0]
+            tensors[name] = mx.array(1.0 / 10000.0 ** (np.arange(0, dims, 2) / dims), dtype=mx.float32)
+        else:
+            tensors[name] = mx.zeros(shape, dtype=mx.float32)
+    return tensors
+
+
+def test_real_medium_key_structure_maps_completely():
+    shapes = manifest_shapes()
+    assert len(shapes) == 997
+    text_dir = REF / "sa3_medium_tiny_s0" / "t5gemma-b-b-ul2"
+    components = cv.plan_components(lazy_manifest_tensors(), medium_model_config(), text_dir, mx.float16)
+    by_name = {c.name: c for c in components}
+    dropped = [k for c in components if c.name != "text_encoder" for k in c.dropped]
+    assert sorted(dropped) == sorted(k for k in shapes if k.endswith("inv_freq") or k.endswith("noise_scaling_factor"))
+    n_out = sum(len(by_name[n].tensors) for n in ("dit", "autoencoder", "conditioners"))
+    n_weight_norm = sum(k.endswith(".weight_v") for k in shapes)
+    assert n_out == len(shapes) - len(dropped) - n_weight_norm  # every other tensor is mapped one to one
+    n_params = {n: sum(v.size for v in by_name[n].tensors.values()) for n in ("dit", "autoencoder", "conditioners")}
+    assert n_params["dit"] == 1_453_170_176  # spec §1.3
+    assert n_params["conditioners"] == 768 + 768 * 256 + 768  # padding embedding, seconds Linear with bias
+    assert by_name["dit"].tensors["preprocess_conv.weight"].dtype == mx.float16
+    assert {v.dtype for v in by_name["autoencoder"].tensors.values()} == {mx.float32}
+
+
+def test_real_medium_layout_rejects_a_missing_block_tensor():
+    tensors = lazy_manifest_tensors()
+    del tensors["model.model.transformer.layers.23.cross_attn.to_kv.weight"]
+    with pytest.raises(CheckpointError, match=r"missing 1: (transformer\.)?layers\.23\.cross_attn\.to_kv\.weight"):
+        cv.plan_components(tensors, medium_model_config(), REF / "sa3_medium_tiny_s0" / "t5gemma-b-b-ul2",
+                           mx.float32)
+
+
+# -------------------------------------------------------------------------------------------- streaming writer
+
+
+def test_streaming_writer_round_trip(tmp_path):
+    from safetensors import safe_open
+
+    base = mx.random.normal((3, 5), key=mx.random.key(1))
+    tensors = {
+        "f32.transposed": base.T,  # non-contiguous view
+        "f16": base.astype(mx.float16),
+        "bf16": base.astype(mx.bfloat16),
+        "empty": mx.zeros((1, 0, 1)),
+        "int": mx.arange(7, dtype=mx.int32),
+    }
+    expected = {k: np.asarray(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.asarray(v)
+                for k, v in tensors.items()}
+    path = tmp_path / "t.safetensors"
+    size = cv.write_safetensors(path, tensors, metadata={"format": "mlx_sa3"})
+    assert tensors == {} and size == path.stat().st_size
+    loaded = mx.load(str(path))
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(loaded[key].astype(mx.float32)), value.astype(np.float32))
+    assert loaded["bf16"].dtype == mx.bfloat16
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata() == {"format": "mlx_sa3"}
+        assert f.get_slice("bf16").get_dtype() == "BF16"
+        np.testing.assert_array_equal(f.get_tensor("f32.transposed"), expected["f32.transposed"])
+    assert cv.read_safetensors_header(path)["empty"]["shape"] == [1, 0, 1]
+
+
+# -------------------------------------------------------------------------------------------- refusals
+
+
+def test_refuses_pickle_checkpoint(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(REF / "same_s_tiny_s0" / "model_config.json", src)
+    (src / "model.ckpt").write_bytes(b"not to be unpickled")
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2
+    assert "pickle" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(src / "model.ckpt", tmp_path / "out")
+    assert proc.returncode == 2 and "pickle" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_refuses_damaged_safetensors(tmp_path, damage):
+    src = copy_fixture("sa3_small_tiny_s0", tmp_path / "src")
+    path = src / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000] if damage == "truncated" else b"\x07" * 64)
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert ("truncated" if damage == "truncated" else "not a safetensors") in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.pop("model.model.transformer.layers.1.cross_attn.to_out.weight"),
+         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
+        (lambda t: t.update({"pretransform.model.encoder.layers.2.bias": mx.zeros((5,))}),
+         r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)"),
+        (lambda t: t.update({"model.model.transformer.extra.weight": mx.zeros((2,))}),
+         r"unexpected 1: (transformer\.)?extra\.weight"),
+        (lambda t: t.update({"ema.something": mx.zeros((2,))}), r"outside the DiT.*: ema\.something"),
+        (lambda t: t.pop("conditioner.conditioners.prompt.padding_embedding"),
+         r"missing 1: prompt\.padding_embedding"),
+    ],
+    ids=["missing", "wrong_shape", "unknown", "stray", "missing_conditioner"],
+)
+def test_refuses_mismatched_tensors(tmp_path, edit, message):
+    src = copy_fixture("sa3_small_tiny_s0", tmp_path / "src")
+    rewrite_weights(src, edit)
+    with pytest.raises(CheckpointError, match=message):
+        cv.convert(src, tmp_path / "out")
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_refuses_bad_configs(tmp_path):
+    src = copy_fixture("same_s_tiny_s0", tmp_path / "src")
+    config = json.loads((src / "model_config.json").read_text())
+    (src / "model_config.json").write_text(json.dumps({**config, "model_type": "lm"}))
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "unsupported model_type 'lm'" in proc.stderr
+    (src / "model_config.json").write_text("{not json")
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+    del config["model"]["bottleneck"]
+    (src / "model_config.json").write_text(json.dumps(config))
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "cannot read the SAME autoencoder configuration" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_refuses_diffusers_and_converted_sources(tmp_path, converted):
+    src = tmp_path / "diffusers"
+    src.mkdir()
+    (src / "model_index.json").write_text('{"_class_name": "StableAudio3Pipeline"}')
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "diffusers layout" in proc.stderr and "not support" in proc.stderr
+    proc = run_cli(converted["same_s_tiny_s0", "float32"], tmp_path / "out")
+    assert proc.returncode == 2 and "already an mlx_sa3 checkpoint" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    proc = run_cli(REF / "same_s_tiny_s0", out)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (out / "keep.txt").exists()
+    proc = run_cli(REF / "same_s_tiny_s0", out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "keep.txt").exists() and open_source(out).converted
+    assert not leftovers(tmp_path)
+
+
+def test_interruption_leaves_nothing(tmp_path, monkeypatch):
+    real = cv._write_tensor
+    calls = []
+
+    def interrupt_on_fifth(*args):
+        calls.append(args[1])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        cv.convert(REF / "sa3_small_tiny_s0", tmp_path / "out")
+    assert len(calls) == 5
+    assert list(tmp_path.iterdir()) == []
+    # an interrupted --force run keeps the previous output
+    monkeypatch.setattr(cv, "_write_tensor", real)
+    cv.convert(REF / "same_s_tiny_s0", tmp_path / "out")
+    before = (tmp_path / "out" / "autoencoder.safetensors").read_bytes()
+    calls.clear()
+    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    assert cv.main([str(REF / "sa3_small_tiny_s0"), str(tmp_path / "out"), "--force"]) == 130
+    assert (tmp_path / "out" / "autoencoder.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_hub_cache_revision_is_recorded(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--stabilityai--SAME-S" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for item in (REF / "same_s_tiny_s0").iterdir():
+        os.symlink(item, snapshot / item.name)  # the Hub cache stores snapshot files as symlinks too
+    out = cv.convert(snapshot, tmp_path / "out")
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["source"]["revision"] == commit and meta["kind"] == "same"
+    assert meta["dropped"] and all(k.endswith(("inv_freq", "noise_scaling_factor")) for k in meta["dropped"])

@@ -33,34 +33,27 @@ def latents_for(seconds: float, config: SAMEConfig) -> int:
     return round(seconds * config.sample_rate / config.downsampling_ratio)
 
 
-def decoder_flops(cfg: ResamplerConfig, latents: int, latent_dim: int, frame_dim: int) -> float:
-    """FLOPs of decoding ``latents`` latents in one window (2 per multiply-add)."""
-    tokens = latents * cfg.group
-    frames = latents * cfg.stride
+def decoder_flops(cfg: ResamplerConfig, latents: int, latent_dim: int, frame_dim: int,
+                  cuts: tuple[bool, bool] = (False, False)) -> float:
+    """FLOPs (2 per multiply-add) of decoding one window of ``latents`` latents.
+
+    With band attention, a window side that is an artificial cut loses one window of groups after every block.
+    """
     D, hidden = cfg.width, int(cfg.width * cfg.ff_mult)
-    projections = 2 * tokens * D * ((5 if cfg.differential else 3) * D + D + 3 * hidden)
-    if cfg.sliding_window is None:
-        keys = cfg.chunk_tokens
-    else:
-        keys = min(tokens, (sum(cfg.sliding_window) + 1) * cfg.group)  # band width, ignoring the ends
-    attention = 2 * 2 * tokens * keys * D * (2 if cfg.differential else 1)
-    return cfg.depth * (projections + attention) + 2 * latents * latent_dim * D + 2 * frames * D * frame_dim * (
-        cfg.mapping_kernel)
+    dropped_per_block = sum(w for w, cut in zip(cfg.sliding_window or (0, 0), cuts) if cut)
 
+    def block(n):
+        tokens = n * cfg.group
+        if cfg.sliding_window is None:
+            keys = cfg.chunk_tokens
+        else:
+            keys = min(tokens, sum(cfg.sliding_window) * cfg.group + 1)  # band width, ignoring the ends
+        projections = 2 * tokens * D * ((5 if cfg.differential else 3) * D + D + 3 * hidden)
+        return projections + 2 * 2 * tokens * keys * D * (2 if cfg.differential else 1)
 
-def stream_windows(model: SAMEAutoencoder, length: int, chunk: int) -> list[int]:
-    """Window sizes decode_stream runs for ``length`` latents (same rule as SAMEAutoencoder.decode_stream)."""
-    cfg = model.config.decoder
-    multiple = cfg.latent_multiple
-    padded = -(-length // multiple) * multiple
-    left, right = cfg.cut_margin
-    sizes = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        first = max(0, (start - left) // multiple * multiple)
-        last = min(padded, -(-(stop + right) // multiple) * multiple)
-        sizes.append(last - first)
-    return sizes
+    blocks = sum(block(latents - i * dropped_per_block) for i in range(cfg.depth))
+    frames = (latents - cfg.depth * dropped_per_block) * cfg.stride
+    return blocks + 2 * latents * latent_dim * D + 2 * frames * D * frame_dim * cfg.mapping_kernel
 
 
 def peak_rss_mb() -> float:
@@ -84,18 +77,21 @@ def run_one(variant: str, seconds: float, mode: str, chunk: int | None) -> dict:
     start = time.perf_counter()
     if mode == "decode":
         mx.eval(model.decode(z))
-        windows = [-(-length // config.decoder.latent_multiple) * config.decoder.latent_multiple]
     else:
         for _ in model.decode_stream(z, chunk_latents=chunk):
             pass
-        windows = stream_windows(model, length, chunk)
     wall = time.perf_counter() - start
 
-    def flops(n):
-        return decoder_flops(config.decoder, n, config.latent_dim, config.frame_dim)
+    def flops(n, cuts=(False, False)):
+        return decoder_flops(config.decoder, n, config.latent_dim, config.frame_dim, cuts)
 
-    useful = flops(length)
-    executed = sum(flops(n) for n in windows)
+    multiple = config.decoder.latent_multiple
+    useful = flops(-(-length // multiple) * multiple)
+    executed = useful
+    if mode == "stream":
+        padded = -(-length // multiple) * multiple
+        windows = model.stream_windows(length, chunk)
+        executed = sum(flops(b - a, (a > 0, b < padded)) for a, b, _, _ in windows)
     return {
         "variant": variant, "seconds": seconds, "latents": length, "mode": mode,
         "chunk": chunk if mode == "stream" else None, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),

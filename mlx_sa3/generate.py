@@ -61,18 +61,23 @@ def _progress(quiet: bool):
 
     bars = {}
 
+    def bar(stage: str, **kwargs):
+        if stage not in bars:
+            for previous in bars.values():  # one live bar at a time keeps the terminal tidy
+                previous.close()
+            bars[stage] = tqdm(desc=stage, file=sys.stderr, **kwargs)
+        return bars[stage]
+
     def callback(event):
-        if quiet or event.stage == "done":
-            for bar in bars.values():
-                bar.close()
-            return True
-        if event.stage == "sampling":
-            bar = bars.setdefault("sampling", tqdm(total=event.total, desc="sampling", unit="step", file=sys.stderr))
-            bar.update(1)
+        if event.stage == "done":
+            for b in bars.values():
+                b.close()
+        elif quiet:
+            pass
+        elif event.stage == "sampling":
+            bar("sampling", total=event.total, unit="step").update(1)
         elif event.stage == "decoding":
-            bar = bars.setdefault("decoding", tqdm(total=event.total, desc="decoding", unit="sample",
-                                                   unit_scale=True, file=sys.stderr))
-            bar.update(event.audio.shape[-1])
+            bar("decoding", total=event.total, unit="sample", unit_scale=True).update(event.audio.shape[-1])
         return True
 
     return callback
@@ -82,13 +87,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.inpaint_start) != len(args.inpaint_end):
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+        return _run(args)
+
+
+def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
     from .pipeline import GenerationCancelled, StableAudio3
     from .sampling import NonFiniteError
 
-    warnings.simplefilter("always")
-    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
         start = time.perf_counter()
         pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)

@@ -117,19 +117,28 @@ class ResamplerConfig:
         return self.latent_multiple * self.group
 
     @property
+    def cut_trim(self) -> tuple[int, int]:
+        """Latent groups dropped next to an artificial (left, right) cut while the blocks run (band attention only).
+
+        A token within one window of a cut misses part of its neighbourhood, so after every block that many tokens
+        are wrong on the cut side and nothing exact depends on them any more: they are dropped as we go.
+        """
+        if self.sliding_window is None:
+            return 0, 0
+        return tuple(self.depth * w for w in self.sliding_window)
+
+    @property
     def cut_margin(self) -> tuple[int, int]:
         """Latents next to an artificial (left, right) cut whose output differs from the uncut sequence.
 
-        Band attention widens the dependence by the window once per block; chunked attention on chunk-aligned
-        cuts is only disturbed by the repeat-padded half chunk of the shifted layout. A mapping kernel > 1 reaches
-        across group borders, so it needs whole neighbouring groups on top.
+        Band attention: one window per block (``cut_trim``). Chunked attention on chunk-aligned cuts is only
+        disturbed by the repeat-padded half chunk of the shifted layout. A mapping kernel > 1 reaches across group
+        borders, so it needs whole neighbouring groups on top.
         """
         conv = math.ceil((self.mapping_kernel // 2) / self.stride)
-        if self.sliding_window is not None:
-            left, right = (self.depth * w for w in self.sliding_window)  # one window of whole groups per block
-            return left + conv, right + conv
-        shifted = self.latent_multiple // 2 if self.chunk_midpoint_shift else 0
-        return shifted + conv, shifted + conv
+        shifted = self.latent_multiple // 2 if self.sliding_window is None and self.chunk_midpoint_shift else 0
+        trim_left, trim_right = self.cut_trim
+        return trim_left + shifted + conv, trim_right + shifted + conv
 
 
 @dataclass
@@ -353,25 +362,32 @@ class Resampler(nn.Module):
         x = self.transform(x, first_group=0)
         return x.reshape(B, n, S + 1, D)[:, :, -1]
 
-    def decode(self, tokens: mx.array, first_group: int) -> mx.array:
-        """(B, n, width) latent tokens starting at latent ``first_group`` -> (B, n * stride, frame_dim) frames."""
+    def decode(self, tokens: mx.array, first_group: int, cuts: tuple[bool, bool] = (False, False)) -> mx.array:
+        """(B, n, width) latent tokens starting at latent ``first_group`` -> (B, m * stride, frame_dim) frames.
+
+        ``cuts`` marks (left, right) ends that are artificial cuts rather than the sequence ends; the ``cut_trim``
+        groups next to them are dropped, so m = n less those.
+        """
         B, n, D = tokens.shape
         S = self.cfg.stride
         learned = mx.broadcast_to(self.new_tokens.reshape(1, 1, -1, D), (B, n, S, D)).astype(tokens.dtype)
         x = mx.concatenate([tokens[:, :, None], learned], axis=2).reshape(B, n * (S + 1), D)
-        x = self.transform(x, first_group)
-        x = x.reshape(B, n, S + 1, D)[:, :, 1:].reshape(B, n * S, D)
+        x = self.transform(x, first_group, cuts)
+        x = x.reshape(B, -1, S + 1, D)[:, :, 1:].reshape(B, -1, D)
         return self.mapping(x)
 
-    def transform(self, x: mx.array, first_group: int) -> mx.array:
+    def transform(self, x: mx.array, first_group: int, cuts: tuple[bool, bool] = (False, False)) -> mx.array:
         """Run the blocks over (B, T, D) tokens whose first token belongs to latent ``first_group``."""
         cfg = self.cfg
         if cfg.sliding_window is not None:
             start = first_group * cfg.group  # RoPE counts positions over the whole sequence
             positions = mx.arange(start, start + x.shape[1])
             band = tuple(w * cfg.group for w in cfg.sliding_window)
+            drop_left, drop_right = (w if cut else 0 for w, cut in zip(band, cuts))
             for block in self.blocks:
                 x = block(x, positions, band)
+                stop = x.shape[1] - drop_right
+                x, positions = x[:, drop_left:stop], positions[drop_left:stop]
             return x
         if first_group % cfg.latent_multiple:
             raise ValueError(f"chunked attention needs chunk-aligned input, got first latent {first_group}")
@@ -447,9 +463,11 @@ class SAMEAutoencoder(nn.Module):
 
     @property
     def default_chunk_latents(self) -> int:
-        """Stream chunk whose cut margins add about 1/12 of extra work, rounded to whole attention chunks."""
+        """Stream chunk of at most ~1/12 extra work for the cut margins (band margins cost half: they shrink as the
+        blocks run), rounded to whole attention chunks. Windows stay well below the 30 s of a typical request, so
+        memory does not grow with the length."""
         multiple = self.config.decoder.latent_multiple
-        size = max(64, 12 * sum(self.config.decoder.cut_margin))
+        size = max(96, 12 * sum(self.config.decoder.cut_margin))
         return -(-size // multiple) * multiple
 
     # -- encode ----------------------------------------------------------------------------------------------
@@ -506,21 +524,27 @@ class SAMEAutoencoder(nn.Module):
         Each piece is decoded from a window that extends past it by the config's cut margins (aligned to whole
         attention chunks), so the result is exact, not cross-faded. Memory is bounded by the window size.
         """
+        z = self._prepare_latents(latents, noise_regularize, seed)
+        for window in self.stream_windows(z.shape[1], chunk_latents):
+            piece = self._decode_window(z, *window)
+            mx.eval(piece)
+            yield piece
+
+    def stream_windows(self, length: int, chunk_latents: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(window_start, window_stop, start, stop) latent ranges: piece [start, stop) decodes from the window."""
         chunk = self.default_chunk_latents if chunk_latents is None else int(chunk_latents)
         if chunk < 1:
             raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
-        z = self._prepare_latents(latents, noise_regularize, seed)
-        length = z.shape[1]
         multiple = self.config.decoder.latent_multiple
         padded = self._padded_length(length)
         margin_left, margin_right = self.config.decoder.cut_margin
+        windows = []
         for start in range(0, length, chunk):
             stop = min(start + chunk, length)
             window_start = max(0, (start - margin_left) // multiple * multiple)
             window_stop = min(padded, -(-(stop + margin_right) // multiple) * multiple)
-            piece = self._decode_window(z, window_start, window_stop, start, stop)
-            mx.eval(piece)
-            yield piece
+            windows.append((window_start, window_stop, start, stop))
+        return windows
 
     def _padded_length(self, length: int) -> int:
         multiple = self.config.decoder.latent_multiple
@@ -547,9 +571,11 @@ class SAMEAutoencoder(nn.Module):
         """
         tokens = self.from_latent(z[:, window_start : min(window_stop, z.shape[1])])
         tokens = mx.pad(tokens, [(0, 0), (0, window_stop - window_start - tokens.shape[1]), (0, 0)])
-        frames = self.decoder.decode(tokens, window_start)
+        cuts = (window_start > 0, window_stop < self._padded_length(z.shape[1]))
+        frames = self.decoder.decode(tokens, window_start, cuts)
+        first = window_start + (self.config.decoder.cut_trim[0] if cuts[0] else 0)  # latent of the first frame
         S = self.config.decoder.stride
-        audio = self._unpatch(frames[:, (start - window_start) * S : (stop - window_start) * S])
+        audio = self._unpatch(frames[:, (start - first) * S : (stop - first) * S])
         return mx.tanh(audio) if self.config.soft_clip else audio
 
 

@@ -249,23 +249,28 @@ def _identity_normalizer(model_proto: bytes) -> bytes:
     works on the protobuf wire format (ModelProto field 3 = NormalizerSpec) so that no protobuf runtime is needed.
     """
     kept, i = [], 0
-    while i < len(model_proto):
-        start = i
-        key, i = _varint(model_proto, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _varint(model_proto, i)
-        elif wire == 1:
-            i += 8
-        elif wire == 2:
-            length, i = _varint(model_proto, i)
-            i += length
-        elif wire == 5:
-            i += 4
-        else:
-            raise CheckpointError(f"{TOKENIZER_FILE}: not a sentencepiece model (wire type {wire})")
-        if key >> 3 != 3:
-            kept.append(model_proto[start:i])
+    try:
+        while i < len(model_proto):
+            start = i
+            key, i = _varint(model_proto, i)
+            wire = key & 7
+            if wire == 0:
+                _, i = _varint(model_proto, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                length, i = _varint(model_proto, i)
+                i += length
+            elif wire == 5:
+                i += 4
+            else:
+                raise CheckpointError(f"{TOKENIZER_FILE}: not a sentencepiece model (wire type {wire})")
+            if key >> 3 != 3:
+                kept.append(model_proto[start:i])
+    except IndexError:  # a length or varint runs past the end of the file
+        raise CheckpointError(f"{TOKENIZER_FILE}: truncated sentencepiece model") from None
+    if i != len(model_proto):
+        raise CheckpointError(f"{TOKENIZER_FILE}: truncated sentencepiece model")
     # NormalizerSpec{name: "identity", add_dummy_prefix: false, remove_extra_whitespaces: false}
     spec = b"\x0a\x08identity\x18\x00\x20\x00"
     return b"".join(kept) + b"\x1a" + bytes([len(spec)]) + spec
@@ -306,9 +311,9 @@ class T5GemmaTokenizer:
             raise ValueError(f"max_length {max_length} leaves no room for text")
         # transformers matches special tokens in the raw text before normalizing and encodes them as one id;
         # sentencepiece never produces control pieces from text, so split them out first (longest first).
-        vocab = self.sp.get_piece_size()
         specials = {p for p in special_tokens if self._in_vocab(p)}
-        specials |= {self.sp.id_to_piece(i) for i in range(vocab) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        reserved = (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+        specials |= {self.sp.id_to_piece(i) for i in reserved if i >= 0}  # -1: not defined by this model
         ordered = sorted(specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
 

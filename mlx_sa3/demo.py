@@ -90,28 +90,66 @@ def _train_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(DEMO_TOKENIZER_CONFIG))
 
 
-def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
-    """The demo model with weights drawn from ``seed`` (it reseeds MLX's global generator)."""
-    if backend != "mlx":
-        raise ValueError(f"unknown backend {backend!r}")
+FULL_TEXT_CONFIG = {"encoder": {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
+    "intermediate_size": 2048, "vocab_size": 256000, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,
+    "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh",
+}}
+
+
+def full_size_parts(variant: str):
+    """Configs of a real-size checkpoint ("small" or "medium") for benchmarks with random weights."""
+    if variant == "small":
+        dit, same, latent_align, max_seconds = DiTConfig.small(), SAMEConfig.preset("same-s"), 2, 120
+    elif variant == "medium":
+        dit, same, latent_align, max_seconds = DiTConfig.medium(), SAMEConfig.preset("same-l"), 1, 380
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose small or medium")
+    sa3 = SA3Config(sample_size=_ceil_latents(max_seconds + 6.0) * 4096, latent_align=latent_align)
+    return sa3, dit, same, T5GemmaConfig.from_dict(FULL_TEXT_CONFIG)
+
+
+def _ceil_latents(seconds: float) -> int:
+    return -(-int(seconds * 44100) // 4096)
+
+
+def random_model(sa3: SA3Config, dit_config: DiTConfig, same_config: SAMEConfig, text_config: T5GemmaConfig,
+                 dtype=None, seed: int = 0) -> SA3Model:
+    """An SA3 model with random weights drawn from ``seed`` (it reseeds MLX's global generator).
+
+    The tokenizer is a small sentencepiece model trained on the spot; its ids fit any vocabulary of 512 or more.
+    """
     dtype = parse_dtype(dtype) or default_dtype()
-    config = SA3Config.from_dict(DEMO_CONFIG)
     mx.random.seed(seed)
-    dit = DiT(DiTConfig.from_model_config(DEMO_CONFIG))
-    # zero-initialised parameters (memory tokens, norm offsets) would make parts of the network inert
+    dit = DiT(dit_config)
+    # zero-initialised memory tokens would make that part of the network inert
     dit.memory_tokens = mx.random.normal(dit.memory_tokens.shape) * 0.02
     dit.set_dtype(dtype)
-    autoencoder = SAMEAutoencoder(SAMEConfig.from_dict(DEMO_CONFIG["model"], DEMO_CONFIG["sample_rate"]))
-    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(DEMO_TEXT_CONFIG))
+    autoencoder = SAMEAutoencoder(same_config)
+    encoder = T5GemmaEncoder(text_config)
     encoder.set_dtype(dtype)
-    with tempfile.TemporaryDirectory(prefix="mlx_sa3_demo_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlx_sa3_tokenizer_") as tmp:
         _train_tokenizer(Path(tmp))
-        tokenizer = T5GemmaTokenizer.from_dir(tmp, config.prompt_max_length)
+        tokenizer = T5GemmaTokenizer.from_dir(tmp, sa3.prompt_max_length)
+    dim = sa3.cond_dim
     conditioners = Conditioners({
-        Conditioners.PADDING: mx.random.normal((COND_DIM,)),
-        Conditioners.SECONDS_W: mx.random.normal((COND_DIM, 256)) / 16,
-        Conditioners.SECONDS_B: mx.zeros((COND_DIM,)),
-    }, config)
-    model = SA3Model(config, dit, autoencoder, TextEncoder(encoder, tokenizer), conditioners)
+        Conditioners.PADDING: mx.random.normal((dim,)),
+        Conditioners.SECONDS_W: mx.random.normal((dim, 256)) / 16,
+        Conditioners.SECONDS_B: mx.zeros((dim,)),
+    }, sa3)
+    model = SA3Model(sa3, dit, autoencoder, TextEncoder(encoder, tokenizer), conditioners)
     mx.eval(dit.parameters(), autoencoder.parameters(), encoder.parameters())
     return model
+
+
+def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
+    """The demo model (see the module docstring), weights drawn from ``seed``."""
+    if backend != "mlx":
+        raise ValueError(f"unknown backend {backend!r}")
+    return random_model(
+        SA3Config.from_dict(DEMO_CONFIG),
+        DiTConfig.from_model_config(DEMO_CONFIG),
+        SAMEConfig.from_dict(DEMO_CONFIG["model"], DEMO_CONFIG["sample_rate"]),
+        T5GemmaConfig.from_dict(DEMO_TEXT_CONFIG),
+        dtype, seed,
+    )

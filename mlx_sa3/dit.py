@@ -147,7 +147,8 @@ def _gated_residual(residual: mx.array, branch: mx.array, gate: mx.array) -> mx.
 # On the CPU, MLX's exp is a scalar routine (~15 ns per element on the development machine) and its SDPA fallback
 # materialises the whole (heads, N, N) score matrix, so exponentials and memory traffic, not GEMMs, dominated a step.
 # There the softmax and SiLU use the polynomial exp below (fused by mx.compile) and attention runs over query chunks
-# whose scores stay in cache: 2-4x faster for these parts, measured at 10-120 s. GPUs keep MLX's fused kernels.
+# whose scores stay in cache. Measured on 2 shared cores: attention 1.5-2x faster than mx.fast SDPA at 120 s of
+# latents (N = 1356), SwiGLU up to 4x at 10 s. GPUs keep MLX's fused kernels.
 _SCORES_PER_CHUNK = 1 << 20  # score elements (batch x heads x queries x keys) per attention chunk: 4 MB in float32
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n * _LN2_HI is exact
@@ -441,7 +442,8 @@ class DiT(nn.Module):
         """Compute everything that does not change across sampling steps (evaluated before returning).
 
         ``cfg=True`` also prepares the unconditional branch: the all-zero context, or the negative prompt whose
-        masked-out tokens are set to zero (as the official code does, not to the learned padding embedding).
+        masked-out tokens are set to zero (as the official code does, not to the learned padding embedding). Without
+        guidance the negative prompt plays no part, as in the official model.
         """
         dtype = self.dtype
         cond = to_mx(cross_attn_cond, dtype)
@@ -449,9 +451,7 @@ class DiT(nn.Module):
         kv = self._keys_values(cond)
 
         guided_kv = None
-        if negative_cross_attn_cond is not None:
-            if not cfg:
-                raise ValueError("a negative prompt only acts with guidance: pass cfg=True")
+        if cfg and negative_cross_attn_cond is not None:
             negative = to_mx(negative_cross_attn_cond, dtype)
             if negative_cross_attn_mask is not None:
                 keep = to_mx(negative_cross_attn_mask, mx.bool_)[..., None]

@@ -101,6 +101,8 @@ class ResamplerConfig:
             raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of the stride {self.stride}")
         if self.mapping_kernel % 2 == 0:
             raise ValueError("mapping_kernel must be odd ('same' padding)")
+        if self.sliding_window is None and self.chunk_midpoint_shift and self.latent_multiple % 2:
+            raise ValueError("chunk_midpoint_shift needs an even number of latents per chunk (whole groups)")
 
     @property
     def group(self) -> int:
@@ -517,12 +519,18 @@ class SAMEAutoencoder(nn.Module):
         return self._decode_window(z, 0, self._padded_length(length), 0, length)
 
     def decode_stream(
-        self, latents, chunk_latents: int | None = None, *, noise_regularize: bool | None = None, seed: int | None = None
+        self,
+        latents,
+        chunk_latents: int | None = None,
+        *,
+        noise_regularize: bool | None = None,
+        seed: int | None = None,
     ) -> Iterator[mx.array]:
         """Yield (B, io_channels, n) audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``.
 
-        Each piece is decoded from a window that extends past it by the config's cut margins (aligned to whole
-        attention chunks), so the result is exact, not cross-faded. Memory is bounded by the window size.
+        ``chunk_latents`` defaults to ``default_chunk_latents``; any size >= 1 is exact. Each piece is decoded from
+        a window that extends past it by the config's cut margins (aligned to whole attention chunks), so the result
+        is exact, not cross-faded. Each piece is evaluated before it is yielded: memory is bounded by the window.
         """
         z = self._prepare_latents(latents, noise_regularize, seed)
         for window in self.stream_windows(z.shape[1], chunk_latents):
@@ -553,7 +561,9 @@ class SAMEAutoencoder(nn.Module):
     def _prepare_latents(self, latents, noise_regularize: bool | None, seed: int | None) -> mx.array:
         z = to_mx(latents, mx.float32)
         if z.ndim != 3 or z.shape[1] != self.config.latent_dim or z.shape[2] == 0:
-            raise ValueError(f"latents must be (batch, {self.config.latent_dim}, length) with length > 0, got {z.shape}")
+            raise ValueError(
+                f"latents must be (batch, {self.config.latent_dim}, length) with length > 0, got {z.shape}"
+            )
         z = z.transpose(0, 2, 1)
         if noise_regularize is None:
             noise_regularize = self.config.noise_regularize
@@ -608,8 +618,9 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out = {}
     for key, value in fold_weight_norm(weights).items():
         if key.endswith(".rope.inv_freq"):
-            expected = np.array(rope_inv_freq(2 * value.shape[0]))
-            if value.ndim != 1 or not np.allclose(np.array(value, dtype=np.float32), expected, rtol=1e-6, atol=0):
+            if value.ndim != 1 or not np.allclose(
+                np.array(value, dtype=np.float32), np.array(rope_inv_freq(2 * value.shape[0])), rtol=1e-6, atol=0
+            ):
                 raise CheckpointError(f"{key} differs from the RoPE frequencies base {ROPE_BASE:g} gives")
             continue
         if key == "bottleneck.noise_scaling_factor" and value.size == 0:
@@ -624,10 +635,6 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def _config_from_model_config(model_config: dict) -> SAMEConfig:
-    return SAMEConfig.from_dict(model_config["model"], sample_rate=model_config.get("sample_rate"))
-
-
 def load_autoencoder(src, dtype=None) -> SAMEAutoencoder:
     """Load a SAME autoencoder from a SAME repo, a full SA3 repo (its pretransform) or a converted directory.
 
@@ -636,7 +643,8 @@ def load_autoencoder(src, dtype=None) -> SAMEAutoencoder:
     badly in half precision.
     """
     source = src if isinstance(src, Source) else open_source(src)
-    model = SAMEAutoencoder(_config_from_model_config(source.model_config))
+    model_config = source.model_config
+    model = SAMEAutoencoder(SAMEConfig.from_dict(model_config["model"], sample_rate=model_config.get("sample_rate")))
     weights = source.component("autoencoder")
     if not source.converted:
         weights = sanitize(weights)

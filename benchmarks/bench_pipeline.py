@@ -57,7 +57,7 @@ def run_one(variant: str, seconds: float, steps: int) -> dict:
     plan = pipe.plan("x", seconds, steps=steps)
     flops = (text_flops(text_cfg, sa3.prompt_max_length)
              + steps * step_flops(dit_cfg, plan.length, rows=1, cross_rows=1)
-             + decoder_flops(same_cfg.decoder, plan.decode_length, same_cfg.latent_dim, same_cfg.frame_dim))
+             + decoder_flops(same_cfg.decoder, -(-plan.num_samples // 4096), same_cfg.latent_dim, same_cfg.frame_dim))
     return {"model": variant, "seconds": seconds, "steps": steps, "latents": plan.length, **out.timings,
             "total_s": total, "peak_rss_mb": peak_rss_mb(), "rss_after_weights_mb": rss_weights,
             "gflop": flops / 1e9}

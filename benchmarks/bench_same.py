@@ -61,8 +61,9 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-def run_one(variant: str, seconds: float, mode: str, chunk: int | None) -> dict:
-    """Measure one configuration in this process (called in a fresh subprocess)."""
+def run_one(variant: str, seconds: float, mode: str, chunk: int | None, repeats: int) -> dict:
+    """Measure one configuration in this process (called in a fresh subprocess); wall time is the best of
+    ``repeats`` runs (the peak RSS is the same for every run)."""
     config = SAMEConfig.preset(variant)
     model = SAMEAutoencoder(config)
     mx.eval(model.parameters())
@@ -74,13 +75,15 @@ def run_one(variant: str, seconds: float, mode: str, chunk: int | None) -> dict:
     mx.eval(model.decode(warm))
     rss_weights = peak_rss_mb()
 
-    start = time.perf_counter()
-    if mode == "decode":
-        mx.eval(model.decode(z))
-    else:
-        for _ in model.decode_stream(z, chunk_latents=chunk):
-            pass
-    wall = time.perf_counter() - start
+    wall = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if mode == "decode":
+            mx.eval(model.decode(z))
+        else:
+            for _ in model.decode_stream(z, chunk_latents=chunk):
+                pass
+        wall = min(wall, time.perf_counter() - start)
 
     def flops(n, cuts=(False, False)):
         return decoder_flops(config.decoder, n, config.latent_dim, config.frame_dim, cuts)
@@ -100,8 +103,8 @@ def run_one(variant: str, seconds: float, mode: str, chunk: int | None) -> dict:
     }
 
 
-def run_subprocess(variant: str, seconds: float, mode: str, chunk: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, str(seconds), mode]
+def run_subprocess(variant: str, seconds: float, mode: str, chunk: int | None, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, str(seconds), mode, "--repeats", str(repeats)]
     if chunk is not None:
         cmd += ["--chunk", str(chunk)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -156,6 +159,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", nargs="+", type=float, help="durations (default: 30 60 120, +380 for SAME-L)")
     parser.add_argument("--modes", nargs="+", default=["decode", "stream"], choices=["decode", "stream"])
     parser.add_argument("--chunk", type=int, help="decode_stream chunk in latents (default: the model's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the best wall time counts")
     parser.add_argument("--quick", action="store_true", help="SAME-S, 10 s only")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "SECONDS", "MODE"), help=argparse.SUPPRESS)
@@ -163,7 +167,7 @@ def main(argv=None) -> None:
 
     if args.worker:
         variant, seconds, mode = args.worker
-        print(json.dumps(run_one(variant, float(seconds), mode, args.chunk)))
+        print(json.dumps(run_one(variant, float(seconds), mode, args.chunk, args.repeats)))
         return
 
     plan = {"same-s": [10.0]} if args.quick else {v: args.seconds or SECONDS[v] for v in args.variants}
@@ -171,7 +175,7 @@ def main(argv=None) -> None:
     for variant, durations in plan.items():
         for seconds in durations:
             for mode in args.modes:
-                rows.append(run_subprocess(variant, seconds, mode, args.chunk))
+                rows.append(run_subprocess(variant, seconds, mode, args.chunk, args.repeats))
                 print(f"  done {variant} {seconds:g} s {mode}: {rows[-1]['wall_s']:.2f} s", file=sys.stderr)
     gemm = gemm_rate()
     print_table(rows, gemm)

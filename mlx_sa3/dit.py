@@ -1,4 +1,4 @@
-"""Stable Audio 3 diffusion transformer (DiT): the small (standard attention) and medium (differential attention) models.
+"""Stable Audio 3 diffusion transformer (DiT): small (standard attention) and medium (differential attention).
 
 The network predicts the flow velocity ``v`` of a noisy latent ``x`` (channels-first, (B, io, L)) at time ``t``,
 conditioned on cross-attention tokens (prompt + duration), a global vector (duration, through adaLN) and a local
@@ -67,6 +67,10 @@ class DiTConfig:
     rope_base: float = 10000.0
     diffusion_objective: str = "v"
 
+    def __post_init__(self):
+        if self.diffusion_objective not in ("v", "rectified_flow", "rf_denoiser"):
+            raise ValueError(f"unsupported diffusion_objective {self.diffusion_objective!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
         """Build from ``model_config["model"]["diffusion"]["config"]`` (unknown keys are ignored)."""
@@ -132,14 +136,15 @@ def timestep_features(t: mx.array, dim: int, min_freq: float = 0.5, max_freq: fl
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
-@mx.compile
 def _norm_modulate(x: mx.array, weight: mx.array, scale_plus_one: mx.array, shift: mx.array, eps: float) -> mx.array:
-    """adaLN input: RMSNorm with float32 statistics and weight (force_fp32), then ``x * (1 + scale) + shift``."""
+    """adaLN input: RMSNorm with float32 statistics and weight (force_fp32), then ``x * (1 + scale) + shift``.
+
+    Not compiled: mx.compile made it slower (measured), the fused rms_norm kernel already does the heavy part."""
     normed = mx.fast.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps).astype(x.dtype)
     return normed * scale_plus_one + shift
 
 
-@mx.compile
+@mx.compile  # measured ~1.5x faster than the two separate elementwise ops
 def _gated_residual(residual: mx.array, branch: mx.array, gate: mx.array) -> mx.array:
     return residual + branch * gate
 
@@ -501,6 +506,10 @@ class DiT(nn.Module):
         batch = x.shape[0]
         if batch != prepared.batch:
             raise ValueError(f"x has batch {batch}, the prepared conditioning {prepared.batch}")
+        if prepared.local_seq is not None:
+            prepared_length = prepared.local_seq[0].shape[1] - self.config.num_memory_tokens
+            if prepared_length != x.shape[2]:
+                raise ValueError(f"x has {x.shape[2]} latents, the inpainting input was prepared for {prepared_length}")
         t = mx.broadcast_to(to_mx(t, mx.float32).reshape(-1), (batch,))
         sigma, alpha = self._sigma_alpha(t)
         guided = cfg_scale != 1.0 and cfg_interval[0] <= sigma[0].item() <= cfg_interval[1]
@@ -517,6 +526,13 @@ class DiT(nn.Module):
             return mx.sin(t * math.pi / 2), mx.cos(t * math.pi / 2)
         return t, None
 
+    def _block_locals(self, prepared: PreparedConditioning, tokens: int) -> list[mx.array]:
+        """Per-block inpainting terms for ``tokens`` = memory + latent positions (memory tokens get none)."""
+        if prepared.local_seq is not None:
+            return prepared.local_seq
+        latent_rows = (mx.arange(tokens) >= self.config.num_memory_tokens).astype(self.dtype)[None, :, None]
+        return [latent_rows * const for const in prepared.local_const]
+
     def _velocity(self, x: mx.array, t: mx.array, prepared: PreparedConditioning, guided: bool) -> mx.array:
         """The network itself on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
         config, dtype = self.config, self.dtype
@@ -532,19 +548,11 @@ class DiT(nn.Module):
             if prepared.guided_kv is not None:
                 kv, cross_rows = prepared.guided_kv, h.shape[0]
 
-        batch, length, dim = h.shape
+        batch, _, dim = h.shape
         memory = mx.broadcast_to(self.memory_tokens.astype(dtype), (batch, config.num_memory_tokens, dim))
         h = mx.concatenate([memory, h], axis=1)
-        if prepared.local_const is not None:
-            # The inpainting embedding is added to the latent positions only, never to the memory tokens.
-            latent_rows = (mx.arange(h.shape[1]) >= config.num_memory_tokens).astype(dtype)[None, :, None]
-        elif prepared.local_seq[0].shape[1] != h.shape[1]:
-            raise ValueError(f"local_add_cond was prepared for {prepared.local_seq[0].shape[1] - config.num_memory_tokens}"
-                             f" latents, x has {length}")
-
-        for i, layer in enumerate(self.layers):
-            local = latent_rows * prepared.local_const[i] if prepared.local_const is not None else prepared.local_seq[i]
-            h = layer(h, layer.modulation(global_mod), kv[i], local, cross_rows)
+        for layer, layer_kv, local in zip(self.layers, kv, self._block_locals(prepared, h.shape[1])):
+            h = layer(h, layer.modulation(global_mod), layer_kv, local, cross_rows)
 
         h = self.project_out(h[:, config.num_memory_tokens:])
         h = h + self.postprocess_conv(h)

@@ -96,7 +96,6 @@ class Plan:
     duration: float
     num_samples: int  # output samples per item, round(duration * sr)
     length: int  # latents the DiT runs on (requested duration + headroom, capped by the model's canvas)
-    decode_length: int  # latents handed to the decoder (length padded to the autoencoder's alignment)
     schedule_length: int
     steps: int
     sampler: str
@@ -183,7 +182,6 @@ class StableAudio3:
         canvas = min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
         effective = math.ceil(int(duration * sr) / ratio)
         length = min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio))
-        decode_length = _ceil_to(length, cfg.latent_align)
 
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
         noise_key, _ = mx.random.split(mx.random.key(seed))
@@ -197,17 +195,17 @@ class StableAudio3:
 
         init_latents = None
         if init_audio is not None:
-            init_latents = self._encode_audio(init_audio, "init audio", decode_length, length, batch_size)
+            init_latents = self._encode_audio(init_audio, "init audio", length, batch_size)
         inpaint_mask = inpaint_known = None
         if inpaint_audio is not None:
             known_audio = load_audio_input(inpaint_audio, "inpaint audio")
             regions = self._regions(inpaint_regions, known_audio.shape[1] / sr, duration)
-            inpaint_known = self._encode_audio(known_audio, "inpaint audio", decode_length, length, batch_size)
+            inpaint_known = self._encode_audio(known_audio, "inpaint audio", length, batch_size)
             inpaint_mask = self._latent_mask(regions, duration, length)
         elif inpaint_regions:
             raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
 
-        return Plan(prompts, negative_prompts, duration, num_samples, length, decode_length, effective, steps,
+        return Plan(prompts, negative_prompts, duration, num_samples, length, effective, steps,
                     sampler, cfg_scale, float(apg_scale), seed, noise, init_latents, float(init_noise_level),
                     inpaint_mask, inpaint_known)
 
@@ -253,24 +251,24 @@ class StableAudio3:
             keep &= ~((positions >= int(start * sr)) & (positions < int(end * sr)))
         return mx.array(keep.astype(np.float32))[None, None, :]
 
-    def _encode_audio(self, audio, what: str, decode_length: int, length: int, batch_size: int) -> mx.array:
-        """Pad/crop audio to the canvas, encode it with SAME and keep the DiT's ``length`` latents."""
+    def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
+        """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
         audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
-        ratio = self.model.autoencoder.downsampling_ratio
-        canvas = np.zeros((2, decode_length * ratio), dtype=np.float32)
+        canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]
-        z = self.model.autoencoder.encode(canvas[None])[:, :, :length]
+        z = self.model.autoencoder.encode(canvas[None])
         return mx.broadcast_to(z, (batch_size, *z.shape[1:]))
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    def stream(self, prompt=None, duration: float = 30.0, *, chunk_latents: int = 64,
+    def stream(self, prompt=None, duration: float = 30.0, *, chunk_latents: int | None = None,
                callback: Callable | None = None, **kwargs) -> Iterator:
         """Yield :class:`StepEvent` per step, :class:`AudioEvent` per decoded piece, then one :class:`DoneEvent`.
 
         Takes the arguments of :meth:`generate`. ``callback(event)`` sees every event first; returning ``False``
-        cancels with :class:`GenerationCancelled`.
+        cancels with :class:`GenerationCancelled`. ``chunk_latents`` sets the decoder's piece size (None: the
+        autoencoder's default, chosen so streaming costs a few percent over a whole decode).
         """
         plan = self.plan(prompt, duration, **kwargs)
         timings = {}
@@ -300,9 +298,9 @@ class StableAudio3:
 
         start = time.perf_counter()
         latents = latents.astype(mx.float32)
-        padded = mx.pad(latents, [(0, 0), (0, 0), (0, plan.decode_length - plan.length)])
         offset = 0
-        for piece in self.model.autoencoder.decode_stream(padded, chunk_latents=chunk_latents):
+        # Only the first num_samples are kept: stopping early skips decoding most of the 6 s headroom.
+        for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
             take = min(piece.shape[-1], plan.num_samples - offset)
             if take <= 0:
                 break

@@ -505,7 +505,7 @@ class TorchDiT:
 
 def _check_float32(dtype) -> None:
     dtype = parse_dtype(dtype)
-    if dtype not in (None, mx.float32):
+    if dtype is not None and dtype != mx.float32:
         raise ValueError(f"the torch backend computes in float32, got dtype {dtype}")
 
 

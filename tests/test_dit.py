@@ -58,6 +58,10 @@ def test_prepare_step_equals_call(fixture):
             stepped = np.array(model.step(io["x"], t, prepared, cfg_scale=cfg))
             called = _call(model, {**io, "t": t}, local_add_cond=io["local_add_cond"], cfg_scale=cfg)
             assert rel_err(stepped, called) <= 1e-6
+    with pytest.raises(ValueError, match="prepared for 10"):
+        model.step(io["x"][..., :9], io["t"], prepared)
+    with pytest.raises(ValueError, match="cfg=True"):
+        model.step(io["x"], io["t"], model.prepare(io["cross_attn_cond"], io["global_cond"]), cfg_scale=3.0)
 
 
 def test_null_uncond_shortcut_equals_explicit_negative(fixture):

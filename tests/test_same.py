@@ -79,6 +79,16 @@ def test_presets():
 
 
 # --------------------------------------------------------------------------------------------- torch references
+#
+# diffusers 0.42.1 AutoencoderSAME vs the official code (stable_audio_3/models):
+# * it has no chunked attention: every variant gets a band mask, so SAME-S's chunks with the midpoint shift
+#   (autoencoders.py:160-195) are not reproduced; SAME-S is compared block by block inside one chunk, and end to end
+#   through ChunkedTorchReference (diffusers' blocks in the official layout, itself checked against the fixture);
+# * its mapping is always a kernel-1 conv, while SAME-S's decoder uses kernel 3 (autoencoders.py:50);
+# * its fused to_qkv rows are [q1 | q2 | k1 | k2 | v], the official ones [q | k | v | q2 | k2] (transformer.py:738);
+# * it never pads to whole chunks (autoencoders.py:122, 135), has no noise_regularize (bottleneck.py:54) or
+#   soft_clip (autoencoders.py:489), and builds a dense T x T band mask (quadratic memory; same values).
+# For the sliding-window variant (SAME-L) it matches the official code end to end once to_qkv is reordered.
 
 def _diffusers_same(model_section):
     """A diffusers AutoencoderSAME holding the same SAME weights (official names mapped to diffusers names)."""

@@ -138,7 +138,10 @@ def check_strict(expected: Mapping[str, tuple], got: Mapping[str, mx.array], wha
 def to_mx(x, dtype=mx.float32) -> mx.array:
     """Accept numpy or MLX input (or anything numpy converts) and return an MLX array, cast to ``dtype`` if given."""
     if not isinstance(x, mx.array):
-        x = mx.array(np.asarray(x, dtype=np.float32 if dtype == mx.float32 else None))
+        arr = np.ascontiguousarray(x)  # MLX cannot take negative-stride views
+        if arr.dtype == np.float64:  # float64 has no Metal support: never let it into the model
+            arr = arr.astype(np.float32)
+        x = mx.array(arr)
     return x if dtype is None else x.astype(dtype)
 
 

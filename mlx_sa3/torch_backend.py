@@ -29,6 +29,7 @@ import importlib
 import math
 import platform
 from dataclasses import dataclass
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -37,7 +38,7 @@ from mlx.utils import tree_flatten
 from . import dit as mlx_dit
 from . import same as mlx_same
 from . import t5gemma as mlx_t5
-from .loading import Source, check_strict, open_source, parse_dtype
+from .loading import Source, check_strict, open_source, parse_dtype, to_mx
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
 _LINUX_HINT = " (on Linux, install a CPU build of torch first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
@@ -218,16 +219,13 @@ def _same_state(weights: dict) -> dict:
 class TorchAutoencoder:
     """torch counterpart of :class:`mlx_sa3.same.SAMEAutoencoder`: same methods, arguments and MLX outputs.
 
-    ``decode``, ``decode_stream`` and the stream-window arithmetic are the MLX class's own methods, run on this class's
-    ``_prepare_latents`` / ``_decode_window``, so streaming cuts the sequence exactly as the MLX backend does.
+    The stream-window arithmetic is the MLX class's own, so streaming cuts the sequence exactly as it does there.
     """
 
     sample_rate = mlx_same.SAMEAutoencoder.sample_rate
     latent_dim = mlx_same.SAMEAutoencoder.latent_dim
     downsampling_ratio = mlx_same.SAMEAutoencoder.downsampling_ratio
     default_chunk_latents = mlx_same.SAMEAutoencoder.default_chunk_latents
-    decode = mlx_same.SAMEAutoencoder.decode
-    decode_stream = mlx_same.SAMEAutoencoder.decode_stream
     stream_windows = mlx_same.SAMEAutoencoder.stream_windows
     _padded_length = mlx_same.SAMEAutoencoder._padded_length
 
@@ -255,6 +253,19 @@ class TorchAutoencoder:
                 latents = latents / bottleneck.running_std
             n_latents = -(-audio.shape[2] // cfg.downsampling_ratio)
             return _to_mx(latents[:, :n_latents].transpose(1, 2))
+
+    def decode(self, latents, *, noise_regularize: bool | None = None, seed: int | None = None) -> mx.array:
+        """(B, latent_dim, L) latents -> (B, io_channels, L * downsampling_ratio) audio (see the MLX ``decode``)."""
+        z = self._prepare_latents(latents, noise_regularize, seed)
+        length = z.shape[1]
+        return self._decode_window(z, 0, self._padded_length(length), 0, length)
+
+    def decode_stream(self, latents, chunk_latents: int | None = None, *, noise_regularize: bool | None = None,
+                      seed: int | None = None) -> Iterator[mx.array]:
+        """Yield audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``."""
+        z = self._prepare_latents(latents, noise_regularize, seed)
+        for window in self.stream_windows(z.shape[1], chunk_latents):
+            yield self._decode_window(z, *window)
 
     def _prepare_latents(self, latents, noise_regularize: bool | None, seed: int | None):
         """(B, C, L) latents -> bottleneck-decoded (B, L, C) torch; the optional noise is drawn by MLX as the MLX
@@ -420,13 +431,8 @@ def _dit_state(weights: dict) -> dict:
 class TorchDiT:
     """torch counterpart of :class:`mlx_sa3.dit.DiT`: ``__call__``, ``prepare``, ``step``, ``dtype``, ``config``.
 
-    ``__call__`` and ``step`` (guidance decision, CFG with APG in float32) are the MLX class's own methods, run on
-    the velocities this class computes with torch.
+    Guidance is the MLX :func:`mlx_sa3.dit.guide` (CFG with APG in float32) on the velocities torch computes.
     """
-
-    __call__ = mlx_dit.DiT.__call__
-    step = mlx_dit.DiT.step
-    _sigma_alpha = mlx_dit.DiT._sigma_alpha
 
     def __init__(self, config: mlx_dit.DiTConfig, weights: dict):
         torch, sa3 = require_torch(_SA3_DIT)
@@ -473,6 +479,34 @@ class TorchDiT:
                 uncond = torch.zeros_like(context)  # to_cond_embed has no biases: the null context embeds to zero
             local = None if local_add_cond is None else _to_torch(local_add_cond).transpose(1, 2)
         return TorchPrepared(global_embed, context, uncond, local, cfg)
+
+    def __call__(self, x, t, cross_attn_cond, global_cond, local_add_cond=None, cfg_scale: float = 1.0,
+                 apg_scale: float = 1.0, negative_cross_attn_cond=None, negative_cross_attn_mask=None,
+                 cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
+        prepared = self.prepare(cross_attn_cond, global_cond, local_add_cond, negative_cross_attn_cond,
+                                negative_cross_attn_mask, cfg=cfg_scale != 1.0)
+        return self.step(x, t, prepared, cfg_scale=cfg_scale, apg_scale=apg_scale, cfg_interval=cfg_interval,
+                         scale_phi=scale_phi, cfg_norm_threshold=cfg_norm_threshold)
+
+    def step(self, x, t, prepared: TorchPrepared, cfg_scale: float = 1.0, apg_scale: float = 1.0,
+             cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
+        """Velocity (B, io, L) float32; guidance iff ``cfg_scale != 1`` and sigma of the first item lies in
+        ``cfg_interval`` (the official rule, as :meth:`mlx_sa3.dit.DiT.step`)."""
+        x = to_mx(x, mx.float32)
+        batch = x.shape[0]
+        if batch != prepared.batch:
+            raise ValueError(f"x has batch {batch}, the prepared conditioning {prepared.batch}")
+        t = mx.broadcast_to(to_mx(t, mx.float32).reshape(-1), (batch,))
+        if self.config.diffusion_objective == "v":
+            sigma, alpha = mx.sin(t * math.pi / 2), mx.cos(t * math.pi / 2)
+        else:
+            sigma, alpha = t, None
+        if cfg_scale == 1.0 or not cfg_interval[0] <= sigma[0].item() <= cfg_interval[1]:
+            return self._velocity(x, t, prepared, guided=False)
+        if not prepared.cfg:
+            raise ValueError("cfg_scale != 1 needs conditioning prepared with cfg=True")
+        v_cond, v_uncond = mx.split(self._velocity(x, t, prepared, guided=True), 2)
+        return mlx_dit.guide(x, v_cond, v_uncond, sigma, alpha, cfg_scale, apg_scale, scale_phi, cfg_norm_threshold)
 
     def _velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
         """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""

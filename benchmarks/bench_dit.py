@@ -82,7 +82,6 @@ def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:
         "gflop_step": flops / 1e9, "gflop_step_cfg": flops_cfg / 1e9,
         "gflops_step": flops / step_s / 1e9, "gflops_step_cfg": flops_cfg / step_cfg_s / 1e9,
     }
-    del model, prepared
     return result
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .dit import DiT, DiTConfig
-from .loading import parse_dtype
+from .loading import check_backend, parse_dtype
 from .model import Conditioners, SA3Config, SA3Model, default_dtype
 from .same import SAMEAutoencoder, SAMEConfig
 from .t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
@@ -143,13 +143,21 @@ def random_model(sa3: SA3Config, dit_config: DiTConfig, same_config: SAMEConfig,
 
 
 def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
-    """The demo model (see the module docstring), weights drawn from ``seed``."""
-    if backend != "mlx":
-        raise ValueError(f"unknown backend {backend!r}")
-    return random_model(
+    """The demo model (see the module docstring), weights drawn from ``seed``; the same weights on either backend."""
+    check_backend(backend)
+    model = random_model(
         SA3Config.from_dict(DEMO_CONFIG),
         DiTConfig.from_model_config(DEMO_CONFIG),
         SAMEConfig.from_dict(DEMO_CONFIG["model"], DEMO_CONFIG["sample_rate"]),
         T5GemmaConfig.from_dict(DEMO_TEXT_CONFIG),
-        dtype, seed,
+        "float32" if backend == "torch" else dtype, seed,
     )
+    return to_torch_backend(model) if backend == "torch" else model
+
+
+def to_torch_backend(model: SA3Model) -> SA3Model:
+    """The same model with its three networks moved to torch (CPU, float32)."""
+    from .torch_backend import torch_autoencoder_from_mlx, torch_dit_from_mlx, torch_text_encoder_from_mlx
+
+    return SA3Model(model.config, torch_dit_from_mlx(model.dit), torch_autoencoder_from_mlx(model.autoencoder),
+                    torch_text_encoder_from_mlx(model.text_encoder), model.conditioners, model.source)

@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 
-from . import _blas  # noqa: F401  (the package import already preloaded the BLAS)
 
 EXAMPLES = """examples:
   # try the whole path offline with a tiny random model (its output is noise)

@@ -145,6 +145,14 @@ def to_mx(x, dtype=mx.float32) -> mx.array:
     return x if dtype is None else x.astype(dtype)
 
 
+BACKENDS = ("mlx", "torch")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .dit import load_dit, timestep_features
-from .loading import CheckpointError, Source, check_strict, open_source, parse_dtype, to_mx
+from .loading import CheckpointError, Source, check_backend, check_strict, open_source, parse_dtype, to_mx
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
 from .same import load_autoencoder
 from .t5gemma import load_text_encoder
@@ -245,25 +245,27 @@ def load_model(src, dtype=None, backend: str = "mlx") -> SA3Model:
     """Load a full SA3 checkpoint (Hub repo id, original directory or converted directory).
 
     ``dtype`` applies to the DiT and the text encoder (None: float16 on Metal, float32 on the CPU, where MLX half
-    matmuls are slow); the SAME decoder stays float32.
+    matmuls are slow); the SAME decoder stays float32. ``backend="torch"`` runs the three networks with torch on the
+    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code).
     """
-    if backend != "mlx":
-        raise ValueError(f"unknown backend {backend!r}")
+    check_backend(backend)
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")
-    dtype = parse_dtype(dtype) or default_dtype()
     config = SA3Config.from_dict(source.model_config)
-    text_weights = source.component("text_encoder") if source.converted else None
-    return SA3Model(
-        config,
-        dit=load_dit(source, dtype=dtype),
-        autoencoder=load_autoencoder(source),
-        text_encoder=load_text_encoder(source.text_encoder_dir(), config.prompt_max_length, dtype=dtype,
-                                       weights=text_weights),
-        conditioners=Conditioners(source.component("conditioners"), config),
-        source=source,
-    )
+    if backend == "torch":
+        from .torch_backend import load_torch_dit, load_torch_text_encoder
+
+        dit = load_torch_dit(source, dtype)
+        text_encoder = load_torch_text_encoder(source, config.prompt_max_length)
+    else:
+        dtype = parse_dtype(dtype) or default_dtype()
+        dit = load_dit(source, dtype=dtype)
+        text_encoder = load_text_encoder(source.text_encoder_dir(), config.prompt_max_length, dtype=dtype,
+                                         weights=source.component("text_encoder") if source.converted else None)
+    return SA3Model(config, dit=dit, autoencoder=load_autoencoder(source, backend=backend),
+                    text_encoder=text_encoder, conditioners=Conditioners(source.component("conditioners"), config),
+                    source=source)
 
 
 def default_dtype() -> mx.Dtype:

@@ -39,7 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .loading import CheckpointError, Source, check_strict, fold_weight_norm, open_source, parse_dtype, to_mx
+from .loading import CheckpointError, Source, check_backend, check_strict, fold_weight_norm, open_source, parse_dtype, to_mx
 
 ROPE_BASE = 10000.0
 SIN_GATE_PI = 3.14159265359  # the official constant (not math.pi) for the sin(pi x) gate
@@ -635,14 +635,19 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
-def load_autoencoder(src, dtype=None) -> SAMEAutoencoder:
+def load_autoencoder(src, dtype=None, backend: str = "mlx") -> SAMEAutoencoder:
     """Load a SAME autoencoder from a SAME repo, a full SA3 repo (its pretransform) or a converted directory.
 
     ``src`` is a local directory, a Hub repo id or an opened ``loading.Source``. ``dtype`` (default float32)
     applies to the encoder; the bottleneck and decoder stay float32 because SAME's differential attention cancels
-    badly in half precision.
+    badly in half precision. ``backend="torch"`` returns the torch CPU counterpart (same interface, float32).
     """
+    check_backend(backend)
     source = src if isinstance(src, Source) else open_source(src)
+    if backend == "torch":
+        from .torch_backend import load_torch_autoencoder
+
+        return load_torch_autoencoder(source)
     model_config = source.model_config
     model = SAMEAutoencoder(SAMEConfig.from_dict(model_config["model"], sample_rate=model_config.get("sample_rate")))
     weights = source.component("autoencoder")

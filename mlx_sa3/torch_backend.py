@@ -9,18 +9,20 @@ Weights come through the MLX loaders' own path (``Source.component``, the MLX ``
 ``check_strict`` against the MLX module), so every layout that loads into MLX loads here too; one function per
 component then renames mlx_sa3 parameters to the torch modules'.
 
-Reused well-kept modules, and what differs from the official code (``/stable_audio_3/models``) and is fixed here:
+Reused well-kept modules, and what differs from the official code (``stable_audio_3/models/...``), fixed here:
 
-* T5Gemma: transformers' ``T5GemmaEncoderModel`` with eager attention, as the official conditioner runs it.
-* DiT: diffusers' ``StableAudio3DiTModel`` as the parameter container, run block by block here because diffusers
-  (0.42) differs from the official ``DiffusionTransformer``: its block RMSNorm eps is 1e-6 (official 1e-5), its RoPE
-  covers ``head_dim // 2`` channels (official ``max(head_dim // 2, 32)``, transformer.py:1109), it skips the local
-  conditioning when there is none (official: always, with zeros) and it has no APG. Its fused ``to_qkv`` rows are
-  ``[q1|q2|k1|k2|v]`` where the checkpoint has ``[q|k|v|q2|k2]``: reordered at load time.
-* SAME: diffusers' ``TransformerBlock`` (DyT norms, differential attention projections, SwiGLU / sin feed-forward).
-  diffusers has neither SAME-S's chunked attention with the midpoint shift nor kernel-3 mappings, and its band
-  attention builds a T x T mask with positions restarting at 0, so the resampling layout, RoPE positions and band
-  attention are written here (following the MLX module, whose stream-window arithmetic is reused as is).
+* T5Gemma: transformers' ``T5GemmaEncoderModel`` with eager attention, encoder-only as the official conditioner
+  builds it (conditioners.py:199-201).
+* DiT: diffusers' ``StableAudio3DiTModel`` (0.42) holds the weights and its blocks run as they are; the model-level
+  forward is written here because diffusers differs from the official DiT: block RMSNorm eps 1e-6 (official 1e-5,
+  transformer.py:392), RoPE over ``head_dim // 2`` channels (official ``max(head_dim // 2, 32)``,
+  transformer.py:1109), no local conditioning when there is none (official: always added, zeros for text-to-audio,
+  transformer.py:978-982), vanilla CFG (official APG, dit.py:311-343). Its fused ``to_qkv`` rows are
+  ``[q1|q2|k1|k2|v]`` where the checkpoint has ``[q|k|v|q2|k2]`` (transformer.py:738): reordered at load time.
+* SAME: diffusers' ``TransformerBlock`` (DyT norms, attention projections, SwiGLU / sin(pi x) feed-forward). diffusers
+  has neither SAME-S's chunked attention with the midpoint shift (autoencoders.py:156-199) nor its kernel-3 mapping
+  (autoencoders.py:50), and its band attention builds a T x T mask with positions from 0, so the resampling layout,
+  RoPE positions and band attention are written here after the MLX module, whose stream-window arithmetic is reused.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from . import t5gemma as mlx_t5
 from .loading import Source, check_strict, open_source, parse_dtype, to_mx
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
-_LINUX_HINT = " (on Linux, install a CPU build of torch first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+_LINUX_HINT = (" (on Linux, install a CPU build of torch first: "
+               "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
 _SAME_BLOCKS = "diffusers.models.autoencoders.autoencoder_same"
 _SA3_DIT = "diffusers.models.transformers.transformer_stable_audio3"
 _T5GEMMA = "transformers.models.t5gemma"
@@ -85,11 +88,16 @@ def _state_dict(weights: dict) -> dict:
 
 
 def _load_state(module, state: dict, computed: tuple = ()) -> None:
-    """Load ``state`` into ``module``; every tensor must land, and only the ``computed`` ones may stay unloaded."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """Make ``state``'s tensors the parameters of ``module`` (built on the meta device: no init, no copy).
+
+    Every tensor must land, and only the ``computed`` ones (set up by the caller) may be absent from ``state``.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     stray = sorted(set(missing) - set(computed))
-    if stray or unexpected:
-        raise RuntimeError(f"torch parameter mapping is incomplete: missing {stray}, unexpected {sorted(unexpected)}")
+    unset = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if stray or unexpected or unset:
+        raise RuntimeError(f"torch parameter mapping is incomplete: missing {stray}, unexpected {sorted(unexpected)}, "
+                           f"uninitialised {unset}")
 
 
 def _mlx_shapes(module) -> dict:
@@ -106,7 +114,7 @@ def _checked_weights(source: Source, component: str, sanitize, mlx_module, what:
 
 
 def _official_to_diffusers_qkv(weight):
-    """Fused self-attention rows: checkpoint ``[q|k|v|q2|k2]`` -> diffusers ``[q1|q2|k1|k2|v]`` (MHA ``[q|k|v]`` stays)."""
+    """Fused self-attention rows: checkpoint ``[q|k|v|q2|k2]`` -> diffusers ``[q1|q2|k1|k2|v]`` (MHA: unchanged)."""
     torch = require_torch()
     if weight.shape[0] != 5 * weight.shape[1]:
         return weight
@@ -185,17 +193,21 @@ def _same_net(config: mlx_same.SAMEConfig):
             ]),
         )
 
-    bottleneck = container(scale=nn.Parameter(torch.ones(config.latent_dim)),
-                           bias=nn.Parameter(torch.zeros(config.latent_dim)))
-    if config.auto_scale:
-        bottleneck.running_std = nn.Parameter(torch.ones(1))
-    return container(
-        encoder=resampler(config.encoder, decoder=False),
-        to_latent=nn.Linear(config.encoder.width, config.latent_dim),
-        bottleneck=bottleneck,
-        from_latent=nn.Linear(config.latent_dim, config.decoder.width),
-        decoder=resampler(config.decoder, decoder=True),
-    ).eval().requires_grad_(False)
+    with torch.device("meta"):  # the weights are assigned at load time
+        bottleneck = container(scale=nn.Parameter(torch.ones(config.latent_dim)),
+                               bias=nn.Parameter(torch.zeros(config.latent_dim)))
+        if config.auto_scale:
+            bottleneck.running_std = nn.Parameter(torch.ones(1))
+        net = container(
+            encoder=resampler(config.encoder, decoder=False),
+            to_latent=nn.Linear(config.encoder.width, config.latent_dim),
+            bottleneck=bottleneck,
+            from_latent=nn.Linear(config.latent_dim, config.decoder.width),
+            decoder=resampler(config.decoder, decoder=True),
+        )
+    for block in (*net.encoder.blocks, *net.decoder.blocks):  # RoPE frequencies are computed, not stored
+        block.attn.rope = blocks.RotaryEmbedding(block.attn.dim_heads // 2)
+    return net
 
 
 _SAME_RENAMES = ((".attn_norm.", ".norm_attn."), (".ff_norm.", ".norm_ff."), (".attn.qkv.", ".attn.to_qkv."),
@@ -233,6 +245,7 @@ class TorchAutoencoder:
         self.config = config
         self.net = _same_net(config)
         _load_state(self.net, _same_state(weights))
+        self.net.eval().requires_grad_(False)
 
     def encode(self, audio) -> mx.array:
         """(B, io_channels, T) audio -> (B, latent_dim, ceil(T / downsampling_ratio)) latents."""
@@ -378,7 +391,8 @@ class TorchAutoencoder:
 def load_torch_autoencoder(src) -> TorchAutoencoder:
     """SAME autoencoder on torch from a SAME repo, a full SA3 repo or a converted directory (or an opened Source)."""
     source = src if isinstance(src, Source) else open_source(src)
-    config = mlx_same.SAMEConfig.from_dict(source.model_config["model"], sample_rate=source.model_config.get("sample_rate"))
+    model_config = source.model_config
+    config = mlx_same.SAMEConfig.from_dict(model_config["model"], sample_rate=model_config.get("sample_rate"))
     weights = _checked_weights(source, "autoencoder", mlx_same.sanitize, mlx_same.SAMEAutoencoder(config),
                                f"{source.root} autoencoder")
     return TorchAutoencoder(config, weights)
@@ -437,13 +451,16 @@ class TorchDiT:
     def __init__(self, config: mlx_dit.DiTConfig, weights: dict):
         torch, sa3 = require_torch(_SA3_DIT)
         self.config = config
-        net = sa3.StableAudio3DiTModel(
-            io_channels=config.io_channels, embed_dim=config.embed_dim, depth=config.depth,
-            num_heads=config.num_heads, cond_token_dim=config.cond_token_dim, global_cond_dim=config.global_cond_dim,
-            local_add_cond_dim=config.local_add_cond_dim, timestep_features_dim=config.timestep_features_dim,
-            ff_mult=config.ff_mult, num_memory_tokens=config.num_memory_tokens,
-            use_differential_attention=config.differential,
-        )
+        with torch.device("meta"):  # the weights are assigned at load time
+            net = sa3.StableAudio3DiTModel(
+                io_channels=config.io_channels, embed_dim=config.embed_dim, depth=config.depth,
+                num_heads=config.num_heads, cond_token_dim=config.cond_token_dim,
+                global_cond_dim=config.global_cond_dim, local_add_cond_dim=config.local_add_cond_dim,
+                timestep_features_dim=config.timestep_features_dim, ff_mult=config.ff_mult,
+                num_memory_tokens=config.num_memory_tokens, use_differential_attention=config.differential,
+            )
+        # prompt_padding_embedding only acts with a context mask, which the official DiT never applies: inert zeros.
+        net.prompt_padding_embedding = torch.nn.Parameter(torch.zeros(config.cond_token_dim))
         # Official values where diffusers differs: RoPE width max(head_dim // 2, 32), block norm eps 1e-5.
         net.rotary_pos_emb = sa3.StableAudio3RotaryEmbedding(config.rope_dims, base=config.rope_base)
         for block in net.transformer_blocks:
@@ -451,7 +468,6 @@ class TorchDiT:
                 norm.eps = config.norm_eps
             for attn in (block.self_attn, block.cross_attn):
                 attn.q_norm.eps = attn.k_norm.eps = config.qk_norm_eps
-        # prompt_padding_embedding is only used with a context mask, which the official DiT never applies.
         _load_state(net, _dit_state(weights), computed=("rotary_pos_emb.inv_freq", "prompt_padding_embedding"))
         self.net = net.eval().requires_grad_(False)
 

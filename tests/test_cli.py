@@ -60,6 +60,7 @@ def test_help_shows_examples(capsys):
     (["--inpaint-audio", "{clip}"], 3.5),  # continuation
     (["--init-audio", "{clip}", "--inpaint-audio", "{clip}", "--inpaint-start", "0.5", "--inpaint-end", "1"], 2.0),
     (["--cfg-scale", "3", "--negative-prompt", "noise"], 1.0),
+    (["--backend", "torch", "--inpaint-audio", "{clip}", "--inpaint-start", "0.5", "--inpaint-end", "1"], 2.0),
 ])
 def test_every_mode_writes_a_real_file(tmp_path, source_clip, extra, duration, capsys):
     out = tmp_path / "out.wav"

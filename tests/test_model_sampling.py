@@ -12,10 +12,12 @@ FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 CASES = ["t2a", "t2a_cfg3", "a2a_0.7", "inpaint_2regions"]
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
+@pytest.fixture(scope="module", params=[(f, b) for b in ("mlx", "torch") for f in FIXTURES],
+                ids=lambda p: "-".join(p))
 def loaded(request):
-    model = mlx_sa3.load_model(REF / request.param, dtype="float32")
-    return model, np.load(REF / request.param / "pipeline.npz")
+    fixture, backend = request.param
+    model = mlx_sa3.load_model(REF / fixture, dtype="float32", backend=backend)
+    return model, np.load(REF / fixture / "pipeline.npz")
 
 
 def case_inputs(ref, case):

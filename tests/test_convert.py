@@ -332,12 +332,12 @@ def test_refuses_bad_configs(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_refuses_diffusers_and_converted_sources(tmp_path, converted):
+def test_refuses_incomplete_diffusers_and_converted_sources(tmp_path, converted):
     src = tmp_path / "diffusers"
     src.mkdir()
     (src / "model_index.json").write_text('{"_class_name": "StableAudio3Pipeline"}')
     proc = run_cli(src, tmp_path / "out")
-    assert proc.returncode == 2 and "diffusers layout" in proc.stderr and "not support" in proc.stderr
+    assert proc.returncode == 2 and "transformer/config.json: missing" in proc.stderr, proc.stderr
     proc = run_cli(converted["same_s_tiny_s0", "float32"], tmp_path / "out")
     assert proc.returncode == 2 and "already an mlx_sa3 checkpoint" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -392,3 +392,243 @@ def test_hub_cache_revision_is_recorded(tmp_path):
     meta = json.loads((out / "config.json").read_text())
     assert meta["source"]["revision"] == commit and meta["kind"] == "same"
     assert meta["dropped"] and all(k.endswith(("inv_freq", "noise_scaling_factor")) for k in meta["dropped"])
+
+
+# -------------------------------------------------------------------------------------------- diffusers layout
+# The test builds each diffusers folder itself, with diffusers' own modules and save_pretrained, from the official
+# fixture weights through the official -> diffusers key map below (written independently of convert.py's).
+
+DIT_TO_DIFFUSERS = [
+    (r"^transformer\.project_(in|out)\.", r"proj_\1."),
+    (r"^transformer\.layers\.(\d+)\.", r"transformer_blocks.\1."),
+    (r"^transformer\.", ""),
+    (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.ff\.2\.", ".ff.proj_out."),
+]
+SAME_TO_DIFFUSERS = [
+    (r"^encoder\.layers\.0\.", "encoder.blocks.0."),
+    (r"^encoder\.layers\.2\.", "encoder.proj."),
+    (r"^decoder\.layers\.1\.", "decoder.proj."),
+    (r"^decoder\.layers\.3\.", "decoder.blocks.0."),
+    (r"\.pre_norm\.", ".norm_attn."),
+    (r"\.ff_norm\.", ".norm_ff."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.ff\.2\.", ".ff.proj_out."),
+    (r"^bottleneck\.scaling_factor$", "bottleneck.scale"),
+]
+# Buffers diffusers does not store (SAME RoPE, empty noise factor) or stores at its own width (DiT RoPE).
+NOT_IN_DIFFUSERS = r"rope\.inv_freq$|noise_scaling_factor$|rotary_pos_emb\.inv_freq$"
+
+
+def to_diffusers(tensors: dict, prefix: str, renames, differential: bool) -> dict:
+    import torch
+
+    out = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix) or re.search(NOT_IN_DIFFUSERS, key):
+            continue
+        name = key[len(prefix):]
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        if differential and name.endswith("attn.to_qkv.weight"):  # official [q|k|v|q2|k2] -> [q1|q2|k1|k2|v]
+            q, k, v, q2, k2 = np.split(value, 5)
+            value = np.concatenate([q, q2, k, k2, v])
+        out[name] = torch.from_numpy(np.ascontiguousarray(value))
+    return out
+
+
+def load_strict(module, state: dict) -> None:
+    own = {k: v for k, v in module.state_dict().items() if re.search(NOT_IN_DIFFUSERS, k)}
+    module.load_state_dict({**own, **state}, strict=True)
+
+
+def save_diffusers_pipeline(name: str, same_fixture: str, dst: Path, stochastic: bool = True) -> Path:
+    """The SA3 fixture ``name`` as a diffusers StableAudio3Pipeline folder, its SAME taken from ``same_fixture``."""
+    import torch
+    from diffusers import (AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel,
+                           StableAudio3DurationEmbedder, StableAudio3Pipeline)
+    from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
+
+    config = json.loads((REF / name / "model_config.json").read_text())
+    dit_cfg = config["model"]["diffusion"]["config"]
+    differential = dit_cfg["attn_kwargs"]["differential"]
+    tensors = {k: np.asarray(v) for k, v in mx.load(str(REF / name / "model.safetensors")).items()}
+    transformer = StableAudio3DiTModel(
+        **{k: dit_cfg[k] for k in ("io_channels", "patch_size", "embed_dim", "depth", "num_heads", "cond_token_dim",
+                                   "global_cond_dim", "local_add_cond_dim", "timestep_features_dim",
+                                   "num_memory_tokens")},
+        ff_mult=dit_cfg["ff_kwargs"]["mult"], use_differential_attention=differential)
+    state = to_diffusers(tensors, "model.model.", DIT_TO_DIFFUSERS, differential)
+    state["prompt_padding_embedding"] = torch.from_numpy(tensors["conditioner.conditioners.prompt.padding_embedding"])
+    load_strict(transformer, state)
+
+    duration = StableAudio3DurationEmbedder(output_dim=768, fourier_dim=256, min_val=0.0, max_val=384.0)
+    seconds = "conditioner.conditioners.seconds_total.embedder.embedding.1."
+    load_strict(duration, {f"linear.{p}": torch.from_numpy(tensors[seconds + p]) for p in ("weight", "bias")} | {
+        "freqs": duration.freqs})
+
+    same_config = json.loads((REF / same_fixture / "model_config.json").read_text())["model"]
+    same_prefix = "pretransform.model." if "diffusion" in same_config else ""
+    same_config = same_config["pretransform"]["config"] if same_prefix else same_config
+    enc, dec = same_config["encoder"]["config"], same_config["decoder"]["config"]
+    vae = AutoencoderSAME(audio_channels=2, patch_size=256, encoder_channels=enc["channels"],
+                          encoder_c_mults=enc["c_mults"], encoder_strides=enc["strides"],
+                          encoder_transformer_depths=enc["transformer_depths"], latent_dim=same_config["latent_dim"],
+                          use_differential_attention=enc["differential"], dim_heads=enc["dim_heads"],
+                          ff_mult=enc["ff_mult"], sliding_window=enc["sliding_window"][0],
+                          encoder_sinusoidal_blocks=[0], decoder_sinusoidal_blocks=dec["sinusoidal_blocks"],
+                          sampling_rate=44100)
+    same_tensors = {k: np.asarray(v) for k, v in mx.load(str(REF / same_fixture / "model.safetensors")).items()}
+    load_strict(vae, to_diffusers(same_tensors, same_prefix, SAME_TO_DIFFUSERS, enc["differential"]))
+
+    t5_dir = REF / name / "t5gemma-b-b-ul2"
+    t5_config = AutoConfig.from_pretrained(t5_dir)
+    t5_config.is_encoder_decoder = False
+    text_encoder = T5GemmaEncoderModel(t5_config)
+    t5_tensors = {k: np.asarray(v) for k, v in mx.load(str(t5_dir / "model.safetensors")).items()}
+    load_strict(text_encoder, {k: torch.from_numpy(v) for k, v in t5_tensors.items() if k.startswith("encoder.")})
+    prompt_max_length = config["model"]["conditioning"]["configs"][0]["config"]["max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir, model_max_length=prompt_max_length)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=stochastic)
+    StableAudio3Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, duration_embedder=duration,
+                         transformer=transformer, scheduler=scheduler).save_pretrained(dst)
+    shutil.copy(t5_dir / "tokenizer.model", dst / "tokenizer")  # transformers 5 writes only tokenizer.json
+    return dst
+
+
+# The small fixture's own SAME is a SAME-S, which diffusers cannot represent: pair its DiT with the SAME-L fixture.
+DIFFUSERS_CASES = {"sa3_small_tiny_s0": "same_l_tiny_s0", "sa3_medium_tiny_s0": "sa3_medium_tiny_s0"}
+
+
+@pytest.fixture(scope="module")
+def diffusers_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers")
+    return {name: save_diffusers_pipeline(name, same, root / name) for name, same in DIFFUSERS_CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def diffusers_converted(diffusers_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers-converted")
+    return {name: cv.convert(src, root / name) for name, src in diffusers_folders.items()}
+
+
+def read_component(out: Path, name: str) -> dict:
+    return {k: np.asarray(v) for k, v in mx.load(str(out / cv.COMPONENT_FILES[name])).items()}
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_diffusers_converts_to_the_same_files(converted, diffusers_converted, name):
+    """Every tensor converted from the diffusers folder equals the one converted from the original repo."""
+    same_source = converted[DIFFUSERS_CASES[name], "float32"] if DIFFUSERS_CASES[name] != name else None
+    for component in ("dit", "conditioners", "text_encoder", "autoencoder"):
+        original = converted[name, "float32"] if component != "autoencoder" or same_source is None else same_source
+        ours, theirs = read_component(diffusers_converted[name], component), read_component(original, component)
+        assert set(ours) == set(theirs), component
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{component} {key}")
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_diffusers_converted_reproduces_official(diffusers_converted, name):
+    model = load_model(diffusers_converted[name], dtype="float32")
+    io = np.load(REF / name / "io.npz")
+    pipe = np.load(REF / name / "pipeline.npz")
+    errors = dit_errors(model, io)
+    emb, mask = model.encode_text(list(pipe["prompts"]))
+    errors["prompt_embedding"] = rel_err(emb, pipe["prompt_embedding"])
+    np.testing.assert_array_equal(np.asarray(mask), pipe["prompt_mask"].astype(bool))
+    same_io = np.load(REF / "same_l_tiny_s0" / "io.npz")
+    reference = load_autoencoder(REF / DIFFUSERS_CASES[name]) if name == "sa3_medium_tiny_s0" else None
+    for method, data, expected in (("encode", "encode_in_audio", "encode_out_latents"),
+                                   ("decode", "decode_in_latents", "decode_out_audio")):
+        got = getattr(model.autoencoder, method)(same_io[data])
+        want = same_io[expected] if reference is None else getattr(reference, method)(same_io[data])
+        errors[f"same_{method}"] = rel_err(got, want)
+    bad = {k: v for k, v in errors.items() if not v <= TOL_F32}
+    assert not bad, f"{name}: {bad}"
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_diffusers_config_is_rebuilt(diffusers_converted, name):
+    from mlx_sa3.dit import DiTConfig
+    from mlx_sa3.model import SA3Config
+    from mlx_sa3.same import SAMEConfig
+
+    meta = json.loads((diffusers_converted[name] / "config.json").read_text())
+    ours = meta["model_config"]
+    official = json.loads((REF / name / "model_config.json").read_text())
+    same_official = json.loads((REF / DIFFUSERS_CASES[name] / "model_config.json").read_text())["model"]
+    assert DiTConfig.from_model_config(ours) == DiTConfig.from_model_config(official)
+    assert SAMEConfig.from_dict(ours["model"]) == SAMEConfig.from_dict(same_official)
+    sa3_ours, sa3_official = SA3Config.from_dict(ours), SA3Config.from_dict(official)
+    for field_name in ("sample_rate", "io_channels", "diffusion_objective", "cross_attention_cond_ids",
+                       "global_cond_ids", "prompt_max_length", "seconds_min", "seconds_max", "cond_dim"):
+        assert getattr(sa3_ours, field_name) == getattr(sa3_official, field_name), field_name
+    assert ours["sample_size"] == cv.DEFAULT_SAMPLE_SIZE  # not recorded by diffusers: the documented assumption
+    assert meta["kind"] == "sa3" and any("sample_size" in note for note in meta["notes"])
+    assert sorted(meta["dropped"]) == [f"duration_embedder/{cv.DIFFUSERS_WEIGHTS}:freqs",
+                                       f"transformer/{cv.DIFFUSERS_WEIGHTS}:rotary_pos_emb.inv_freq"]
+    tokenizer_config = json.loads((diffusers_converted[name] / "text_encoder/tokenizer_config.json").read_text())
+    assert tokenizer_config["add_bos_token"] is False and tokenizer_config["add_eos_token"] is False
+
+
+def copy_diffusers(folder: Path, dst: Path) -> Path:
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def rewrite_folder_weights(path: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_diffusers_base_scheduler_gives_rectified_flow(diffusers_folders, tmp_path):
+    src = copy_diffusers(diffusers_folders["sa3_small_tiny_s0"], tmp_path / "src")
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "stochastic_sampling": False}))
+    checkpoint = cv.open_checkpoint(src)
+    assert checkpoint.model_config["model"]["diffusion"]["diffusion_objective"] == "rectified_flow"
+
+
+@pytest.mark.parametrize(
+    "folder,edit,message",
+    [
+        ("transformer", lambda t: t.pop("transformer_blocks.1.cross_attn.to_out.weight"),
+         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
+        ("transformer", lambda t: t.update({"extra.weight": np.zeros(2, np.float32)}), r"unexpected 1: extra\.weight"),
+        ("transformer", lambda t: t.pop("prompt_padding_embedding"), r"missing 1: prompt\.padding_embedding"),
+        ("vae", lambda t: t.update({"encoder.proj.bias": np.zeros(5, np.float32)}),
+         r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)"),
+        ("vae", lambda t: t.update({"decoder.blocks.0.mapping.weight_v": np.zeros((512, 64, 3), np.float32)}),
+         r"kernel-3 mapping \(SAME-S\).*cannot hold a SAME-S"),
+        ("duration_embedder", lambda t: t.update({"freqs": t["freqs"] * 2}), r"not the official expo"),
+        ("text_encoder", lambda t: t.update({"decoder.norm.weight": np.zeros(768, np.float32)}),
+         r"T5Gemma encoder checkpoint does not match the model; unexpected 1: decoder\.norm\.weight"),
+    ],
+    ids=["missing", "unknown", "missing_padding", "wrong_shape", "same_s", "freqs", "text_encoder_decoder"],
+)
+def test_diffusers_refuses_mismatched_tensors(diffusers_folders, tmp_path, folder, edit, message):
+    src = copy_diffusers(diffusers_folders["sa3_small_tiny_s0"], tmp_path / "src")
+    filename = "model.safetensors" if folder == "text_encoder" else cv.DIFFUSERS_WEIGHTS
+    rewrite_folder_weights(src / folder / filename, edit)
+    proc = run_cli(src, tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_diffusers_refuses_unusable_folders(diffusers_folders, tmp_path):
+    src = copy_diffusers(diffusers_folders["sa3_small_tiny_s0"], tmp_path / "src")
+    (src / "tokenizer" / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError, match="no sentencepiece tokenizer.model"):
+        cv.convert(src, tmp_path / "out")
+    index = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(CheckpointError, match="not a Stable Audio 3 pipeline"):
+        cv.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -26,17 +26,32 @@ def fixture(request):
     return source, load_dit(source), dict(np.load(REF / request.param / "io.npz"))
 
 
+@pytest.fixture(scope="module", params=[(f, b) for b in ("mlx", "torch") for f in FIXTURES], ids="-".join)
+def any_backend(request):
+    """The fixture's DiT on each backend (the torch one is mlx_sa3.torch_backend.TorchDiT)."""
+    name, backend = request.param
+    if backend == "torch":
+        from mlx_sa3.torch_backend import load_torch_dit
+
+        model = load_torch_dit(REF / name)
+    else:
+        model = load_dit(REF / name)
+    return None, model, dict(np.load(REF / name / "io.npz"))
+
+
 def _call(model, io, **kw):
     args = dict(cross_attn_cond=io["cross_attn_cond"], global_cond=io["global_cond"])
     args.update(kw)
-    return np.array(model(io["x"], io["t"], **args))
+    out = model(io["x"], io["t"], **args)
+    assert isinstance(out, mx.array) and out.dtype == mx.float32
+    return np.array(out)
 
 
 # ------------------------------------------------------------------------------------------ official fixtures
 
 @pytest.mark.parametrize("case", ["plain_zeros", "plain_none", "inpaint", "null_context", "cfg3_apg1"])
-def test_official_fixture(fixture, case):
-    _, model, io = fixture
+def test_official_fixture(any_backend, case):
+    _, model, io = any_backend
     if case == "plain_zeros":
         out, ref = _call(model, io, local_add_cond=np.zeros_like(io["local_add_cond"])), io["v_plain"]
     elif case == "plain_none":  # None means zeros: the per-block constant W2 silu(b1) + b2 is still added

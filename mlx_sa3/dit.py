@@ -416,7 +416,20 @@ class PreparedConditioning:
         return [self.global_embed, self.kv, self.guided_kv, self.local_seq, self.local_const]
 
 
-class DiT(nn.Module):
+class PrepareAndStep:
+    """The one-shot call of a DiT (MLX or torch backend): :meth:`prepare` then :meth:`step`."""
+
+    def __call__(self, x, t, cross_attn_cond, global_cond, local_add_cond=None, cfg_scale: float = 1.0,
+                 apg_scale: float = 1.0, negative_cross_attn_cond=None, negative_cross_attn_mask=None,
+                 cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
+        """Velocity (B, io, L) float32 as the official forward, including in-call CFG/APG."""
+        prepared = self.prepare(cross_attn_cond, global_cond, local_add_cond, negative_cross_attn_cond,
+                                negative_cross_attn_mask, cfg=cfg_scale != 1.0)
+        return self.step(x, t, prepared, cfg_scale=cfg_scale, apg_scale=apg_scale, cfg_interval=cfg_interval,
+                         scale_phi=scale_phi, cfg_norm_threshold=cfg_norm_threshold)
+
+
+class DiT(PrepareAndStep, nn.Module):
     """Stable Audio 3 DiT. ``v = dit(x, t, cross_attn_cond=c, global_cond=g, local_add_cond=l, cfg_scale, apg_scale)``
     with channels-first x (B, io, L), t (B,) or scalar, c (B, Tc, cond), g (B, global), l (B, local, L) or None."""
 
@@ -486,14 +499,6 @@ class DiT(nn.Module):
         return None, const
 
     # ------------------------------------------------------------------------------------------------------ step
-
-    def __call__(self, x, t, cross_attn_cond, global_cond, local_add_cond=None, cfg_scale: float = 1.0,
-                 apg_scale: float = 1.0, negative_cross_attn_cond=None, negative_cross_attn_mask=None,
-                 cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
-        prepared = self.prepare(cross_attn_cond, global_cond, local_add_cond, negative_cross_attn_cond,
-                                negative_cross_attn_mask, cfg=cfg_scale != 1.0)
-        return self.step(x, t, prepared, cfg_scale=cfg_scale, apg_scale=apg_scale, cfg_interval=cfg_interval,
-                         scale_phi=scale_phi, cfg_norm_threshold=cfg_norm_threshold)
 
     def step(self, x, t, prepared: PreparedConditioning, cfg_scale: float = 1.0, apg_scale: float = 1.0,
              cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:

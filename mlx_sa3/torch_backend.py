@@ -442,7 +442,7 @@ def _dit_state(weights: dict) -> dict:
     return state
 
 
-class TorchDiT:
+class TorchDiT(mlx_dit.PrepareAndStep):
     """torch counterpart of :class:`mlx_sa3.dit.DiT`: ``__call__``, ``prepare``, ``step``, ``dtype``, ``config``.
 
     Guidance is the MLX :func:`mlx_sa3.dit.guide` (CFG with APG in float32) on the velocities torch computes.
@@ -495,14 +495,6 @@ class TorchDiT:
                 uncond = torch.zeros_like(context)  # to_cond_embed has no biases: the null context embeds to zero
             local = None if local_add_cond is None else _to_torch(local_add_cond).transpose(1, 2)
         return TorchPrepared(global_embed, context, uncond, local, cfg)
-
-    def __call__(self, x, t, cross_attn_cond, global_cond, local_add_cond=None, cfg_scale: float = 1.0,
-                 apg_scale: float = 1.0, negative_cross_attn_cond=None, negative_cross_attn_mask=None,
-                 cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
-        prepared = self.prepare(cross_attn_cond, global_cond, local_add_cond, negative_cross_attn_cond,
-                                negative_cross_attn_mask, cfg=cfg_scale != 1.0)
-        return self.step(x, t, prepared, cfg_scale=cfg_scale, apg_scale=apg_scale, cfg_interval=cfg_interval,
-                         scale_phi=scale_phi, cfg_norm_threshold=cfg_norm_threshold)
 
     def step(self, x, t, prepared: TorchPrepared, cfg_scale: float = 1.0, apg_scale: float = 1.0,
              cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:

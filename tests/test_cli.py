@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from mlx_sa3 import generate
 from mlx_sa3.audio import open_writer
 
 SR = 44100
+# subprocesses import this checkout, whatever is installed
+REPO_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def run(*args):
@@ -36,7 +39,7 @@ def test_real_entry_point_writes_exact_length(tmp_path):
     out = tmp_path / "t2a.wav"
     proc = subprocess.run([sys.executable, "-m", "mlx_sa3.generate", "--model", "demo", "-p", "warm pad",
                            "--duration", "1.7", "--seed", "1", "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=REPO_ENV)
     assert proc.returncode == 0, proc.stderr
     assert read(out).shape == (round(1.7 * SR), 2)
     assert f"wrote {out}" in proc.stdout and "sampling" in proc.stdout and "decoding" in proc.stdout

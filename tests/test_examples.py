@@ -1,5 +1,6 @@
 """Every example script runs end to end on the demo model and writes what it says."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,11 +8,13 @@ from pathlib import Path
 import soundfile as sf
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# subprocesses import this checkout, whatever is installed
+REPO_ENV = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
 
 
 def run(script, *args, cwd):
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=REPO_ENV)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -14,7 +14,6 @@ from mlx_sa3 import convert, demo, same, torch_backend
 from mlx_sa3 import torch_backend as tb
 from mlx_sa3.dit import load_dit
 from mlx_sa3.loading import CheckpointError, open_source
-from mlx_sa3.model import Conditioners, SA3Config, SA3Model
 from mlx_sa3.pipeline import StableAudio3
 
 from .conftest import REF, rel_err
@@ -43,18 +42,8 @@ def autoencoders():
 
 @pytest.fixture(scope="module", params=SA3_FIXTURES)
 def sa3(request):
-    """A full SA3 model with the three torch networks and the shared conditioning glue, built as load_model does."""
-    source = open_source(REF / request.param)
-    config = SA3Config.from_dict(source.model_config)
-    model = SA3Model(
-        config,
-        dit=torch_backend.load_torch_dit(source),
-        autoencoder=torch_backend.load_torch_autoencoder(source),
-        text_encoder=torch_backend.load_torch_text_encoder(source, config.prompt_max_length),
-        conditioners=Conditioners(source.component("conditioners"), config),
-        source=source,
-    )
-    return request.param, model
+    """A full SA3 model with the three torch networks and the shared conditioning glue."""
+    return request.param, mlx_sa3.load_model(REF / request.param, backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------------------- SAME

@@ -15,7 +15,9 @@ import argparse
 import json
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.dit import DiT, DiTConfig
@@ -85,6 +87,21 @@ def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:
     return result
 
 
+def bench_text(dtype, repeats: int) -> list[dict]:
+    """The full-size T5Gemma encoder (random weights) on batches of 1 and 2 prompts at max_length 256."""
+    from mlx_sa3.demo import FULL_TEXT_CONFIG, train_tokenizer
+    from mlx_sa3.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+
+    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(FULL_TEXT_CONFIG))
+    encoder.set_dtype(dtype)
+    mx.eval(encoder.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(Path(tmp))
+        text = TextEncoder(encoder, T5GemmaTokenizer.from_dir(tmp, 256))
+    prompts = ["warm analog synth pad with a slow attack", "rain on a tin roof, distant thunder"]
+    return [{"batch": b, "text_s": timed(lambda: mx.eval(text.encode(prompts[:b])), repeats)} for b in (1, 2)]
+
+
 def print_table(rows: list[dict], gemm: float) -> None:
     print(f"GEMM rate (2048^3, best seen): {gemm:.1f} GFLOP/s")
     header = (f"{'model':>6} {'sec':>5} {'L':>5} {'prep s':>7} {'prep+inp':>8} {'step s':>7} {'GFLOP':>7} "
@@ -121,11 +138,15 @@ def main(argv=None) -> None:
         row["gemm_fraction"] = row["gflops_step"] / gemm
         row["gemm_fraction_cfg"] = row["gflops_step_cfg"] / gemm
     print_table(rows, gemm)
+    text = bench_text(dtype, args.repeats)
+    print("T5Gemma encoder (12 x 768), max_length 256: " +
+          ", ".join(f"batch {r['batch']} {r['text_s']:.2f} s" for r in text))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_rss_mb:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": describe(), "gemm_gflops": gemm, "peak_rss_mb": peak_rss_mb, "results": rows}, f,
+            json.dump({"machine": describe(), "gemm_gflops": gemm, "peak_rss_mb": peak_rss_mb, "results": rows,
+                       "text_encoder": text}, f,
                       indent=2)
 
 

@@ -51,7 +51,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from bench_dit import CONTEXT_TOKENS, latent_length  # noqa: E402
 from bench_pipeline import peak_rss_mb  # noqa: E402
 from bench_same import latents_for  # noqa: E402
-from mlx_sa3.demo import _train_tokenizer, full_size_parts, random_model, to_torch_backend  # noqa: E402
+from mlx_sa3.demo import train_tokenizer, full_size_parts, random_model, to_torch_backend  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {
@@ -265,7 +265,7 @@ def run_worker(impl: str, work: Workload) -> dict:
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
     with tempfile.TemporaryDirectory(prefix="compare_tokenizer_") as tmp:
         if impl == "diffusers":
-            _train_tokenizer(Path(tmp))
+            train_tokenizer(Path(tmp))
             warmups, timed = diffusers_job(model, work, Path(tmp))
         else:
             backend = to_torch_backend(model) if impl == "torch" else model

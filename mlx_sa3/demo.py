@@ -76,7 +76,7 @@ _CORPUS = (
 )
 
 
-def _train_tokenizer(directory: Path) -> None:
+def train_tokenizer(directory: Path) -> None:
     """A tiny sentencepiece BPE model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
     import sentencepiece as spm
 
@@ -129,7 +129,7 @@ def random_model(sa3: SA3Config, dit_config: DiTConfig, same_config: SAMEConfig,
     encoder = T5GemmaEncoder(text_config)
     encoder.set_dtype(dtype)
     with tempfile.TemporaryDirectory(prefix="mlx_sa3_tokenizer_") as tmp:
-        _train_tokenizer(Path(tmp))
+        train_tokenizer(Path(tmp))
         tokenizer = T5GemmaTokenizer.from_dir(tmp, sa3.prompt_max_length)
     dim = sa3.cond_dim
     conditioners = Conditioners({

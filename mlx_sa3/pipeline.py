@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import sys
 import tempfile
 import time
 import warnings
@@ -128,7 +129,7 @@ class StableAudio3:
             return cls(demo_model(dtype=dtype, backend=backend))
         model = load_model(src, dtype=dtype, backend=backend)
         if model.source is not None and not model.source.converted:
-            print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>")
+            print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
         return cls(model)
 
     @property
@@ -173,7 +174,12 @@ class StableAudio3:
             raise ValueError(f"init noise level must be in (0, 1], got {init_noise_level}")
 
         prompts = self._prompts(prompt, batch_size, required=init_audio is None and inpaint_audio is None)
-        negative_prompts = None if negative_prompt is None else self._prompts(negative_prompt, batch_size, True)
+        negative_prompts = None
+        if negative_prompt is not None:
+            if cfg_scale == 1.0:  # as officially: without guidance the negative branch is never evaluated
+                warnings.warn("the negative prompt has no effect with cfg_scale 1", stacklevel=3)
+            else:
+                negative_prompts = self._prompts(negative_prompt, batch_size, required=False)
 
         num_samples = round(duration * sr)
         # Official canvas: (duration + 6 s) rounded up to the autoencoder's alignment and capped by sample_size; the

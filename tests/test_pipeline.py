@@ -120,6 +120,19 @@ def test_cfg_on_distilled_model_warns(pipe):
         pipe.plan("x", duration=1.0, cfg_scale=3.0)
 
 
+def test_negative_prompt_needs_guidance(pipe):
+    with pytest.warns(UserWarning, match="no effect with cfg_scale 1"):
+        plan = pipe.plan("x", duration=1.0, negative_prompt="noise")
+    assert plan.negative_prompts is None
+    with pytest.warns(UserWarning, match="guidance-distilled"):
+        plan = pipe.plan("x", duration=1.0, negative_prompt="noise", cfg_scale=2.0)
+    assert plan.negative_prompts == ["noise"]
+    with pytest.warns(UserWarning):
+        guided = pipe.generate("x", duration=1.0, negative_prompt="noise", cfg_scale=2.0, seed=1, steps=2)
+        plain = pipe.generate("x", duration=1.0, cfg_scale=2.0, seed=1, steps=2)
+    assert np.abs(guided.audio - plain.audio).max() > 1e-6  # the negative context replaced the zero context
+
+
 def test_stream_event_order_and_pieces(pipe):
     events = list(pipe.stream("x", duration=3.0, steps=3, seed=0, chunk_latents=8))
     kinds = [type(e) for e in events]
@@ -170,3 +183,18 @@ def test_non_finite_sampling_is_reported_and_leaves_nothing(pipe, tmp_path, monk
     with pytest.raises(NonFiniteError, match="non-finite"):
         pipe.generate_to_file(tmp_path / "n.wav", "x", duration=1.0, steps=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_original_checkpoint_hints_at_convert_and_converted_does_not(tmp_path, capsys):
+    from mlx_sa3.convert import convert
+
+    from .conftest import REF
+
+    original = StableAudio3.from_pretrained(REF / "sa3_small_tiny_s0")
+    assert "python convert.py" in capsys.readouterr().err
+    converted = StableAudio3.from_pretrained(convert(REF / "sa3_small_tiny_s0", tmp_path / "conv"))
+    assert "hint" not in capsys.readouterr().err
+    a = original.generate("a dog barking", duration=2.0, seed=0, steps=2)
+    b = converted.generate("a dog barking", duration=2.0, seed=0, steps=2)
+    assert a.audio.shape == (1, 2, 2 * SR)
+    np.testing.assert_allclose(a.audio, b.audio, atol=1e-5)

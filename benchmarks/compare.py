@@ -4,7 +4,9 @@ Implementations, each measured in its own fresh subprocess:
 
 * ``mlx``         mlx_sa3 on MLX with OpenBLAS (the Linux default: ``import mlx_sa3`` preloads it),
 * ``mlx-refblas`` mlx_sa3 on MLX with its bundled reference BLAS (``MLX_SA3_NO_OPENBLAS=1``; DiT step only),
-* ``torch``       mlx_sa3's torch backend (``mlx_sa3.demo.to_torch_backend``: the same weights),
+* ``torch``       mlx_sa3's torch backend (``mlx_sa3.demo.to_torch_backend``: the same weights), as a user runs it
+                  (``import mlx_sa3`` has preloaded OpenBLAS globally, and torch's BLAS calls then land in it),
+* ``torch-noob``  the same with ``MLX_SA3_NO_OPENBLAS=1``: torch keeps its own BLAS,
 * ``diffusers``   diffusers' Stable Audio 3 port, the one a user would otherwise pick: ``StableAudio3DiTModel`` with
                   the same weights (mapped by mlx_sa3.torch_backend), transformers' T5Gemma encoder with the same
                   weights, ``StableAudio3DurationEmbedder`` with the same seconds embedder, and ``AutoencoderSAME``
@@ -12,7 +14,8 @@ Implementations, each measured in its own fresh subprocess:
                   attention nor its kernel-3 mapping, so it runs a +-1 group band attention: speed only). The
                   end-to-end run calls ``StableAudio3Pipeline`` assembled offline from these modules and a
                   sentencepiece tokenizer trained on the spot, with ``silence_padding_duration=6`` so its DiT runs
-                  the same canvas as mlx_sa3 (duration + 6 s; the diffusers default is 0).
+                  the same canvas as mlx_sa3 (duration + 6 s; the diffusers default is 0). Its subprocess runs with
+                  ``MLX_SA3_NO_OPENBLAS=1`` (MLX only draws the random weights there), so torch keeps its own BLAS.
 
 Workloads: SAME-S decode; one DiT step (conditioning preparation + one forward, no guidance; context of 256 prompt
 tokens + 1 seconds token, latents = duration * 44100 / 4096 without headroom, as bench_dit.py); end to end
@@ -32,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,19 +53,22 @@ from mlx.utils import tree_flatten  # noqa: E402
 from bench_dit import CONTEXT_TOKENS, latent_length  # noqa: E402
 from bench_pipeline import peak_rss_mb  # noqa: E402
 from bench_same import latents_for  # noqa: E402
-from mlx_sa3.demo import train_tokenizer, full_size_parts, random_model, to_torch_backend  # noqa: E402
+from mlx_sa3.demo import full_size_parts, random_model, to_torch_backend, train_tokenizer  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
+    "torch-noob": "mlx_sa3 torch, no OBLAS",
     "diffusers": "diffusers",
 }
 PROMPT = "a slow ambient pad with field recordings and distant birds"
 PROMPT_TOKENS = 16  # valid tokens of the DiT-step context mask handed to diffusers (its pipeline always passes one)
 WARMUP_LATENTS = 16
 HEADROOM_SECONDS = 6.0  # mlx_sa3 (and the official code) generate 6 s past the requested end
+# Processes that must not preload OpenBLAS: a globally loaded OpenBLAS also serves torch's BLAS symbols.
+NO_OPENBLAS = {"mlx-refblas", "torch-noob", "diffusers"}
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,14 @@ class Workload:
         return f"{name} {self.seconds:g}s" + (f" x{self.steps}" if self.kind == "e2e" else "")
 
 
-FULL = [(Workload("decode", 30.0), ("mlx", "torch", "diffusers")),
-        (Workload("dit_step", 30.0), ("mlx", "mlx-refblas", "torch", "diffusers")),
-        (Workload("dit_step", 120.0), ("mlx", "torch", "diffusers")),
-        (Workload("e2e", 30.0, 8), ("mlx", "torch", "diffusers"))]
-QUICK = [(Workload("decode", 10.0), ("mlx", "torch", "diffusers")),
-         (Workload("dit_step", 10.0), ("mlx", "mlx-refblas", "torch", "diffusers")),
-         (Workload("e2e", 10.0, 2), ("mlx", "torch", "diffusers"))]
+TORCH = ("torch", "torch-noob", "diffusers")
+FULL = [(Workload("decode", 30.0), ("mlx", *TORCH)),
+        (Workload("dit_step", 30.0), ("mlx", "mlx-refblas", *TORCH)),
+        (Workload("dit_step", 120.0), ("mlx", *TORCH)),
+        (Workload("e2e", 30.0, 8), ("mlx", *TORCH))]
+QUICK = [(Workload("decode", 10.0), ("mlx", *TORCH)),
+         (Workload("dit_step", 10.0), ("mlx", "mlx-refblas", *TORCH)),
+         (Workload("e2e", 10.0, 2), ("mlx", *TORCH))]
 
 
 # ---------------------------------------------------------------------------------------------- memory accounting
@@ -151,7 +157,7 @@ def mlx_sa3_job(model, work: Workload, refblas: bool):
     pipe = mlx_sa3.StableAudio3(model)
 
     def generate(steps):
-        return pipe.generate(PROMPT, work.seconds, steps=steps, seed=0)
+        return pipe.generate(PROMPT, work.seconds, steps=steps, seed=0).timings  # seconds per stage
 
     return (lambda: generate(1),), lambda: generate(work.steps)
 
@@ -268,7 +274,7 @@ def run_worker(impl: str, work: Workload) -> dict:
             train_tokenizer(Path(tmp))
             warmups, timed = diffusers_job(model, work, Path(tmp))
         else:
-            backend = to_torch_backend(model) if impl == "torch" else model
+            backend = to_torch_backend(model) if impl.startswith("torch") else model
             warmups, timed = mlx_sa3_job(backend, work, refblas=impl == "mlx-refblas")
             del backend
         del model  # the jobs hold only what they need
@@ -280,16 +286,17 @@ def run_worker(impl: str, work: Workload) -> dict:
         ready = current_rss_mb()
         exact = reset_peak_rss()
         start = time.perf_counter()
-        timed()
+        stages = timed()
         wall = time.perf_counter() - start
-    return {"impl": impl, **asdict(work), "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "ready_rss_mb": ready,
+    return {"impl": impl, **asdict(work), "wall_s": wall, "stages_s": stages, "peak_rss_mb": peak_rss_mb(),
+            "ready_rss_mb": ready,
             "peak_is_timed_call_only": exact, "setup_s": setup_s, "setup_peak_rss_mb": setup_peak,
             "blas": describe()["blas"]}
 
 
 def run_subprocess(impl: str, work: Workload) -> dict:
     env = dict(os.environ)
-    if impl == "mlx-refblas":
+    if impl in NO_OPENBLAS:
         env["MLX_SA3_NO_OPENBLAS"] = "1"
     cmd = [sys.executable, __file__, "--worker", impl, work.kind, str(work.seconds), str(work.steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -326,6 +333,10 @@ def print_table(rows: list[dict]) -> None:
 
         print(f"{label:22} {IMPLS[r['impl']]:22} {r['wall_s']:>8.2f} {ratio('wall_vs_diffusers')} "
               f"{r['peak_rss_mb']:>8.0f} {ratio('rss_vs_diffusers')} {r['ready_rss_mb']:>8.0f}")
+    for r in rows:
+        if r.get("stages_s"):
+            stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["stages_s"].items())
+            print(f"{Workload(r['kind'], r['seconds'], r['steps']).label}, {IMPLS[r['impl']]}: {stages}")
 
 
 NOTES = [
@@ -337,6 +348,8 @@ NOTES = [
     "the whole canvas, mlx_sa3 stops decoding at the requested length.",
     "DiT step: conditioning preparation + one forward, no guidance; diffusers gets a 16-token prompt mask as its "
     "pipeline would pass, and no local conditioning (mlx_sa3 adds the official all-zero one).",
+    "torch rows: with mlx_sa3's OpenBLAS preload (the default) torch's matmuls run in that OpenBLAS and are several "
+    "times slower; 'no OBLAS' sets MLX_SA3_NO_OPENBLAS=1 (diffusers runs that way too).",
     "warm-up: one identical untimed call first, except the reference-BLAS DiT step (a 16-latent call) and end to "
     "end (same duration, 1 step).",
 ]

@@ -43,8 +43,7 @@ from . import t5gemma as mlx_t5
 from .loading import Source, check_strict, open_source, parse_dtype, to_mx
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
-_LINUX_HINT = (" (on Linux, install a CPU build of torch first: "
-               "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+_LINUX_HINT = " (on Linux, install a CPU-only build of torch first, or pip pulls a CUDA build of several GB)"
 _SAME_BLOCKS = "diffusers.models.autoencoders.autoencoder_same"
 _SA3_DIT = "diffusers.models.transformers.transformer_stable_audio3"
 _T5GEMMA = "transformers.models.t5gemma"
@@ -63,7 +62,21 @@ def require_torch(*modules: str):
         hint = INSTALL_HINT + (_LINUX_HINT if platform.system() == "Linux" else "")
         raise ImportError(f"the torch backend needs torch, diffusers and transformers ({err}); install them with "
                           f"{hint}") from err
+    _share_cores_with_openblas(loaded[0])
     return loaded[0] if not modules else loaded
+
+
+def _share_cores_with_openblas(torch) -> None:
+    """Run torch's own ops on one thread when mlx_sa3 preloaded OpenBLAS.
+
+    The globally loaded OpenBLAS also serves torch's GEMMs, with its own thread pool; torch's intra-op threads spin
+    between ops and fight those threads for the cores, which made a DiT step about 7x slower on two cores. With
+    torch single-threaded the GEMMs still use every core through OpenBLAS.
+    """
+    from . import _blas
+
+    if _blas.loaded_blas is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------------- conversions

@@ -5,7 +5,8 @@ Implementations, each measured in its own fresh subprocess:
 * ``mlx``         mlx_sa3 on MLX with OpenBLAS (the Linux default: ``import mlx_sa3`` preloads it),
 * ``mlx-refblas`` mlx_sa3 on MLX with its bundled reference BLAS (``MLX_SA3_NO_OPENBLAS=1``; DiT step only),
 * ``torch``       mlx_sa3's torch backend (``mlx_sa3.demo.to_torch_backend``: the same weights), as a user runs it
-                  (``import mlx_sa3`` has preloaded OpenBLAS globally, and torch's BLAS calls then land in it),
+                  (``import mlx_sa3`` has preloaded OpenBLAS globally: torch's BLAS calls land in it, and the
+                  backend runs torch's other ops on one thread so the two thread pools do not fight for the cores),
 * ``torch-noob``  the same with ``MLX_SA3_NO_OPENBLAS=1``: torch keeps its own BLAS,
 * ``diffusers``   diffusers' Stable Audio 3 port, the one a user would otherwise pick: ``StableAudio3DiTModel`` with
                   the same weights (mapped by mlx_sa3.torch_backend), transformers' T5Gemma encoder with the same
@@ -348,8 +349,9 @@ NOTES = [
     "the whole canvas, mlx_sa3 stops decoding at the requested length.",
     "DiT step: conditioning preparation + one forward, no guidance; diffusers gets a 16-token prompt mask as its "
     "pipeline would pass, and no local conditioning (mlx_sa3 adds the official all-zero one).",
-    "torch rows: with mlx_sa3's OpenBLAS preload (the default) torch's matmuls run in that OpenBLAS and are several "
-    "times slower; 'no OBLAS' sets MLX_SA3_NO_OPENBLAS=1 (diffusers runs that way too).",
+    "torch rows: with mlx_sa3's OpenBLAS preload (the default) torch's matmuls run in that OpenBLAS, and the torch "
+    "backend runs torch's own ops on one thread so the two thread pools do not fight; 'no OBLAS' sets "
+    "MLX_SA3_NO_OPENBLAS=1 (diffusers runs that way too).",
     "warm-up: one identical untimed call first, except the reference-BLAS DiT step (a 16-latent call) and end to "
     "end (same duration, 1 step).",
 ]

@@ -24,3 +24,30 @@ def ref_dir():
     if not REF.is_dir():
         pytest.fail(f"golden fixtures not found at {REF} (set MLX_SA3_SHARED)")
     return REF
+
+
+def dit_call(model, io, **kw):
+    """A DiT (either backend) on an io.npz record; float32 mx output as numpy."""
+    import mlx.core as mx
+
+    args = dict(cross_attn_cond=io["cross_attn_cond"], global_cond=io["global_cond"])
+    args.update(kw)
+    out = model(io["x"], io["t"], **args)
+    assert isinstance(out, mx.array) and out.dtype == mx.float32
+    return np.array(out)
+
+
+# Official SAME tensor names -> diffusers' AutoencoderSAME names, written independently of the converter's map so the
+# tests check it (the fused to_qkv rows need a reorder on top, which each test does itself).
+SAME_TO_DIFFUSERS = (
+    (r"^encoder\.layers\.0\.", "encoder.blocks.0."),
+    (r"^encoder\.layers\.2\.", "encoder.proj."),
+    (r"^decoder\.layers\.1\.", "decoder.proj."),
+    (r"^decoder\.layers\.3\.", "decoder.blocks.0."),
+    (r"\.pre_norm\.", ".norm_attn."),
+    (r"\.ff_norm\.", ".norm_ff."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.ff\.2\.", ".ff.proj_out."),
+    (r"^bottleneck\.scaling_factor$", "bottleneck.scale"),
+)

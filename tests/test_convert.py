@@ -18,7 +18,7 @@ from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.model import load_model
 from mlx_sa3.same import load_autoencoder
 
-from .conftest import REF, rel_err
+from .conftest import REF, SAME_TO_DIFFUSERS, rel_err
 
 SA3_FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 SAME_FIXTURES = ["same_s_tiny_s0", "same_l_tiny_s0"]
@@ -404,18 +404,6 @@ DIT_TO_DIFFUSERS = [
     (r"^transformer\.", ""),
     (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
     (r"\.ff\.ff\.2\.", ".ff.proj_out."),
-]
-SAME_TO_DIFFUSERS = [
-    (r"^encoder\.layers\.0\.", "encoder.blocks.0."),
-    (r"^encoder\.layers\.2\.", "encoder.proj."),
-    (r"^decoder\.layers\.1\.", "decoder.proj."),
-    (r"^decoder\.layers\.3\.", "decoder.blocks.0."),
-    (r"\.pre_norm\.", ".norm_attn."),
-    (r"\.ff_norm\.", ".norm_ff."),
-    (r"\.self_attn\.", ".attn."),
-    (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
-    (r"\.ff\.ff\.2\.", ".ff.proj_out."),
-    (r"^bottleneck\.scaling_factor$", "bottleneck.scale"),
 ]
 # Buffers diffusers does not store (SAME RoPE, empty noise factor) or stores at its own width (DiT RoPE).
 NOT_IN_DIFFUSERS = r"rope\.inv_freq$|noise_scaling_factor$|rotary_pos_emb\.inv_freq$"

@@ -8,7 +8,7 @@ v_cfg3_apg1 (cfg_scale 3, apg_scale 1, zero local conditioning), all float32 on 
 import numpy as np
 import pytest
 import torch
-from .conftest import REF, rel_err
+from .conftest import REF, dit_call as _call, rel_err
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -37,14 +37,6 @@ def any_backend(request):
     else:
         model = load_dit(REF / name)
     return None, model, dict(np.load(REF / name / "io.npz"))
-
-
-def _call(model, io, **kw):
-    args = dict(cross_attn_cond=io["cross_attn_cond"], global_cond=io["global_cond"])
-    args.update(kw)
-    out = model(io["x"], io["t"], **args)
-    assert isinstance(out, mx.array) and out.dtype == mx.float32
-    return np.array(out)
 
 
 # ------------------------------------------------------------------------------------------ official fixtures

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_sa3 import same
 from mlx_sa3.loading import CheckpointError, open_source
 
-from .conftest import REF, rel_err
+from .conftest import REF, SAME_TO_DIFFUSERS, rel_err
 
 PARITY_TOL = 1e-4  # float32 against float32 torch
 STREAM_TOL = 1e-5  # decode_stream vs decode, relative to max|decode|
@@ -104,20 +104,6 @@ def _diffusers_same(model_section):
     ).eval()
 
 
-_TO_DIFFUSERS = (
-    (r"^encoder\.layers\.0\.", "encoder.blocks.0."),
-    (r"^encoder\.layers\.2\.", "encoder.proj."),
-    (r"^decoder\.layers\.1\.", "decoder.proj."),
-    (r"^decoder\.layers\.3\.", "decoder.blocks.0."),
-    (r"\.pre_norm\.", ".norm_attn."),
-    (r"\.ff_norm\.", ".norm_ff."),
-    (r"\.self_attn\.", ".attn."),
-    (r"\.ff\.ff\.0\.proj\.", ".ff.proj_in."),
-    (r"\.ff\.ff\.2\.", ".ff.proj_out."),
-    (r"^bottleneck\.scaling_factor$", "bottleneck.scale"),
-)
-
-
 def _diffusers_state(hub):
     out = {}
     for key, value in hub.items():
@@ -128,7 +114,7 @@ def _diffusers_state(hub):
             # official rows [q | k | v | q2 | k2], diffusers [q1 | q2 | k1 | k2 | v]
             q, k, v, q2, k2 = tensor.chunk(5, dim=0)
             tensor = torch.cat([q, q2, k, k2, v])
-        for pattern, replacement in _TO_DIFFUSERS:
+        for pattern, replacement in SAME_TO_DIFFUSERS:
             key = re.sub(pattern, replacement, key)
         out[key] = tensor
     return out

@@ -16,7 +16,7 @@ from mlx_sa3.dit import load_dit
 from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.pipeline import StableAudio3
 
-from .conftest import REF, rel_err
+from .conftest import REF, dit_call as _call, rel_err
 
 SAME_FIXTURES = ["same_s_tiny_s0", "same_l_tiny_s0"]
 SA3_FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
@@ -116,14 +116,6 @@ def test_same_strict_loading(tmp_path):
 def dit_fixture(request):
     return (torch_backend.load_torch_dit(REF / request.param), load_dit(REF / request.param),
             dict(np.load(REF / request.param / "io.npz")))
-
-
-def _call(model, io, **kw):
-    args = dict(cross_attn_cond=io["cross_attn_cond"], global_cond=io["global_cond"])
-    args.update(kw)
-    out = model(io["x"], io["t"], **args)
-    assert isinstance(out, mx.array) and out.dtype == mx.float32
-    return np.array(out)
 
 
 # Parity of TorchDiT with the official io.npz runs in test_dit.py (parametrized over both backends).

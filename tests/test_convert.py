@@ -116,6 +116,16 @@ def test_written_files_read_back_with_safetensors(converted):
         np.testing.assert_array_equal(value, np.asarray(theirs[key]))
 
 
+def model_errors(model, name: str) -> dict:
+    """Relative errors of a loaded SA3 model against the fixture's io.npz and prompt embedding (mask must match)."""
+    errors = dit_errors(model, np.load(REF / name / "io.npz"))
+    pipe = np.load(REF / name / "pipeline.npz")
+    emb, mask = model.encode_text(list(pipe["prompts"]))
+    errors["prompt_embedding"] = rel_err(emb, pipe["prompt_embedding"])
+    np.testing.assert_array_equal(np.asarray(mask), pipe["prompt_mask"].astype(bool))
+    return errors
+
+
 def dit_errors(model, io) -> dict:
     zero_local = np.zeros_like(io["local_add_cond"])
     args = (io["x"], io["t"], io["cross_attn_cond"], io["global_cond"])
@@ -134,12 +144,7 @@ def dit_errors(model, io) -> dict:
 def test_converted_sa3_reproduces_official(converted, name, dtype, tol):
     model = load_model(converted[name, dtype], dtype="float32")
     assert model.source.converted
-    io = np.load(REF / name / "io.npz")
-    pipe = np.load(REF / name / "pipeline.npz")
-    errors = dit_errors(model, io)
-    emb, mask = model.encode_text(list(pipe["prompts"]))
-    errors["prompt_embedding"] = rel_err(emb, pipe["prompt_embedding"])
-    np.testing.assert_array_equal(np.asarray(mask), pipe["prompt_mask"].astype(bool))
+    errors = model_errors(model, name)
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"{name} {dtype}: {bad}"
     if dtype != "float32":  # the half-precision file really is different from the float32 one
@@ -521,12 +526,7 @@ def test_diffusers_converts_to_the_same_files(converted, diffusers_converted, na
 @pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
 def test_diffusers_converted_reproduces_official(diffusers_converted, name):
     model = load_model(diffusers_converted[name], dtype="float32")
-    io = np.load(REF / name / "io.npz")
-    pipe = np.load(REF / name / "pipeline.npz")
-    errors = dit_errors(model, io)
-    emb, mask = model.encode_text(list(pipe["prompts"]))
-    errors["prompt_embedding"] = rel_err(emb, pipe["prompt_embedding"])
-    np.testing.assert_array_equal(np.asarray(mask), pipe["prompt_mask"].astype(bool))
+    errors = model_errors(model, name)
     same_io = np.load(REF / "same_l_tiny_s0" / "io.npz")
     reference = load_autoencoder(REF / DIFFUSERS_CASES[name]) if name == "sa3_medium_tiny_s0" else None
     for method, data, expected in (("encode", "encode_in_audio", "encode_out_latents"),

@@ -100,12 +100,12 @@ FULL_TEXT_CONFIG = {"encoder": {
 def full_size_parts(variant: str):
     """Configs of a real-size checkpoint ("small" or "medium") for benchmarks with random weights."""
     if variant == "small":
-        dit, same, latent_align, max_seconds = DiTConfig.small(), SAMEConfig.preset("same-s"), 2, 120
+        dit, same, max_seconds = DiTConfig.small(), SAMEConfig.preset("same-s"), 120
     elif variant == "medium":
-        dit, same, latent_align, max_seconds = DiTConfig.medium(), SAMEConfig.preset("same-l"), 1, 380
+        dit, same, max_seconds = DiTConfig.medium(), SAMEConfig.preset("same-l"), 380
     else:
         raise ValueError(f"unknown variant {variant!r}; choose small or medium")
-    sa3 = SA3Config(sample_size=_ceil_latents(max_seconds + 6.0) * 4096, latent_align=latent_align)
+    sa3 = SA3Config(sample_size=_ceil_latents(max_seconds + 6.0) * 4096)
     return sa3, dit, same, T5GemmaConfig.from_dict(FULL_TEXT_CONFIG)
 
 

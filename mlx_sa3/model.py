@@ -43,7 +43,9 @@ class SA3Config:
     seconds_max: float = 384.0
     cond_dim: int = 768
     sampling_shift: dict | None = None
-    latent_align: int = 2  # the SAME-S encoder works on chunks of chunk_size // stride latents
+    # The official canvas is aligned to chunk_size // stride latents, with chunk_size defaulting to 32 even for the
+    # sliding-window SAME-L (model.py _adapt_sample_size).
+    latent_align: int = 2
     model_config: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -67,7 +69,7 @@ class SA3Config:
             seconds_max=seconds.get("max_val", 384.0),
             cond_dim=conditioning.get("cond_dim", 768),
             sampling_shift=diffusion.get("sampling_distribution_shift_options"),
-            latent_align=max(1, encoder.get("chunk_size", 32) // strides[0]) if "chunk_size" in encoder else 1,
+            latent_align=max(1, encoder.get("chunk_size", 32) // strides[0]),
             model_config=config,
         )
 

@@ -74,3 +74,16 @@ def test_sample_iter_yields_every_step(loaded):
     steps = list(model.sample_iter(ref["t2a.noise"], cond, steps=3, sampler="euler"))
     assert [s.index for s in steps] == [0, 1, 2]
     np.testing.assert_array_equal(np.asarray(steps[-1].x), np.asarray(model.sample(ref["t2a.noise"], cond, 3, "euler")))
+
+
+def test_canvas_alignment_follows_official_default():
+    """The official canvas is aligned to chunk_size // stride latents, chunk_size defaulting to 32 (also for SAME-L)."""
+    import json
+
+    from mlx_sa3.model import SA3Config
+
+    for fixture in FIXTURES:
+        config = json.loads((REF / fixture / "model_config.json").read_text())
+        assert SA3Config.from_dict(config).latent_align == 2
+        config["model"]["pretransform"]["config"]["encoder"]["config"].update(strides=[8], chunk_size=64)
+        assert SA3Config.from_dict(config).latent_align == 8

@@ -213,8 +213,12 @@ def _group_by_module(path: Path, tensors: Mapping) -> tuple[dict, bool]:
             raise CheckpointError(f"{path}: tensor {key} is not a LoRA tensor (expected <module>.parametrizations."
                                   "weight.0.<lora_A|lora_B|M_xs|magnitude|magnitude_r|magnitude_c> or PEFT "
                                   "base_model.model.<module>.lora_A.weight)")
-        layouts.add(match.re is _PEFT_KEY)
-        groups.setdefault(match["module"], {})[match["param"]] = (key, tensors[key])
+        peft = match.re is _PEFT_KEY
+        layouts.add(peft)
+        value = tensors[key]
+        if peft and value.ndim == 3:  # PEFT Conv1d adapters: A (r, in, k), B (out, r, 1) -> official 2-D
+            value = value.reshape(value.shape[0], -1)
+        groups.setdefault(match["module"], {})[match["param"]] = (key, value)
     if len(layouts) > 1:
         raise CheckpointError(f"{path}: mixes the SA3 and the PEFT key layouts")
     if not groups:

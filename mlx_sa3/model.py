@@ -213,16 +213,24 @@ class SA3Model:
         if init_latents is not None:
             x = to_mx(init_latents) * (1 - sigma_max) + x * sigma_max
         guided = cfg_scale != 1.0
-        prepared = self.dit.prepare(
-            cond["cross_attn_cond"], cond["global_cond"], cond.get("local_add_cond"),
-            negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
-            negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
-            cfg=guided,
-        )
+
+        def prepare():
+            return self.dit.prepare(
+                cond["cross_attn_cond"], cond["global_cond"], cond.get("local_add_cond"),
+                negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
+                negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
+                cfg=guided,
+            )
+
+        self._lora_at(sigmas[0])
+        prepared = prepare()
         dtype = self.dit.dtype
         x = x.astype(dtype)
 
         def velocity(x, t):
+            nonlocal prepared
+            if self._lora_at(t):  # a LoRA's sigma interval switched it: the prepared conditioning is stale
+                prepared = prepare()
             return self.dit.step(x, mx.full((batch,), t, dtype=mx.float32), prepared,
                                  cfg_scale=cfg_scale, apg_scale=apg_scale)
 

@@ -287,17 +287,20 @@ def _expected_shapes(adapter_type: str, rank: int, fan_out: int, fan_in: int) ->
 
 
 def load_lora(path, shapes: Mapping[str, Mapping[str, tuple]], base: Mapping[str, Mapping] | None = None,
-              svd_bases: Mapping[str, mx.array] | None = None) -> LoraAdapter:
+              svd_bases=None) -> LoraAdapter:
     """Read and strictly check one LoRA file against a model.
 
     ``shapes`` (and ``base``, needed for the ``-xs`` types) are ``{DIT: {name: ...}, CONDITIONERS: {name: ...}}``
     with mlx_sa3 parameter names and MLX layouts. ``svd_bases`` are optional precomputed bases (see
-    :func:`load_svd_bases`); layers without one get the SVD of their base weight, as officially.
+    :func:`load_svd_bases`), or a function returning them that is only called for an ``-xs`` file; layers without
+    one get the SVD of their base weight, as officially.
     """
     path = Path(path)
     tensors, config, digest = read_lora_file(path)
     groups, peft = _group_by_module(path, tensors)
     adapter_type = _resolve_adapter_type(path, config, groups)
+    if callable(svd_bases):
+        svd_bases = svd_bases() if adapter_type.endswith("-xs") else None
     try:
         rank = int(config["rank"]) if "rank" in config else _infer_rank(groups)
     except (TypeError, ValueError, CheckpointError) as err:
@@ -585,14 +588,29 @@ def _svd_bases_for(model) -> dict | None:
     return None if not name else load_svd_bases(Path(source.root) / name)
 
 
+_PUSH_ELEMENTS = 1 << 26  # weights evaluated and handed over per batch: 256 MB in float32
+
+
 def push_weights(model, weights: dict) -> None:
-    """Hand effective weights to the DiT (either backend) and the conditioner."""
-    mx.eval(weights[DIT], weights[CONDITIONERS])
-    if weights[DIT]:
-        if hasattr(model.dit, "update_weights"):
-            model.dit.update_weights(weights[DIT])
-        else:
-            model.dit.load_weights(list(weights[DIT].items()), strict=False)
+    """Hand effective weights to the DiT (either backend) and the conditioner.
+
+    In batches, so that the previous merged weights are released as the new ones arrive: the extra memory of a
+    strength change stays one batch instead of a second copy of every adapted tensor.
+    """
+    torch_dit = hasattr(model.dit, "update_weights")
+    batch, size = [], 0
+    items = list(weights[DIT].items())
+    for i, (name, value) in enumerate(items):
+        mx.eval(value)
+        batch.append((name, value))
+        size += value.size
+        if size >= _PUSH_ELEMENTS or i == len(items) - 1:
+            if torch_dit:
+                model.dit.update_weights(dict(batch))
+            else:
+                model.dit.load_weights(batch, strict=False)
+            batch, size = [], 0
+    mx.eval(weights[CONDITIONERS])
     model.conditioners.tensors.update(weights[CONDITIONERS])
 
 
@@ -611,18 +629,18 @@ def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
     base = _model_base(model, stack)
     shapes = _shapes(base)
     entries = _with_strengths([loras] if isinstance(loras, (str, Path)) else loras)
-    needs_bases = False
+    bases = {}
+
+    def svd_bases():  # the checkpoint's bases file, read once and only for an -xs LoRA (as officially)
+        if "bases" not in bases:
+            bases["bases"] = _svd_bases_for(model)
+        return bases["bases"]
+
     adapters = []
     for path, strength in entries:
-        adapter = load_lora(path, shapes, base, svd_bases=None)
-        needs_bases |= adapter.adapter_type.endswith("-xs")
+        adapter = load_lora(path, shapes, base, svd_bases)
         adapter.strength = strength
         adapters.append(adapter)
-    bases = _svd_bases_for(model) if needs_bases else None
-    if bases is not None:  # reread with the checkpoint's precomputed bases (layers missing there keep the SVD)
-        adapters = [load_lora(a.path, shapes, base, bases) if a.adapter_type.endswith("-xs") else a for a in adapters]
-        for adapter, (_, strength) in zip(adapters, entries):
-            adapter.strength = strength
     indices = []
     for adapter in adapters:
         indices.append(stack.add(adapter, base))
@@ -660,14 +678,18 @@ def listing(model) -> list[dict]:
     return [] if stack is None else [a.describe(i) for i, a in enumerate(stack.adapters)]
 
 
-def at_sigma(model, t: float) -> bool:
-    """Sampler hook: switch LoRAs on or off for their sigma intervals at time ``t``; True when the weights changed
-    (the caller must then recompute whatever it derived from them, e.g. the prepared conditioning)."""
+def at_sigma(model, t: float | None) -> bool:
+    """Sampler hook: switch LoRAs on or off for their sigma intervals at time ``t`` (None: all on, as outside
+    sampling); True when the weights changed (the caller must then recompute what it derived from them, e.g. the
+    prepared conditioning)."""
     stack = _stack(model)
     if stack is None or not stack.has_intervals:
         return False
-    t = float(t)
-    sigma = math.sin(t * math.pi / 2) if model.dit.config.diffusion_objective == "v" else t
+    if t is None:  # sampling is over: back to every LoRA active
+        sigma = None
+    else:
+        t = float(t)
+        sigma = math.sin(t * math.pi / 2) if model.dit.config.diffusion_objective == "v" else t
     if stack.state_key(sigma) == stack.applied:
         return False
     _refresh(model, sigma)

@@ -237,6 +237,7 @@ class SA3Model:
         if noise_fn is None and sampler == "pingpong":
             noise_fn = gaussian_noise(key if key is not None else mx.random.key(0))
         yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
+        self._lora_at(None)  # outside sampling every LoRA acts again, whatever its sigma interval
 
     def sample(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,
                apg_scale: float = 1.0, init_latents=None, init_noise_level: float = 1.0, **kwargs) -> mx.array:

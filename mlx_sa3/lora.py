@@ -469,7 +469,7 @@ class LoraStack:
             adapter.layer_filter = layer_filter or ""
 
     def remove(self, lora_index: int | None = None) -> dict:
-        """Drop one LoRA (or all) and return the base tensors that no remaining LoRA adapts: the caller restores them."""
+        """Drop one LoRA (or all); returns the base tensors no remaining LoRA adapts, for the caller to restore."""
         removed = self.select(lora_index)
         self.adapters = [a for a in self.adapters if all(a is not r for r in removed)]
         still = {key for a in self.adapters for key in a.layers}
@@ -652,9 +652,10 @@ def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
 
 def control(model, what: str, value, lora_index: int | None = None) -> None:
     """Set ``strength`` / ``interval`` / ``layer_filter`` of one LoRA (or all) and re-apply the weights."""
-    stack = _stack(model)
-    if stack is None or not stack.adapters:
-        raise ValueError("no LoRA loaded")
+    stack = _stack(model) or LoraStack()
+    if not stack.adapters:
+        stack.select(lora_index)  # an index is out of range; None with nothing loaded does nothing, as officially
+        return
     {"strength": stack.set_strength, "interval": stack.set_interval, "layer_filter": stack.set_layer_filter}[what](
         value, lora_index)
     _refresh(model)

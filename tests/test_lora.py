@@ -429,3 +429,12 @@ def test_from_pretrained_with_loras():
         (lora_file(fixture, "lora_r4"), 0.8), (lora_file(fixture, "bora"), 0.4)])
     assert [(e["name"], e["strength"]) for e in pipe.model.loras] == [("lora_r4", 0.8), ("bora", 0.4)]
     assert_matches(outputs(pipe.model, io), ref, "stack_lora_bora")
+
+
+def test_controls_without_loras(loaded):
+    model = loaded[1]
+    model.set_lora_strength(0.5)  # nothing loaded: nothing to do, as the official set_lora_strength
+    model.unload_lora()
+    assert model.loras == []
+    with pytest.raises(IndexError, match="lora_index 0 out of range"):
+        model.set_lora_strength(0.5, lora_index=0)

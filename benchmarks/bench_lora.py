@@ -167,6 +167,9 @@ def run(seconds: float, repeats: int) -> list[dict]:
         rows.append({"representation": "merged", "load_s": load_s, "held_mb": held_mb, **merged,
                      "strength_change_s": change_s})
         model.unload_lora()  # the original base arrays again, for the unmerged run
+        step, _ = measure_step(model, inputs, repeats)  # the no-LoRA step again: how much the machine drifts
+        rows.append({"representation": "none (again)", "load_s": 0.0, "held_mb": mx.get_active_memory() / MB,
+                     **step, "strength_change_s": 0.0})
 
         start = time.perf_counter()
         adapter = lora.load_lora(path, lora._shapes({lora.DIT: dict(tree_flatten(model.dit.parameters())),
@@ -200,7 +203,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="latent duration of the step (default 10 s)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     rows = run(args.seconds, args.repeats)

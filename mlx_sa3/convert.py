@@ -38,7 +38,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import dit, same, t5gemma
+from .models import dit, keymaps, same, t5gemma
 from .loading import (
     CONVERTED_FORMAT,
     CONVERTED_TEXT_ENCODER_DIR,
@@ -47,15 +47,17 @@ from .loading import (
     SA3_PREFIXES,
     CheckpointError,
     Source,
-    check_strict,
+    expected_shapes,
     load_safetensors,
     open_source,
     parse_dtype,
     read_json,
     refuse_pickle,
     resolve_source,
+    sanitize_checked,
 )
-from .model import Conditioners, SA3Config
+from .checkpoint import SA3Config, _parsed
+from .models.conditioners import Conditioners
 
 FORMAT_VERSION = 1
 COMPONENT_FILES = {
@@ -225,11 +227,6 @@ class Component:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.tensors.items()}
 
 
-def _expected_shapes(module) -> dict[str, tuple]:
-    # MLX initialises parameters lazily: even a full-size module costs no memory until evaluated.
-    return {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
-
-
 def _dropped_by(sanitize: Callable[[dict], dict], weights: dict[str, mx.array], kept: dict) -> list[str]:
     """Source names that ``sanitize`` discards.
 
@@ -247,21 +244,13 @@ def _dropped_by(sanitize: Callable[[dict], dict], weights: dict[str, mx.array], 
     return sorted(dropped)
 
 
-def _parse(what: str, build: Callable):
-    """Run a config parser, turning the errors a malformed config produces into one clear CheckpointError."""
-    try:
-        return build()
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"cannot read the {what} configuration: {type(err).__name__}: {err}") from None
+_parse = _parsed
 
 
 def plan_dit(weights: dict[str, mx.array], model_config: dict, dtype: mx.Dtype,
              prefix: str = SA3_PREFIXES["dit"]) -> Component:
     config = _parse("DiT", lambda: dit.DiTConfig.from_model_config(model_config))
-    out = dit.sanitize(weights)
-    check_strict(_expected_shapes(dit.DiT(config)), out, "DiT checkpoint")
+    out = sanitize_checked(weights, dit.sanitize, dit.DiT(config), "DiT checkpoint")
     dropped = [prefix + k for k in _dropped_by(dit.sanitize, weights, out)]
     return Component("dit", {k: v.astype(dtype) for k, v in out.items()}, dropped)
 
@@ -269,8 +258,7 @@ def plan_dit(weights: dict[str, mx.array], model_config: dict, dtype: mx.Dtype,
 def plan_autoencoder(weights: dict[str, mx.array], model_config: dict, prefix: str) -> Component:
     config = _parse("SAME autoencoder", lambda: same.SAMEConfig.from_dict(
         model_config["model"], sample_rate=model_config.get("sample_rate")))
-    out = same.sanitize(weights)
-    check_strict(_expected_shapes(same.SAMEAutoencoder(config)), out, "SAME autoencoder checkpoint")
+    out = sanitize_checked(weights, same.sanitize, same.SAMEAutoencoder(config), "SAME autoencoder checkpoint")
     dropped = [prefix + k for k in _dropped_by(same.sanitize, weights, out)]
     # The SAME decoder cancels badly in half precision, so the autoencoder is always stored in float32.
     return Component("autoencoder", {k: v.astype(mx.float32) for k, v in out.items()}, dropped)
@@ -290,11 +278,11 @@ def plan_text_encoder(text_dir: Path, dtype: mx.Dtype, encoder_only: bool = Fals
     """
     config = _parse("T5Gemma", lambda: t5gemma.T5GemmaConfig.from_dir(text_dir))
     weights = load_folder_weights(text_dir, WEIGHTS_FILE)
-    kept, dropped = t5gemma.sanitize(weights)
+    kept, dropped = t5gemma.sanitize(weights), t5gemma.dropped(weights)
     if encoder_only:
         kept |= {k: weights[k] for k in dropped}
         dropped = []
-    check_strict(_expected_shapes(t5gemma.T5GemmaEncoder(config)), kept, "T5Gemma encoder checkpoint")
+    sanitize_checked(kept, None, t5gemma.T5GemmaEncoder(config), "T5Gemma encoder checkpoint")
     dropped = [f"{text_dir.name}/{WEIGHTS_FILE}:{k}" for k in dropped]
     return Component("text_encoder", {k: v.astype(dtype) for k, v in kept.items()}, dropped)
 
@@ -363,27 +351,8 @@ DEFAULT_SAMPLE_SIZE = 5292032
 MAX_PROMPT_TOKENS = 256  # the diffusers pipeline caps the tokenizer's model_max_length here
 _SECONDS_FREQS = (0.5, 10000.0)  # the official NumberConditioner's fixed expo Fourier range
 
-_DIT_FROM_DIFFUSERS = [
-    (re.compile(r"^proj_(in|out)\."), r"transformer.project_\1."),
-    (re.compile(r"^(memory_tokens$|global_cond_embedder\.|rotary_pos_emb\.)"), r"transformer.\1"),
-    (re.compile(r"^transformer_blocks\.(\d+)\."), r"transformer.layers.\1."),
-    (re.compile(r"\.ff\.proj_in\."), ".ff.ff.0.proj."),
-    (re.compile(r"\.ff\.proj_out\."), ".ff.ff.2."),
-]
-# diffusers' AutoencoderSAME: encoder = blocks + proj, decoder = proj + blocks; the official Sequentials number
-# their modules with the parameter-free transposes in between.
-_SAME_FROM_DIFFUSERS = [
-    (re.compile(r"^encoder\.blocks\.0\."), "encoder.layers.0."),
-    (re.compile(r"^encoder\.proj\."), "encoder.layers.2."),
-    (re.compile(r"^decoder\.proj\."), "decoder.layers.1."),
-    (re.compile(r"^decoder\.blocks\.0\."), "decoder.layers.3."),
-    (re.compile(r"\.norm_attn\."), ".pre_norm."),
-    (re.compile(r"\.norm_ff\."), ".ff_norm."),
-    (re.compile(r"\.attn\."), ".self_attn."),
-    (re.compile(r"\.ff\.proj_in\."), ".ff.ff.0.proj."),
-    (re.compile(r"\.ff\.proj_out\."), ".ff.ff.2."),
-    (re.compile(r"^bottleneck\.scale$"), "bottleneck.scaling_factor"),
-]
+_DIT_FROM_DIFFUSERS = keymaps.DIT_FROM_DIFFUSERS
+_SAME_FROM_DIFFUSERS = keymaps.SAME_FROM_DIFFUSERS
 
 
 @dataclass
@@ -528,18 +497,14 @@ def official_model_config(configs: dict[str, dict]) -> tuple[dict, list[str]]:
     return model_config, notes
 
 
-def _rename(key: str, renames) -> str:
-    for pattern, replacement in renames:
-        key = pattern.sub(replacement, key)
-    return key
+_rename = keymaps.rename
 
 
 def _official_qkv_order(weight: mx.array) -> mx.array:
     """diffusers fuses differential self-attention rows as [q1|q2|k1|k2|v]; the official order is [q|k|v|q2|k2]."""
     if weight.shape[0] % 5:
         return weight  # a wrong shape: the strict check reports it
-    q1, q2, k1, k2, v = mx.split(weight, 5, axis=0)
-    return mx.concatenate([q1, k1, v, q2, k2], axis=0)
+    return mx.take(weight, mx.array(keymaps.diffusers_to_official_qkv(weight.shape[0])), axis=0)
 
 
 def dit_from_diffusers(weights: dict[str, mx.array], differential: bool):

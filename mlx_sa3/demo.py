@@ -13,11 +13,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .dit import DiT, DiTConfig
+from .backend import default_dtype, move_networks
+from .checkpoint import CheckpointConfig, SA3Config
 from .loading import check_backend, parse_dtype
-from .model import Conditioners, SA3Config, SA3Model, default_dtype
-from .same import SAMEAutoencoder, SAMEConfig
-from .t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .model import SA3Model
+from .models.conditioners import Conditioners
+from .models.dit import DiT, DiTConfig
+from .models.same import SAMEAutoencoder, SAMEConfig
+from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
 
 COND_DIM = 64
 LATENT_DIM = 16
@@ -145,10 +148,11 @@ def random_model(sa3: SA3Config, dit_config: DiTConfig, same_config: SAMEConfig,
 def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
     """The demo model (see the module docstring), weights drawn from ``seed``; the same weights on either backend."""
     check_backend(backend)
+    config = CheckpointConfig.from_dict(DEMO_CONFIG)
     model = random_model(
-        SA3Config.from_dict(DEMO_CONFIG),
-        DiTConfig.from_model_config(DEMO_CONFIG),
-        SAMEConfig.from_dict(DEMO_CONFIG["model"], DEMO_CONFIG["sample_rate"]),
+        config.sa3,
+        config.dit,
+        config.same,
         T5GemmaConfig.from_dict(DEMO_TEXT_CONFIG),
         "float32" if backend == "torch" else dtype, seed,
     )
@@ -157,7 +161,5 @@ def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
 
 def to_torch_backend(model: SA3Model) -> SA3Model:
     """The same model with its three networks moved to torch (CPU, float32)."""
-    from .torch_backend import torch_autoencoder_from_mlx, torch_dit_from_mlx, torch_text_encoder_from_mlx
-
-    return SA3Model(model.config, torch_dit_from_mlx(model.dit), torch_autoencoder_from_mlx(model.autoencoder),
-                    torch_text_encoder_from_mlx(model.text_encoder), model.conditioners, model.source)
+    dit, autoencoder, text_encoder = move_networks(model.dit, model.autoencoder, model.text_encoder, "torch")
+    return SA3Model(model.config, dit, autoencoder, text_encoder, model.conditioners, model.source)

@@ -296,7 +296,7 @@ def test_polynomial_exp_accuracy():
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""
-    import mlx_sa3.dit as dit
+    import mlx_sa3.models.kernels as dit
 
     monkeypatch.setattr(dit, "_SCORES_PER_CHUNK", 2 * 3 * 7 * 257)
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
@@ -312,7 +312,7 @@ def test_chunked_attention_matches_float64(monkeypatch):
 
 def test_fused_kernel_path_matches_fixture(monkeypatch):
     """The path used on GPUs (MLX's fused SDPA and SiLU) also reproduces the official outputs."""
-    import mlx_sa3.dit as dit
+    import mlx_sa3.models.kernels as dit
 
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: True)
     for name in FIXTURES:

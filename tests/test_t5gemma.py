@@ -19,6 +19,7 @@ from mlx_sa3.t5gemma import (
     load_weights,
     sanitize,
 )
+from mlx_sa3.t5gemma import dropped as dropped_keys
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 PROMPTS = [
@@ -208,7 +209,7 @@ def test_half_precision(small, fp32_encoder, dtype, tol):
 def test_sanitize_and_strict_loading(small):
     source, max_length = small
     raw = load_safetensors(source.text_encoder_dir() / "model.safetensors")
-    weights, dropped = sanitize(raw)
+    weights, dropped = sanitize(raw), dropped_keys(raw)
     assert dropped and all(k.startswith("decoder.") for k in dropped)
     assert len(weights) + len(dropped) == len(raw)
     assert "embed_tokens.weight" in weights and "layers.0.self_attn.q_proj.weight" in weights

@@ -508,15 +508,11 @@ class SoftNormBottleneck(nn.Module):
 # The autoencoder
 
 
-class SAMEAutoencoder(nn.Module):
-    def __init__(self, config: SAMEConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = Resampler(config.encoder, config.frame_dim, decoder=False)
-        self.to_latent = nn.Linear(config.encoder.width, config.latent_dim)
-        self.bottleneck = SoftNormBottleneck(config.latent_dim, config.auto_scale)
-        self.from_latent = nn.Linear(config.latent_dim, config.decoder.width)
-        self.decoder = Resampler(config.decoder, config.frame_dim, decoder=True)
+class AutoencoderInterface:
+    """What every backend's SAME autoencoder derives from its ``config`` alone: sizes, stream windows, ``decode``.
+
+    A backend provides ``_prepare_latents`` (validated, bottleneck-decoded (B, L, C) latents) and ``_decode_window``.
+    """
 
     @property
     def sample_rate(self) -> int:
@@ -533,6 +529,35 @@ class SAMEAutoencoder(nn.Module):
     @property
     def default_chunk_latents(self) -> int:
         return default_chunk_latents(self.config)
+
+    def stream_windows(self, length: int, chunk_latents: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(window_start, window_stop, start, stop) latent ranges: piece [start, stop) decodes from the window."""
+        return stream_windows(self.config, length, chunk_latents)
+
+    def _padded_length(self, length: int) -> int:
+        return padded_length(self.config, length)
+
+    def decode(self, latents, *, noise_regularize: bool | None = None, seed: int | None = None) -> mx.array:
+        """(B, latent_dim, L) latents -> (B, io_channels, L * downsampling_ratio) audio.
+
+        ``noise_regularize`` (default: the config's value) adds the official N(0, 1) * running_std * 1e-3 latent
+        noise; ``seed`` makes it reproducible. An odd latent count for SAME-S is zero-padded as the official code
+        does, and the padding's audio is dropped.
+        """
+        z = self._prepare_latents(latents, noise_regularize, seed)
+        length = z.shape[1]
+        return self._decode_window(z, 0, self._padded_length(length), 0, length)
+
+
+class SAMEAutoencoder(AutoencoderInterface, nn.Module):
+    def __init__(self, config: SAMEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Resampler(config.encoder, config.frame_dim, decoder=False)
+        self.to_latent = nn.Linear(config.encoder.width, config.latent_dim)
+        self.bottleneck = SoftNormBottleneck(config.latent_dim, config.auto_scale)
+        self.from_latent = nn.Linear(config.latent_dim, config.decoder.width)
+        self.decoder = Resampler(config.decoder, config.frame_dim, decoder=True)
 
     # -- encode ----------------------------------------------------------------------------------------------
 
@@ -567,17 +592,6 @@ class SAMEAutoencoder(nn.Module):
 
     # -- decode ----------------------------------------------------------------------------------------------
 
-    def decode(self, latents, *, noise_regularize: bool | None = None, seed: int | None = None) -> mx.array:
-        """(B, latent_dim, L) latents -> (B, io_channels, L * downsampling_ratio) audio.
-
-        ``noise_regularize`` (default: the config's value) adds the official N(0, 1) * running_std * 1e-3 latent
-        noise; ``seed`` makes it reproducible. An odd latent count for SAME-S is zero-padded as the official code
-        does, and the padding's audio is dropped.
-        """
-        z = self._prepare_latents(latents, noise_regularize, seed)
-        length = z.shape[1]
-        return self._decode_window(z, 0, self._padded_length(length), 0, length)
-
     def decode_stream(
         self,
         latents,
@@ -597,13 +611,6 @@ class SAMEAutoencoder(nn.Module):
             piece = self._decode_window(z, *window)
             mx.eval(piece)
             yield piece
-
-    def stream_windows(self, length: int, chunk_latents: int | None = None) -> list[tuple[int, int, int, int]]:
-        """(window_start, window_stop, start, stop) latent ranges: piece [start, stop) decodes from the window."""
-        return stream_windows(self.config, length, chunk_latents)
-
-    def _padded_length(self, length: int) -> int:
-        return padded_length(self.config, length)
 
     def _prepare_latents(self, latents, noise_regularize: bool | None, seed: int | None) -> mx.array:
         z = to_mx(latents, mx.float32)

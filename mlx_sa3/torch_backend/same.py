@@ -117,7 +117,7 @@ def _same_state(weights: dict) -> dict:
     return state
 
 
-class TorchAutoencoder:
+class TorchAutoencoder(mlx_same.AutoencoderInterface):
     """torch counterpart of :class:`mlx_sa3.same.SAMEAutoencoder`: same methods, arguments and MLX outputs.
 
     Lengths, stream windows and the attention layout are the shared functions of :mod:`mlx_sa3.models.same`, so
@@ -129,25 +129,6 @@ class TorchAutoencoder:
         self.net = _same_net(config)
         _load_state(self.net, _same_state(weights))
         self.net.eval().requires_grad_(False)
-
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sample_rate
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    @property
-    def downsampling_ratio(self) -> int:
-        return self.config.downsampling_ratio
-
-    @property
-    def default_chunk_latents(self) -> int:
-        return mlx_same.default_chunk_latents(self.config)
-
-    def stream_windows(self, length: int, chunk_latents: int | None = None) -> list[tuple[int, int, int, int]]:
-        return mlx_same.stream_windows(self.config, length, chunk_latents)
 
     def encode(self, audio) -> mx.array:
         """(B, io_channels, T) audio -> (B, latent_dim, ceil(T / downsampling_ratio)) latents."""
@@ -166,12 +147,6 @@ class TorchAutoencoder:
             if cfg.auto_scale:
                 latents = latents / bottleneck.running_std
             return _to_mx(latents[:, : mlx_same.latent_count(cfg, audio.shape[2])].transpose(1, 2))
-
-    def decode(self, latents, *, noise_regularize: bool | None = None, seed: int | None = None) -> mx.array:
-        """(B, latent_dim, L) latents -> (B, io_channels, L * downsampling_ratio) audio (see the MLX ``decode``)."""
-        z = self._prepare_latents(latents, noise_regularize, seed)
-        length = z.shape[1]
-        return self._decode_window(z, 0, mlx_same.padded_length(self.config, length), 0, length)
 
     def decode_stream(self, latents, chunk_latents: int | None = None, *, noise_regularize: bool | None = None,
                       seed: int | None = None) -> Iterator[mx.array]:

@@ -438,7 +438,9 @@ def load_strict(module, state: dict) -> None:
 
 def save_diffusers_pipeline(name: str, same_fixture: str, dst: Path, stochastic: bool = True) -> Path:
     """The SA3 fixture ``name`` as a diffusers StableAudio3Pipeline folder, its SAME taken from ``same_fixture``."""
-    import torch
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
     from diffusers import (AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel,
                            StableAudio3DurationEmbedder, StableAudio3Pipeline)
     from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel

@@ -7,7 +7,6 @@ v_cfg3_apg1 (cfg_scale 3, apg_scale 1, zero local conditioning), all float32 on 
 
 import numpy as np
 import pytest
-import torch
 from .conftest import REF, dit_call as _call, rel_err
 
 import mlx.core as mx
@@ -31,6 +30,8 @@ def any_backend(request):
     """The fixture's DiT on each backend (the torch one is mlx_sa3.torch_backend.TorchDiT)."""
     name, backend = request.param
     if backend == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("diffusers")
         from mlx_sa3.torch_backend import load_torch_dit
 
         model = load_torch_dit(REF / name)
@@ -131,6 +132,7 @@ def _diffusers_model(source, config: DiTConfig):
     (diffusers 1e-6, official 1e-5) and the RoPE width (diffusers rotates head_dim // 2 channels, official
     max(head_dim // 2, 32); they only differ for the tiny fixtures' 32-wide heads).
     """
+    torch = pytest.importorskip("torch")
     from diffusers.models.transformers.transformer_stable_audio3 import (
         StableAudio3DiTModel, StableAudio3RotaryEmbedding)
 
@@ -166,6 +168,7 @@ def with_diffusers(fixture):
 
 
 def _run_diffusers(model, x, t, io, local):
+    torch = pytest.importorskip("torch")
     with torch.no_grad():
         out = model(torch.from_numpy(x), torch.from_numpy(np.asarray(t, np.float32)),
                     torch.from_numpy(io["cross_attn_cond"]), torch.from_numpy(io["global_cond"]),

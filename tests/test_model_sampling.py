@@ -16,6 +16,9 @@ CASES = ["t2a", "t2a_cfg3", "a2a_0.7", "inpaint_2regions"]
                 ids=lambda p: "-".join(p))
 def loaded(request):
     fixture, backend = request.param
+    if backend == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("diffusers")
     model = mlx_sa3.load_model(REF / fixture, dtype="float32", backend=backend)
     return model, np.load(REF / fixture / "pipeline.npz")
 

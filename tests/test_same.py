@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -105,6 +104,7 @@ def _diffusers_same(model_section):
 
 
 def _diffusers_state(hub):
+    torch = pytest.importorskip("torch")
     out = {}
     for key, value in hub.items():
         if key.endswith("rope.inv_freq") or key == "bottleneck.noise_scaling_factor":
@@ -134,6 +134,7 @@ def _load_diffusers(name):
 
 def _weight_norm_conv(mapping, prefix):
     """A torch Conv1d of any odd kernel with the folded weight-norm weights (diffusers' mapping is always k=1)."""
+    torch = pytest.importorskip("torch")
     g, v = mapping[prefix + ".mapping.weight_g"], mapping[prefix + ".mapping.weight_v"]
     weight = g * v / v.norm(dim=(1, 2), keepdim=True)
     conv = torch.nn.Conv1d(v.shape[1], v.shape[0], v.shape[2], padding=v.shape[2] // 2)
@@ -143,6 +144,7 @@ def _weight_norm_conv(mapping, prefix):
 
 def _chunked_blocks(blocks, x, chunk_tokens, shift):
     """Official chunked attention layout, restated with diffusers' blocks (each chunk attends fully inside)."""
+    torch = pytest.importorskip("torch")
     B, _, D = x.shape
     split = len(blocks) // 2 if shift else len(blocks)
 
@@ -159,6 +161,17 @@ def _chunked_blocks(blocks, x, chunk_tokens, shift):
     return x
 
 
+def _no_grad(fn):
+    """``torch.no_grad()`` as a decorator, importing torch only when the test runs (skipped without it)."""
+
+    def wrapper(*args, **kwargs):
+        torch = pytest.importorskip("torch")
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class ChunkedTorchReference:
     """SAME-S in torch: diffusers' patching, blocks, projections and bottleneck + the official chunked layout,
     kernel-3 mappings and padding rules, which diffusers lacks. Checked against the official fixture below."""
@@ -172,8 +185,9 @@ class ChunkedTorchReference:
         self.encoder_map = _weight_norm_conv(mapping, "encoder.blocks.0")
         self.decoder_map = _weight_norm_conv(mapping, "decoder.blocks.0")
 
-    @torch.no_grad()
+    @_no_grad
     def encode(self, audio):
+        torch = pytest.importorskip("torch")
         x = self.dm.patch_embed.encode(torch.from_numpy(audio))
         frames = x.shape[-1]
         x = torch.nn.functional.pad(x, (0, -frames % (self.chunk_latents * self.stride)))
@@ -186,8 +200,9 @@ class ChunkedTorchReference:
         x = self.dm.encoder.proj(x.reshape(B, n, self.stride + 1, D)[:, :, -1])
         return self.dm.bottleneck.encode(x.transpose(1, 2)).numpy()
 
-    @torch.no_grad()
+    @_no_grad
     def decode(self, latents):
+        torch = pytest.importorskip("torch")
         x = self.dm.decoder.proj(self.dm.bottleneck.decode(torch.from_numpy(latents)).transpose(1, 2))
         length = x.shape[1]
         x = torch.nn.functional.pad(x, (0, 0, 0, -length % self.chunk_latents))
@@ -225,6 +240,7 @@ def test_chunked_variant_matches_torch(models, name):
 @pytest.mark.parametrize("name", ["same_l_tiny_s0", "sa3_medium_tiny_s0"])
 def test_band_variant_matches_diffusers(models, name):
     """For the sliding-window variant diffusers follows the official code (after the to_qkv row reorder)."""
+    torch = pytest.importorskip("torch")
     ae = models[name]
     dm, _, mapping = _load_diffusers(name)
     dm.encoder.blocks[0].mapping.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in mapping.items()
@@ -243,6 +259,7 @@ def test_band_variant_matches_diffusers(models, name):
 @pytest.mark.parametrize("name", ["same_s_tiny_s0", "sa3_small_tiny_s0"])
 def test_chunked_blocks_match_diffusers(models, name):
     """diffusers has no chunked layout, but inside one 34-token chunk its blocks are the official blocks."""
+    torch = pytest.importorskip("torch")
     ae = models[name]
     dm, _, _ = _load_diffusers(name)
     width = ae.config.decoder.width

@@ -7,7 +7,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
 from tests.conftest import rel_err
 
 from mlx_sa3.loading import CheckpointError, load_safetensors, open_source
@@ -58,6 +57,7 @@ def hf_tokenize(directory, prompts, max_length):
 
 
 def hf_encode(directory, ids, mask):
+    torch = pytest.importorskip("torch")
     from transformers import AutoConfig, T5GemmaEncoderModel
 
     config = AutoConfig.from_pretrained(str(directory))

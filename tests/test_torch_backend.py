@@ -7,7 +7,10 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
 import mlx_sa3
 from mlx_sa3 import convert, demo, same, torch_backend

@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 
-
 EXAMPLES = """examples:
   # try the whole path offline with a tiny random model (its output is noise)
   python -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 -o pad.wav

@@ -8,7 +8,6 @@ The generation modes and file output live in :mod:`mlx_sa3.pipeline`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import mlx.core as mx

@@ -362,7 +362,9 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_interruption_leaves_nothing(tmp_path, monkeypatch):
-    real = cv._write_tensor
+    from mlx_sa3.converter import safetensors_io
+
+    real = safetensors_io._write_tensor
     calls = []
 
     def interrupt_on_fifth(*args):
@@ -371,7 +373,7 @@ def test_interruption_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    monkeypatch.setattr(safetensors_io, "_write_tensor", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         cv.convert(REF / "sa3_small_tiny_s0", tmp_path / "out")
     assert len(calls) == 5
@@ -381,7 +383,7 @@ def test_interruption_leaves_nothing(tmp_path, monkeypatch):
     cv.convert(REF / "same_s_tiny_s0", tmp_path / "out")
     before = (tmp_path / "out" / "autoencoder.safetensors").read_bytes()
     calls.clear()
-    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    monkeypatch.setattr(safetensors_io, "_write_tensor", interrupt_on_fifth)
     assert cv.main([str(REF / "sa3_small_tiny_s0"), str(tmp_path / "out"), "--force"]) == 130
     assert (tmp_path / "out" / "autoencoder.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -33,10 +33,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
-
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
 

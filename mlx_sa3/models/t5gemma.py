@@ -9,7 +9,6 @@ a GeGLU (tanh) MLP, here with bidirectional attention over the valid (non-padded
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

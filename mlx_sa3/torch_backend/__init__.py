@@ -7,7 +7,7 @@ through :func:`require_torch`). How it differs from diffusers and the official c
 """
 
 from .common import INSTALL_HINT, require_torch
-from .dit import TorchDiT, TorchPrepared, load_torch_dit, torch_dit_from_mlx, _dit_state
+from .dit import TorchDiT, TorchPrepared, _dit_state, load_torch_dit, torch_dit_from_mlx
 from .same import TorchAutoencoder, load_torch_autoencoder, torch_autoencoder_from_mlx
 from .t5gemma import TorchTextEncoder, load_torch_text_encoder, torch_text_encoder_from_mlx
 

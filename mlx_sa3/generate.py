@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
-    from .pipeline import GenerationCancelled, StableAudio3
+    from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
     from .sampling import NonFiniteError
 
     try:
@@ -104,14 +104,13 @@ def _run(args) -> int:
         load_time = time.perf_counter() - start
         if args.model == "demo":
             print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
-        regions = list(zip(args.inpaint_start, args.inpaint_end)) or None
-        out = pipe.generate_to_file(
-            args.output, args.prompt, args.duration, fmt=args.format, callback=_progress(args.quiet),
-            negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-            apg_scale=args.apg_scale, seed=args.seed, init_audio=args.init_audio,
-            init_noise_level=args.init_noise_level, inpaint_audio=args.inpaint_audio, inpaint_regions=regions,
-            batch_size=args.batch,
+        request = GenerationRequest(
+            args.prompt, args.duration, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+            cfg_scale=args.cfg_scale, apg_scale=args.apg_scale, seed=args.seed, init_audio=args.init_audio,
+            init_noise_level=args.init_noise_level, inpaint_audio=args.inpaint_audio,
+            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None, batch_size=args.batch,
         )
+        out = pipe.generate_to_file(args.output, fmt=args.format, callback=_progress(args.quiet), request=request)
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
     except GenerationCancelled as err:

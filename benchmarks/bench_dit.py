@@ -19,30 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, step_flops
+
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe, gemm_gflops
 from mlx_sa3.loading import parse_dtype
 
-import mlx.core as mx  # noqa: E402
-
-SAMPLE_RATE, LATENT_HOP, CONTEXT_TOKENS = 44100, 4096, 257
 CONFIGS = {"small": DiTConfig.small, "medium": DiTConfig.medium}
-
-
-def latent_length(seconds: float) -> int:
-    return round(seconds * SAMPLE_RATE / LATENT_HOP)
-
-
-def step_flops(config: DiTConfig, length: int, rows: int, cross_rows: int, context: int = CONTEXT_TOKENS) -> float:
-    """Multiply-add FLOPs (x2) of one forward over ``rows`` sequences, ``cross_rows`` of them cross-attending."""
-    e, n, c = config.embed_dim, config.num_memory_tokens + length, config.io_channels
-    pairs = 2 if config.differential else 1
-    self_attn = 2 * n * e * (5 if config.differential else 3) * e + pairs * 4 * n * n * e + 2 * n * e * e
-    cross = 2 * n * e * pairs * e + pairs * 4 * n * context * e + 2 * n * e * e
-    ff = 2 * n * e * 2 * config.ff_inner + 2 * n * config.ff_inner * e
-    edges = 2 * (2 * length * c * c) + 2 * (2 * length * c * e)
-    return config.depth * (rows * (self_attn + ff) + cross_rows * cross) + rows * edges
 
 
 def timed(fn, repeats: int) -> float:
@@ -89,10 +74,11 @@ def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:
 
 def bench_text(dtype, repeats: int) -> list[dict]:
     """The full-size T5Gemma encoder (random weights) on batches of 1 and 2 prompts at max_length 256."""
-    from mlx_sa3.demo import FULL_TEXT_CONFIG, train_tokenizer
+    from mlx_sa3.checkpoint import FULL_SIZE_TEXT_CONFIG
+    from mlx_sa3.demo import train_tokenizer
     from mlx_sa3.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
 
-    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(FULL_TEXT_CONFIG))
+    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(FULL_SIZE_TEXT_CONFIG))
     encoder.set_dtype(dtype)
     mx.eval(encoder.parameters())
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import decoder_flops, peak_rss_mb, step_flops  # noqa: E402
 
 import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx)
-from bench_dit import step_flops  # noqa: E402
-from bench_same import decoder_flops  # noqa: E402
-from mlx_sa3.demo import full_size_parts, random_model  # noqa: E402
+from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
+from mlx_sa3.demo import random_model  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 HEADROOM_LATENTS = 64
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def text_flops(cfg, tokens: int) -> float:

@@ -43,18 +43,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx unless MLX_SA3_NO_OPENBLAS is set)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, latents_for, peak_rss_mb  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from bench_dit import CONTEXT_TOKENS, latent_length  # noqa: E402
-from bench_pipeline import peak_rss_mb  # noqa: E402
-from bench_same import latents_for  # noqa: E402
-from mlx_sa3.demo import full_size_parts, random_model, to_torch_backend, train_tokenizer  # noqa: E402
+import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx unless MLX_SA3_NO_OPENBLAS is set)
+from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
+from mlx_sa3.demo import random_model, to_torch_backend, train_tokenizer  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {

@@ -128,6 +128,26 @@ def checkpoint_config(source: Source) -> CheckpointConfig:
     return source.cache["config"]
 
 
+#: The T5Gemma-b encoder section of google/t5gemma-b-b-ul2's config.json (SA3's text encoder).
+FULL_SIZE_TEXT_CONFIG = {"encoder": {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
+    "intermediate_size": 2048, "vocab_size": 256000, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,
+    "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh",
+}}
+
+
+def full_size_configs(variant: str) -> tuple[SA3Config, DiTConfig, SAMEConfig, T5GemmaConfig]:
+    """Configs of a real-size checkpoint ("small" or "medium"), e.g. for random-weight benchmarks."""
+    if variant == "small":
+        dit, same, max_seconds = DiTConfig.small(), SAMEConfig.preset("same-s"), 120
+    elif variant == "medium":
+        dit, same, max_seconds = DiTConfig.medium(), SAMEConfig.preset("same-l"), 380
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose small or medium")
+    latents = -(-int((max_seconds + 6.0) * 44100) // 4096)
+    return SA3Config(sample_size=latents * 4096), dit, same, T5GemmaConfig.from_dict(FULL_SIZE_TEXT_CONFIG)
+
+
 def _open(src) -> Source:
     return src if isinstance(src, Source) else open_source(src)
 

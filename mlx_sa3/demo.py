@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .backend import default_dtype, move_networks
-from .checkpoint import CheckpointConfig, SA3Config
+from .checkpoint import FULL_SIZE_TEXT_CONFIG, CheckpointConfig, SA3Config, full_size_configs
 from .loading import check_backend, parse_dtype
 from .model import SA3Model
 from .models.conditioners import Conditioners
@@ -93,27 +93,9 @@ def train_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(DEMO_TOKENIZER_CONFIG))
 
 
-FULL_TEXT_CONFIG = {"encoder": {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
-    "intermediate_size": 2048, "vocab_size": 256000, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,
-    "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh",
-}}
-
-
-def full_size_parts(variant: str):
-    """Configs of a real-size checkpoint ("small" or "medium") for benchmarks with random weights."""
-    if variant == "small":
-        dit, same, max_seconds = DiTConfig.small(), SAMEConfig.preset("same-s"), 120
-    elif variant == "medium":
-        dit, same, max_seconds = DiTConfig.medium(), SAMEConfig.preset("same-l"), 380
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose small or medium")
-    sa3 = SA3Config(sample_size=_ceil_latents(max_seconds + 6.0) * 4096)
-    return sa3, dit, same, T5GemmaConfig.from_dict(FULL_TEXT_CONFIG)
-
-
-def _ceil_latents(seconds: float) -> int:
-    return -(-int(seconds * 44100) // 4096)
+# Compatibility names: the full-size presets live in mlx_sa3.checkpoint (used by benchmarks/).
+FULL_TEXT_CONFIG = FULL_SIZE_TEXT_CONFIG
+full_size_parts = full_size_configs
 
 
 def random_model(sa3: SA3Config, dit_config: DiTConfig, same_config: SAMEConfig, text_config: T5GemmaConfig,

@@ -15,14 +15,16 @@ EXAMPLES = """examples:
   python -m mlx_sa3.generate --model ./sa3-small-music -p "lo-fi hip hop beat, 90 bpm" --duration 30 -o beat.wav
 
   # audio to audio: restyle a clip (0.1 = close variation, 0.9 = loose)
-  python -m mlx_sa3.generate --model ./sa3-small-music -p "jazz trio" --init-audio in.wav --init-noise-level 0.7 -o jazz.wav
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "jazz trio" --init-audio in.wav \\
+      --init-noise-level 0.7 -o jazz.wav
 
   # inpaint two regions of a clip, keep the rest
   python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
       --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
 
   # continue a clip past its end (no regions: everything after the clip is generated)
-  python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav --duration 60 -o longer.wav
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav \\
+      --duration 60 -o longer.wav
 """
 
 

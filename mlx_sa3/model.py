@@ -46,7 +46,7 @@ class SA3Model:
     # -- conditioning --------------------------------------------------------------------------------------------
 
     def encode_text(self, prompts: Sequence[str]):
-        """(B, max_length, 768) float32 with padded positions replaced by the learned padding embedding, and the mask."""
+        """(B, max_length, 768) float32, padded positions replaced by the learned padding embedding, and the mask."""
         if isinstance(prompts, str):
             prompts = [prompts]
         hidden, mask = self.text_encoder.encode(list(prompts))
@@ -110,7 +110,7 @@ class SA3Model:
     # -- sampling ------------------------------------------------------------------------------------------------
 
     def schedule(self, steps: int, sigma_max: float = 1.0, length: int = 1) -> np.ndarray:
-        """The official inference schedule (``steps + 1`` float32 values, LogSNR shift unless the config says otherwise)."""
+        """The official inference schedule (``steps + 1`` float32 values; LogSNR shift unless the config says so)."""
         return build_schedule(steps, sigma_max, length, self.config.sampling_shift)
 
     def sample_iter(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,

@@ -299,7 +299,8 @@ def test_refuses_damaged_safetensors(tmp_path, damage):
     "edit,message",
     [
         (lambda t: t.pop("model.model.transformer.layers.1.cross_attn.to_out.weight"),
-         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
+         r"DiT checkpoint does not match the model; missing 1: "
+         r"(transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
         (lambda t: t.update({"pretransform.model.encoder.layers.2.bias": mx.zeros((5,))}),
          r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)"),
         (lambda t: t.update({"model.model.transformer.extra.weight": mx.zeros((2,))}),
@@ -591,7 +592,8 @@ def test_diffusers_base_scheduler_gives_rectified_flow(diffusers_folders, tmp_pa
     "folder,edit,message",
     [
         ("transformer", lambda t: t.pop("transformer_blocks.1.cross_attn.to_out.weight"),
-         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
+         r"DiT checkpoint does not match the model; missing 1: "
+         r"(transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
         ("transformer", lambda t: t.update({"extra.weight": np.zeros(2, np.float32)}), r"unexpected 1: extra\.weight"),
         ("transformer", lambda t: t.pop("prompt_padding_embedding"), r"missing 1: prompt\.padding_embedding"),
         ("vae", lambda t: t.update({"encoder.proj.bias": np.zeros(5, np.float32)}),

@@ -61,13 +61,13 @@ def test_config_variants(models):
 
 
 def test_presets():
-    s, l = same.SAMEConfig.preset("same-s"), same.SAMEConfig.preset("same-l")
+    s, large = same.SAMEConfig.preset("same-s"), same.SAMEConfig.preset("same-l")
     assert (s.encoder.width, s.encoder.depth, s.decoder.mapping_kernel, s.encoder.mapping_kernel) == (768, 6, 3, 1)
-    assert (l.decoder.width, l.decoder.depth, l.decoder.sinusoidal_blocks, l.decoder.sliding_window) == (
+    assert (large.decoder.width, large.decoder.depth, large.decoder.sinusoidal_blocks, large.decoder.sliding_window) == (
         1536, 12, 8, (1, 1))
-    gates = [b.ff.sin_gate for b in same.SAMEAutoencoder(l).decoder.blocks]
+    gates = [b.ff.sin_gate for b in same.SAMEAutoencoder(large).decoder.blocks]
     assert gates == [False] * 5 + [True] * 7  # blocks 5-11: depth - i < sinusoidal_blocks
-    assert l.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
+    assert large.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
     assert s.decoder.cut_margin == (2, 2)  # half a shifted chunk + one group for the kernel-3 mapping
     # spec: SAME-S encoder ~53.7 M / decoder ~54.5 M, SAME-L ~426 M each (parameters are lazy: nothing allocated)
     for cfg, encoder, decoder in ((s, 53.7, 54.5), (l, 426, 426)):

@@ -70,7 +70,7 @@ def test_presets():
     assert large.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
     assert s.decoder.cut_margin == (2, 2)  # half a shifted chunk + one group for the kernel-3 mapping
     # spec: SAME-S encoder ~53.7 M / decoder ~54.5 M, SAME-L ~426 M each (parameters are lazy: nothing allocated)
-    for cfg, encoder, decoder in ((s, 53.7, 54.5), (l, 426, 426)):
+    for cfg, encoder, decoder in ((s, 53.7, 54.5), (large, 426, 426)):
         params = tree_flatten(same.SAMEAutoencoder(cfg).parameters())
         for parts, expected in ((("encoder.", "to_latent."), encoder), (("decoder.", "from_latent."), decoder)):
             millions = sum(v.size for k, v in params if k.startswith(parts)) / 1e6

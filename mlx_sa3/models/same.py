@@ -9,21 +9,8 @@ Pipeline (official ``AudioAutoencoder`` with a ``PatchedPretransform``)::
 
 Everything runs channels-last ``(B, T, C)`` inside; the public API takes and returns channels-first arrays.
 
-The two variants differ only in config values:
-
-* SAME-S attends within chunks of 2 latent groups (34 tokens). The first half of the blocks uses chunks aligned to
-  the sequence start, the second half chunks shifted by one group; at the sequence ends the shifted layout repeats
-  the first and last group as padding (its copies are dropped afterwards). The output mapping is a kernel-3 conv.
-* SAME-L attends in a band of +-17 tokens (one latent group) around every token, truncated at the sequence ends,
-  with RoPE positions counted over the whole sequence. Its last decoder blocks gate the feed-forward with sin(pi x).
-
-Length handling follows the official code: the encoder zero-pads the audio to whole patches and the frames to whole
-attention units (32 frames for SAME-S, 16 for SAME-L); the decoder zero-pads the projected latents to whole chunks
-(an even count for SAME-S). Outputs are then trimmed to the input's length: ``ceil(T / 4096)`` latents and
-``L * 4096`` samples (the kept part is exactly what the official code returns; only padding is dropped).
-
-``decode_stream`` cuts the latent sequence into windows whose margins cover everything an artificial cut can
-disturb (derived from the attention pattern and mapping kernel in the config), so its pieces equal ``decode``.
+The two variants (SAME-S: chunked attention, SAME-L: band attention) differ only in config values; how lengths
+are padded, trimmed and streamed: docs/ARCHITECTURE.md, "SAME length handling".
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..loading import check_strict, read_json
+from ..loading import read_json, sanitize_checked
 from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, T5GemmaTokenizer  # noqa: F401
 
 ENCODER_PREFIX = "encoder."
@@ -220,8 +220,7 @@ def dropped(weights: dict[str, mx.array]) -> list[str]:
 
 def load_weights(model: T5GemmaEncoder, weights: dict[str, mx.array], dtype=mx.float32) -> T5GemmaEncoder:
     """Strictly match sanitized ``weights`` against ``model`` and load them cast to ``dtype``."""
-    expected = {k: v.shape for k, v in nn.utils.tree_flatten(model.parameters())}
-    check_strict(expected, weights, "T5Gemma encoder checkpoint")
+    sanitize_checked(weights, None, model, "T5Gemma encoder checkpoint")
     model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model

@@ -63,11 +63,18 @@ def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:
     flops = step_flops(config, length, rows=1, cross_rows=1)
     flops_cfg = step_flops(config, length, rows=2, cross_rows=1)
     result = {
-        "model": name, "seconds": seconds, "latents": length, "dtype": str(dtype),
-        "prepare_s": prepare_s, "prepare_inpaint_s": prepare_inpaint_s,
-        "step_s": step_s, "step_cfg_s": step_cfg_s,
-        "gflop_step": flops / 1e9, "gflop_step_cfg": flops_cfg / 1e9,
-        "gflops_step": flops / step_s / 1e9, "gflops_step_cfg": flops_cfg / step_cfg_s / 1e9,
+        "model": name,
+        "seconds": seconds,
+        "latents": length,
+        "dtype": str(dtype),
+        "prepare_s": prepare_s,
+        "prepare_inpaint_s": prepare_inpaint_s,
+        "step_s": step_s,
+        "step_cfg_s": step_cfg_s,
+        "gflop_step": flops / 1e9,
+        "gflop_step_cfg": flops_cfg / 1e9,
+        "gflops_step": flops / step_s / 1e9,
+        "gflops_step_cfg": flops_cfg / step_cfg_s / 1e9,
     }
     return result
 
@@ -90,14 +97,18 @@ def bench_text(dtype, repeats: int) -> list[dict]:
 
 def print_table(rows: list[dict], gemm: float) -> None:
     print(f"GEMM rate (2048^3, best seen): {gemm:.1f} GFLOP/s")
-    header = (f"{'model':>6} {'sec':>5} {'L':>5} {'prep s':>7} {'prep+inp':>8} {'step s':>7} {'GFLOP':>7} "
-              f"{'GF/s':>6} {'%gemm':>6} {'cfg s':>7} {'GF/s':>6} {'%gemm':>6}")
+    header = (
+        f"{'model':>6} {'sec':>5} {'L':>5} {'prep s':>7} {'prep+inp':>8} {'step s':>7} {'GFLOP':>7} "
+        f"{'GF/s':>6} {'%gemm':>6} {'cfg s':>7} {'GF/s':>6} {'%gemm':>6}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['model']:>6} {r['seconds']:>5g} {r['latents']:>5} {r['prepare_s']:>7.3f} "
-              f"{r['prepare_inpaint_s']:>8.3f} {r['step_s']:>7.3f} {r['gflop_step']:>7.0f} {r['gflops_step']:>6.1f} "
-              f"{100 * r['gemm_fraction']:>5.1f}% {r['step_cfg_s']:>7.3f} {r['gflops_step_cfg']:>6.1f} "
-              f"{100 * r['gemm_fraction_cfg']:>5.1f}%")
+        print(
+            f"{r['model']:>6} {r['seconds']:>5g} {r['latents']:>5} {r['prepare_s']:>7.3f} "
+            f"{r['prepare_inpaint_s']:>8.3f} {r['step_s']:>7.3f} {r['gflop_step']:>7.0f} {r['gflops_step']:>6.1f} "
+            f"{100 * r['gemm_fraction']:>5.1f}% {r['step_cfg_s']:>7.3f} {r['gflops_step_cfg']:>6.1f} "
+            f"{100 * r['gemm_fraction_cfg']:>5.1f}%"
+        )
 
 
 def main(argv=None) -> None:
@@ -125,15 +136,25 @@ def main(argv=None) -> None:
         row["gemm_fraction_cfg"] = row["gflops_step_cfg"] / gemm
     print_table(rows, gemm)
     text = bench_text(dtype, args.repeats)
-    print("T5Gemma encoder (12 x 768), max_length 256: " +
-          ", ".join(f"batch {r['batch']} {r['text_s']:.2f} s" for r in text))
+    print(
+        "T5Gemma encoder (12 x 768), max_length 256: "
+        + ", ".join(f"batch {r['batch']} {r['text_s']:.2f} s" for r in text)
+    )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_rss_mb:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": describe(), "gemm_gflops": gemm, "peak_rss_mb": peak_rss_mb, "results": rows,
-                       "text_encoder": text}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "machine": describe(),
+                    "gemm_gflops": gemm,
+                    "peak_rss_mb": peak_rss_mb,
+                    "results": rows,
+                    "text_encoder": text,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

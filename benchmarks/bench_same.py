@@ -62,10 +62,18 @@ def run_one(variant: str, seconds: float, mode: str, chunk: int | None, repeats:
         windows = model.stream_windows(length, chunk)
         executed = sum(flops(b - a, (a > 0, b < padded)) for a, b, _, _ in windows)
     return {
-        "variant": variant, "seconds": seconds, "latents": length, "mode": mode,
-        "chunk": chunk if mode == "stream" else None, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
-        "rss_after_weights_mb": rss_weights, "gflop": useful / 1e9, "work": executed / useful,
-        "gflops": useful / wall / 1e9, "realtime": seconds / wall,
+        "variant": variant,
+        "seconds": seconds,
+        "latents": length,
+        "mode": mode,
+        "chunk": chunk if mode == "stream" else None,
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_weights_mb": rss_weights,
+        "gflop": useful / 1e9,
+        "work": executed / useful,
+        "gflops": useful / wall / 1e9,
+        "realtime": seconds / wall,
     }
 
 
@@ -90,15 +98,19 @@ def gemm_rate() -> float:
 
 
 def print_table(rows: list[dict], gemm: float) -> None:
-    header = (f"{'variant':8} {'sec':>5} {'lat':>5} {'mode':7} {'chunk':>5} {'wall s':>8} {'x real':>7} "
-              f"{'RSS MB':>8} {'GFLOP':>8} {'work':>5} {'GFLOP/s':>8} {'%GEMM':>6}")
+    header = (
+        f"{'variant':8} {'sec':>5} {'lat':>5} {'mode':7} {'chunk':>5} {'wall s':>8} {'x real':>7} "
+        f"{'RSS MB':>8} {'GFLOP':>8} {'work':>5} {'GFLOP/s':>8} {'%GEMM':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         chunk = "" if r["chunk"] is None else str(r["chunk"])
-        print(f"{r['variant']:8} {r['seconds']:>5g} {r['latents']:>5} {r['mode']:7} {chunk:>5} {r['wall_s']:>8.2f} "
-              f"{r['realtime']:>7.2f} {r['peak_rss_mb']:>8.0f} {r['gflop']:>8.0f} {r['work']:>5.2f} "
-              f"{r['gflops']:>8.1f} {100 * r['gflops'] / gemm:>6.1f}")
+        print(
+            f"{r['variant']:8} {r['seconds']:>5g} {r['latents']:>5} {r['mode']:7} {chunk:>5} {r['wall_s']:>8.2f} "
+            f"{r['realtime']:>7.2f} {r['peak_rss_mb']:>8.0f} {r['gflop']:>8.0f} {r['work']:>5.2f} "
+            f"{r['gflops']:>8.1f} {100 * r['gflops'] / gemm:>6.1f}"
+        )
     print(f"fp32 GEMM rate (2048^3): {gemm:.1f} GFLOP/s")
 
 

@@ -19,9 +19,6 @@ def latent_length(seconds: float) -> int:
     return round(seconds * SAMPLE_RATE / LATENT_HOP)
 
 
-
-
-
 def step_flops(config: DiTConfig, length: int, rows: int, cross_rows: int, context: int = CONTEXT_TOKENS) -> float:
     """Multiply-add FLOPs (x2) of one forward over ``rows`` sequences, ``cross_rows`` of them cross-attending."""
     e, n, c = config.embed_dim, config.num_memory_tokens + length, config.io_channels
@@ -37,8 +34,9 @@ def latents_for(seconds: float, config: SAMEConfig) -> int:
     return round(seconds * config.sample_rate / config.downsampling_ratio)
 
 
-def decoder_flops(cfg: ResamplerConfig, latents: int, latent_dim: int, frame_dim: int,
-                  cuts: tuple[bool, bool] = (False, False)) -> float:
+def decoder_flops(
+    cfg: ResamplerConfig, latents: int, latent_dim: int, frame_dim: int, cuts: tuple[bool, bool] = (False, False)
+) -> float:
     """FLOPs (2 per multiply-add) of decoding one window of ``latents`` latents.
 
     With band attention, a window side that is an artificial cut loses one window of groups after every block.

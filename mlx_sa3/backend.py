@@ -66,5 +66,8 @@ def move_networks(dit, autoencoder, text_encoder, backend: str):
     if backend == "mlx":
         return dit, autoencoder, text_encoder
     tb = _torch_backend()
-    return (tb.torch_dit_from_mlx(dit), tb.torch_autoencoder_from_mlx(autoencoder),
-            tb.torch_text_encoder_from_mlx(text_encoder))
+    return (
+        tb.torch_dit_from_mlx(dit),
+        tb.torch_autoencoder_from_mlx(autoencoder),
+        tb.torch_text_encoder_from_mlx(text_encoder),
+    )

@@ -117,8 +117,10 @@ class CheckpointConfig:
         """Refuse an objective the samplers cannot run: they denoise with x0 = x - t v, rectified flow only."""
         objective = self.sa3.diffusion_objective
         if objective not in RF_OBJECTIVES:
-            raise CheckpointError(f"diffusion_objective {objective!r} is not supported: mlx_sa3's samplers are "
-                                  f"rectified-flow only ({', '.join(RF_OBJECTIVES)})")
+            raise CheckpointError(
+                f"diffusion_objective {objective!r} is not supported: mlx_sa3's samplers are "
+                f"rectified-flow only ({', '.join(RF_OBJECTIVES)})"
+            )
 
 
 def checkpoint_config(source: Source) -> CheckpointConfig:
@@ -129,11 +131,21 @@ def checkpoint_config(source: Source) -> CheckpointConfig:
 
 
 #: The T5Gemma-b encoder section of google/t5gemma-b-b-ul2's config.json (SA3's text encoder).
-FULL_SIZE_TEXT_CONFIG = {"encoder": {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
-    "intermediate_size": 2048, "vocab_size": 256000, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 64,
-    "attn_logit_softcapping": 50.0, "hidden_activation": "gelu_pytorch_tanh",
-}}
+FULL_SIZE_TEXT_CONFIG = {
+    "encoder": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "head_dim": 64,
+        "intermediate_size": 2048,
+        "vocab_size": 256000,
+        "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 64,
+        "attn_logit_softcapping": 50.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }
+}
 
 
 def full_size_configs(variant: str) -> tuple[SA3Config, DiTConfig, SAMEConfig, T5GemmaConfig]:
@@ -197,8 +209,12 @@ def load_text_encoder(directory, max_length: int, dtype=mx.float32, weights: dic
 
 
 def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32) -> TextEncoder:
-    return load_text_encoder(source.text_encoder_dir(), max_length, dtype=dtype,
-                             weights=source.component("text_encoder") if source.converted else None)
+    return load_text_encoder(
+        source.text_encoder_dir(),
+        max_length,
+        dtype=dtype,
+        weights=source.component("text_encoder") if source.converted else None,
+    )
 
 
 def text_encoder_weights(source: Source, module) -> dict:

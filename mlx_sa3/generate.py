@@ -29,12 +29,19 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_sa3.generate", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_sa3.generate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-p", "--prompt", help="what to generate")
     p.add_argument("--negative-prompt", help="what to steer away from (needs --cfg-scale other than 1)")
-    p.add_argument("--model", default="stabilityai/stable-audio-3-small-music",
-                   help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)")
+    p.add_argument(
+        "--model",
+        default="stabilityai/stable-audio-3-small-music",
+        help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)",
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
     p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
@@ -44,13 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
     p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
-    p.add_argument("--inpaint-start", type=float, action="append", default=[], help="start (s) of a region to regenerate; repeatable")
-    p.add_argument("--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable")
+    p.add_argument(
+        "--inpaint-start",
+        type=float,
+        action="append",
+        default=[],
+        help="start (s) of a region to regenerate; repeatable",
+    )
+    p.add_argument(
+        "--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable"
+    )
     p.add_argument("-o", "--output", default="output.wav", help="output file (default output.wav)")
     p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the file suffix)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="DiT/text precision (default: half on Metal, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="DiT/text precision (default: half on Metal, float32 on CPU)",
+    )
     p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
-    p.add_argument("--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)")
+    p.add_argument(
+        "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -107,10 +128,19 @@ def _run(args) -> int:
         if args.model == "demo":
             print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
         request = GenerationRequest(
-            args.prompt, args.duration, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-            cfg_scale=args.cfg_scale, apg_scale=args.apg_scale, seed=args.seed, init_audio=args.init_audio,
-            init_noise_level=args.init_noise_level, inpaint_audio=args.inpaint_audio,
-            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None, batch_size=args.batch,
+            args.prompt,
+            args.duration,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            sampler=args.sampler,
+            cfg_scale=args.cfg_scale,
+            apg_scale=args.apg_scale,
+            seed=args.seed,
+            init_audio=args.init_audio,
+            init_noise_level=args.init_noise_level,
+            inpaint_audio=args.inpaint_audio,
+            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
+            batch_size=args.batch,
         )
         out = pipe.generate_to_file(args.output, fmt=args.format, callback=_progress(args.quiet), request=request)
     except KeyboardInterrupt:

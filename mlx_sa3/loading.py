@@ -230,7 +230,7 @@ class Source:
             return load_safetensors(self.text_encoder_dir() / "model.safetensors")
         prefix = SA3_PREFIXES[name]
         tensors = self._sa3_tensors()
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def text_encoder_dir(self) -> Path:
         """Directory with the T5Gemma config, tokenizer and (for Hub layouts) weights."""

@@ -57,8 +57,9 @@ class SA3Model:
         """The ``seconds_total`` embedding (B, 1, 768) of the requested durations."""
         return self.conditioners.seconds(seconds)
 
-    def conditioning(self, prompts, seconds, inpaint_mask=None, inpaint_known_latents=None, length=None,
-                     negative_prompts=None) -> dict:
+    def conditioning(
+        self, prompts, seconds, inpaint_mask=None, inpaint_known_latents=None, length=None, negative_prompts=None
+    ) -> dict:
         """The DiT inputs exactly as the official code builds them.
 
         ``inpaint_mask`` is (B, 1, L) or (B, L) with 1 = keep the known latent; ``inpaint_known_latents`` (B, C, L)
@@ -113,13 +114,26 @@ class SA3Model:
         """The official inference schedule (``steps + 1`` float32 values; LogSNR shift unless the config says so)."""
         return build_schedule(steps, sigma_max, length, self.config.sampling_shift)
 
-    def sample_iter(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,
-                    apg_scale: float = 1.0, init_latents=None, init_noise_level: float = 1.0, noise_fn=None,
-                    key: mx.array | None = None, schedule_length: int | None = None) -> Iterator[Step]:
+    def sample_iter(
+        self,
+        noise,
+        cond: dict,
+        steps: int = 8,
+        sampler: str | None = None,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        init_latents=None,
+        init_noise_level: float = 1.0,
+        noise_fn=None,
+        key: mx.array | None = None,
+        schedule_length: int | None = None,
+    ) -> Iterator[Step]:
         """Generator over sampling steps; see :meth:`sample`. Yields a :class:`~mlx_sa3.sampling.Step` per step."""
         if self.config.diffusion_objective not in RF_OBJECTIVES:
-            raise ValueError(f"diffusion_objective {self.config.diffusion_objective!r} is not supported: the samplers "
-                             f"are rectified-flow only ({', '.join(RF_OBJECTIVES)})")
+            raise ValueError(
+                f"diffusion_objective {self.config.diffusion_objective!r} is not supported: the samplers "
+                f"are rectified-flow only ({', '.join(RF_OBJECTIVES)})"
+            )
         sampler = sampler or self.config.default_sampler
         x = to_mx(noise)
         batch, _, length = x.shape
@@ -129,7 +143,9 @@ class SA3Model:
             x = to_mx(init_latents) * (1 - sigma_max) + x * sigma_max
         guided = cfg_scale != 1.0
         prepared = self.dit.prepare(
-            cond["cross_attn_cond"], cond["global_cond"], cond.get("local_add_cond"),
+            cond["cross_attn_cond"],
+            cond["global_cond"],
+            cond.get("local_add_cond"),
             negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
             negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
             cfg=guided,
@@ -138,23 +154,35 @@ class SA3Model:
         x = x.astype(dtype)
 
         def velocity(x, t):
-            return self.dit.step(x, mx.full((batch,), t, dtype=mx.float32), prepared,
-                                 cfg_scale=cfg_scale, apg_scale=apg_scale)
+            return self.dit.step(
+                x, mx.full((batch,), t, dtype=mx.float32), prepared, cfg_scale=cfg_scale, apg_scale=apg_scale
+            )
 
         if noise_fn is None and sampler == "pingpong":
             noise_fn = gaussian_noise(key if key is not None else mx.random.key(0))
         yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
 
-    def sample(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,
-               apg_scale: float = 1.0, init_latents=None, init_noise_level: float = 1.0, **kwargs) -> mx.array:
+    def sample(
+        self,
+        noise,
+        cond: dict,
+        steps: int = 8,
+        sampler: str | None = None,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        init_latents=None,
+        init_noise_level: float = 1.0,
+        **kwargs,
+    ) -> mx.array:
         """Sample latents (B, C, L) from ``noise`` (B, C, L) with the conditioning dict of :meth:`conditioning`.
 
         ``init_latents`` (audio-to-audio) are mixed with the noise at ``init_noise_level`` and the schedule starts
         there; ``sampler`` defaults to the checkpoint's official default.
         """
         last = None
-        for last in self.sample_iter(noise, cond, steps, sampler, cfg_scale, apg_scale, init_latents,
-                                     init_noise_level, **kwargs):
+        for last in self.sample_iter(
+            noise, cond, steps, sampler, cfg_scale, apg_scale, init_latents, init_noise_level, **kwargs
+        ):
             pass
         return last.x.astype(mx.float32)
 

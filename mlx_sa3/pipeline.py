@@ -181,8 +181,7 @@ class StableAudio3:
 
     # -- planning ------------------------------------------------------------------------------------------------
 
-    def plan(self, prompt=None, duration: float = 30.0, *, request: GenerationRequest | None = None,
-             **options) -> Plan:
+    def plan(self, prompt=None, duration: float = 30.0, *, request: GenerationRequest | None = None, **options) -> Plan:
         """Validate a request and work out every length, mask and latent it needs (raises ValueError/AudioError).
 
         Takes a :class:`GenerationRequest` or its fields as keyword arguments.
@@ -205,9 +204,24 @@ class StableAudio3:
         if r.init_audio is not None:
             init_latents = self._encode_audio(r.init_audio, "init audio", length, r.batch_size)
         inpaint_mask, inpaint_known = self._inpainting(r, duration, length)
-        return Plan(prompts, negative_prompts, duration, num_samples, length, effective, steps,
-                    sampler, cfg_scale, float(r.apg_scale), seed, noise, init_latents, float(r.init_noise_level),
-                    inpaint_mask, inpaint_known)
+        return Plan(
+            prompts,
+            negative_prompts,
+            duration,
+            num_samples,
+            length,
+            effective,
+            steps,
+            sampler,
+            cfg_scale,
+            float(r.apg_scale),
+            seed,
+            noise,
+            init_latents,
+            float(r.init_noise_level),
+            inpaint_mask,
+            inpaint_known,
+        )
 
     def _check_duration(self, duration) -> float:
         duration = float(duration)
@@ -252,7 +266,9 @@ class StableAudio3:
         cfg, sr = self.model.config, self.model.config.sample_rate
         ratio = self.model.autoencoder.downsampling_ratio
         align = ratio * cfg.latent_align
-        canvas = min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
+        canvas = (
+            min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
+        )
         effective = math.ceil(int(duration * sr) / ratio)
         return round(duration * sr), min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio)), effective
 
@@ -331,8 +347,16 @@ class StableAudio3:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    def stream(self, prompt=None, duration: float = 30.0, *, chunk_latents: int | None = None,
-               callback: Callable | None = None, request: GenerationRequest | None = None, **kwargs) -> Iterator:
+    def stream(
+        self,
+        prompt=None,
+        duration: float = 30.0,
+        *,
+        chunk_latents: int | None = None,
+        callback: Callable | None = None,
+        request: GenerationRequest | None = None,
+        **kwargs,
+    ) -> Iterator:
         """Yield :class:`StepEvent` per step, :class:`AudioEvent` per decoded piece, then one :class:`DoneEvent`.
 
         Takes the arguments of :meth:`generate`. ``callback(event)`` sees every event first; returning ``False``
@@ -348,18 +372,32 @@ class StableAudio3:
             return event
 
         start = time.perf_counter()
-        cond = self.model.conditioning(plan.prompts, [plan.duration] * len(plan.prompts),
-                                       inpaint_mask=plan.inpaint_mask, inpaint_known_latents=plan.inpaint_known,
-                                       length=plan.length, negative_prompts=plan.negative_prompts)
+        cond = self.model.conditioning(
+            plan.prompts,
+            [plan.duration] * len(plan.prompts),
+            inpaint_mask=plan.inpaint_mask,
+            inpaint_known_latents=plan.inpaint_known,
+            length=plan.length,
+            negative_prompts=plan.negative_prompts,
+        )
         mx.eval(cond)
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
         _, step_key = mx.random.split(mx.random.key(plan.seed))
         latents = None
-        for step in self.model.sample_iter(plan.noise, cond, plan.steps, plan.sampler, plan.cfg_scale,
-                                           plan.apg_scale, plan.init_latents, plan.init_noise_level,
-                                           key=step_key, schedule_length=plan.schedule_length):
+        for step in self.model.sample_iter(
+            plan.noise,
+            cond,
+            plan.steps,
+            plan.sampler,
+            plan.cfg_scale,
+            plan.apg_scale,
+            plan.init_latents,
+            plan.init_noise_level,
+            key=step_key,
+            schedule_length=plan.schedule_length,
+        ):
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
@@ -379,8 +417,9 @@ class StableAudio3:
         timings["decoding"] = time.perf_counter() - start
         yield emit(DoneEvent(latents, plan.seed, timings))
 
-    def generate(self, prompt=None, duration: float = 30.0, *, callback=None,
-                 request: GenerationRequest | None = None, **options) -> GenerationOutput:
+    def generate(
+        self, prompt=None, duration: float = 30.0, *, callback=None, request: GenerationRequest | None = None, **options
+    ) -> GenerationOutput:
         """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`).
 
         Takes a :class:`GenerationRequest` or its fields as keyword arguments.
@@ -392,11 +431,20 @@ class StableAudio3:
                 pieces.append(event.audio)
             elif isinstance(event, DoneEvent):
                 done = event
-        return GenerationOutput(np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed,
-                                done.timings)
+        return GenerationOutput(
+            np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed, done.timings
+        )
 
-    def generate_to_file(self, path, prompt=None, duration: float = 30.0, fmt: str | None = None,
-                         callback=None, request: GenerationRequest | None = None, **kwargs) -> FileOutput:
+    def generate_to_file(
+        self,
+        path,
+        prompt=None,
+        duration: float = 30.0,
+        fmt: str | None = None,
+        callback=None,
+        request: GenerationRequest | None = None,
+        **kwargs,
+    ) -> FileOutput:
         """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
 
         Audio goes to a hidden temporary file beside each target and is renamed into place only when complete, so
@@ -407,7 +455,9 @@ class StableAudio3:
         fmt = format_for(path, fmt)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"output directory {path.parent} does not exist")
-        stream_options = {k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs}  # the decoder's, not the request's
+        stream_options = {
+            k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs
+        }  # the decoder's, not the request's
         request = GenerationRequest.of(request, prompt, duration, **kwargs)
         batch = int(request.batch_size)
         targets = [path] if batch == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(batch)]
@@ -438,5 +488,14 @@ class StableAudio3:
                 tmp.unlink(missing_ok=True)
 
 
-__all__ = ["StableAudio3", "GenerationOutput", "GenerationRequest", "FileOutput", "GenerationCancelled", "StepEvent",
-           "AudioEvent", "DoneEvent", "AudioError"]
+__all__ = [
+    "StableAudio3",
+    "GenerationOutput",
+    "GenerationRequest",
+    "FileOutput",
+    "GenerationCancelled",
+    "StepEvent",
+    "AudioEvent",
+    "DoneEvent",
+    "AudioError",
+]

@@ -47,7 +47,7 @@ def preload() -> str | None:
         skipped_reason = "mlx was imported before mlx_sa3; import mlx_sa3 first to use OpenBLAS"
         return None
     wanted = os.environ.get("MLX_SA3_BLAS")
-    for path in ([wanted] if wanted else _CANDIDATES):
+    for path in [wanted] if wanted else _CANDIDATES:
         if os.path.exists(path):
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -104,8 +104,9 @@ def describe() -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlx_sa3.info",
-                                     description="What MLX runs on here, which BLAS it uses and how fast a GEMM is.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
+    )
     parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
     args = parser.parse_args(argv)
     for key, value in describe().items():

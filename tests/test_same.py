@@ -4,10 +4,9 @@ import json
 import re
 import shutil
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sa3 import same
@@ -63,8 +62,12 @@ def test_config_variants(models):
 def test_presets():
     s, large = same.SAMEConfig.preset("same-s"), same.SAMEConfig.preset("same-l")
     assert (s.encoder.width, s.encoder.depth, s.decoder.mapping_kernel, s.encoder.mapping_kernel) == (768, 6, 3, 1)
-    assert (large.decoder.width, large.decoder.depth, large.decoder.sinusoidal_blocks, large.decoder.sliding_window) == (
-        1536, 12, 8, (1, 1))
+    assert (
+        large.decoder.width,
+        large.decoder.depth,
+        large.decoder.sinusoidal_blocks,
+        large.decoder.sliding_window,
+    ) == (1536, 12, 8, (1, 1))
     gates = [b.ff.sin_gate for b in same.SAMEAutoencoder(large).decoder.blocks]
     assert gates == [False] * 5 + [True] * 7  # blocks 5-11: depth - i < sinusoidal_blocks
     assert large.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
@@ -89,6 +92,7 @@ def test_presets():
 #   soft_clip (autoencoders.py:489), and builds a dense T x T band mask (quadratic memory; same values).
 # For the sliding-window variant (SAME-L) it matches the official code end to end once to_qkv is reordered.
 
+
 def _diffusers_same(model_section):
     """A diffusers AutoencoderSAME holding the same SAME weights (official names mapped to diffusers names)."""
     from diffusers import AutoencoderSAME
@@ -96,10 +100,17 @@ def _diffusers_same(model_section):
     enc, dec = model_section["encoder"]["config"], model_section["decoder"]["config"]
     window = enc.get("sliding_window") or [1, 1]
     return AutoencoderSAME(
-        audio_channels=2, patch_size=256, encoder_channels=enc["channels"], encoder_c_mults=tuple(enc["c_mults"]),
-        encoder_strides=tuple(enc["strides"]), encoder_transformer_depths=tuple(enc["transformer_depths"]),
-        latent_dim=model_section["latent_dim"], dim_heads=enc["dim_heads"], ff_mult=enc["ff_mult"],
-        sliding_window=window[0], decoder_sinusoidal_blocks=tuple(dec.get("sinusoidal_blocks", [0])),
+        audio_channels=2,
+        patch_size=256,
+        encoder_channels=enc["channels"],
+        encoder_c_mults=tuple(enc["c_mults"]),
+        encoder_strides=tuple(enc["strides"]),
+        encoder_transformer_depths=tuple(enc["transformer_depths"]),
+        latent_dim=model_section["latent_dim"],
+        dim_heads=enc["dim_heads"],
+        ff_mult=enc["ff_mult"],
+        sliding_window=window[0],
+        decoder_sinusoidal_blocks=tuple(dec.get("sinusoidal_blocks", [0])),
     ).eval()
 
 
@@ -243,10 +254,12 @@ def test_band_variant_matches_diffusers(models, name):
     torch = pytest.importorskip("torch")
     ae = models[name]
     dm, _, mapping = _load_diffusers(name)
-    dm.encoder.blocks[0].mapping.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in mapping.items()
-                                                  if k.startswith("encoder")})
-    dm.decoder.blocks[0].mapping.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in mapping.items()
-                                                  if k.startswith("decoder")})
+    dm.encoder.blocks[0].mapping.load_state_dict(
+        {k.rsplit(".", 1)[1]: v for k, v in mapping.items() if k.startswith("encoder")}
+    )
+    dm.decoder.blocks[0].mapping.load_state_dict(
+        {k.rsplit(".", 1)[1]: v for k, v in mapping.items() if k.startswith("decoder")}
+    )
     z = random_latents(ae, 13, seed=3)
     audio = random_audio(9 * 4096 - 300, seed=4)
     with torch.no_grad():
@@ -264,8 +277,10 @@ def test_chunked_blocks_match_diffusers(models, name):
     dm, _, _ = _load_diffusers(name)
     width = ae.config.decoder.width
     x = np.random.default_rng(5).standard_normal((3, ae.config.decoder.chunk_tokens, width)).astype(np.float32)
-    for ours, theirs in ((ae.encoder.blocks, dm.encoder.blocks[0].transformers),
-                         (ae.decoder.blocks, dm.decoder.blocks[0].transformers)):
+    for ours, theirs in (
+        (ae.encoder.blocks, dm.encoder.blocks[0].transformers),
+        (ae.decoder.blocks, dm.decoder.blocks[0].transformers),
+    ):
         for block, reference in zip(ours, theirs):
             with torch.no_grad():
                 expected = reference(torch.from_numpy(x)).numpy()
@@ -362,9 +377,12 @@ def test_strict_loading_names_the_tensor(tmp_path):
         "missing": (lambda t: t.pop(key), mapped),
         "extra": (lambda t: t.__setitem__("decoder.layers.3.extra_gain", mx.ones((3,))), "decoder.extra_gain"),
         "shape": (lambda t: t.__setitem__(key, mx.zeros((7,))), mapped),
-        "rope": (lambda t: t.__setitem__("encoder.layers.0.transformers.0.rope.inv_freq",
-                                         t["encoder.layers.0.transformers.0.rope.inv_freq"] * 2),
-                 "encoder.layers.0.transformers.0.rope.inv_freq"),
+        "rope": (
+            lambda t: t.__setitem__(
+                "encoder.layers.0.transformers.0.rope.inv_freq", t["encoder.layers.0.transformers.0.rope.inv_freq"] * 2
+            ),
+            "encoder.layers.0.transformers.0.rope.inv_freq",
+        ),
     }
     for case, (edit, expected) in cases.items():
         folder = tmp_path / case
@@ -384,8 +402,11 @@ def test_converted_directory_loads_without_sanitize(tmp_path, models):
     source = open_source(REF / name)
     weights = same.sanitize(source.component("autoencoder"))
     mx.save_safetensors(str(tmp_path / "autoencoder.safetensors"), weights)
-    meta = {"format": "mlx_sa3", "model_config": source.model_config,
-            "components": {"autoencoder": "autoencoder.safetensors"}}
+    meta = {
+        "format": "mlx_sa3",
+        "model_config": source.model_config,
+        "components": {"autoencoder": "autoencoder.safetensors"},
+    }
     (tmp_path / "config.json").write_text(json.dumps(meta))
     converted = same.load_autoencoder(tmp_path)
     z = random_latents(converted, 5, seed=10)

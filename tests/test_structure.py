@@ -71,7 +71,9 @@ def test_one_config_holds_every_part():
     parsed = CheckpointConfig.from_dict(demo.DEMO_CONFIG)
     assert parsed.dit.io_channels == parsed.same.latent_dim == parsed.sa3.io_channels == demo.LATENT_DIM
     assert parsed.dit.diffusion_objective == parsed.sa3.diffusion_objective == "rf_denoiser"
-    same_only = CheckpointConfig.from_dict({"model_type": "autoencoder", "model": demo.DEMO_CONFIG["model"]["pretransform"]["config"]})
+    same_only = CheckpointConfig.from_dict(
+        {"model_type": "autoencoder", "model": demo.DEMO_CONFIG["model"]["pretransform"]["config"]}
+    )
     assert same_only.dit is None and same_only.same == parsed.same
 
 
@@ -126,8 +128,10 @@ def test_only_the_backend_seam_imports_the_torch_backend():
 
 
 def test_package_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import mlx_sa3, mlx_sa3.dit, mlx_sa3.same, mlx_sa3.t5gemma, mlx_sa3.model, mlx_sa3.convert, "
-            "mlx_sa3.pipeline, mlx_sa3.generate, mlx_sa3.demo, mlx_sa3.info, mlx_sa3.torch_backend\n"
-            "mlx_sa3.StableAudio3.from_pretrained('demo')")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import mlx_sa3, mlx_sa3.dit, mlx_sa3.same, mlx_sa3.t5gemma, mlx_sa3.model, mlx_sa3.convert, "
+        "mlx_sa3.pipeline, mlx_sa3.generate, mlx_sa3.demo, mlx_sa3.info, mlx_sa3.torch_backend\n"
+        "mlx_sa3.StableAudio3.from_pretrained('demo')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

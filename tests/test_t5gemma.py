@@ -7,7 +7,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from tests.conftest import rel_err
 
 from mlx_sa3.loading import CheckpointError, load_safetensors, open_source
 from mlx_sa3.t5gemma import (
@@ -19,6 +18,7 @@ from mlx_sa3.t5gemma import (
     sanitize,
 )
 from mlx_sa3.t5gemma import dropped as dropped_keys
+from tests.conftest import rel_err
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 PROMPTS = [
@@ -108,9 +108,15 @@ def test_tokenizer_honours_config_flags(small, tmp_path):
     source, _ = small
     shutil.copy(source.text_encoder_dir() / "tokenizer.model", tmp_path)
     flags = {
-        "tokenizer_class": "GemmaTokenizer", "padding_side": "left", "truncation_side": "left",
-        "add_bos_token": True, "add_eos_token": True,
-        "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "GemmaTokenizer",
+        "padding_side": "left",
+        "truncation_side": "left",
+        "add_bos_token": True,
+        "add_eos_token": True,
+        "pad_token": "<pad>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(flags))
     ids, mask = T5GemmaTokenizer.from_dir(tmp_path, 12)(PROMPTS)

@@ -115,8 +115,9 @@ def _dropped_by(sanitize: Callable[[dict], dict], weights: dict[str, mx.array], 
 _parse = _parsed
 
 
-def plan_dit(weights: dict[str, mx.array], model_config: dict, dtype: mx.Dtype,
-             prefix: str = SA3_PREFIXES["dit"]) -> Component:
+def plan_dit(
+    weights: dict[str, mx.array], model_config: dict, dtype: mx.Dtype, prefix: str = SA3_PREFIXES["dit"]
+) -> Component:
     config = _parse("DiT", lambda: dit.DiTConfig.from_model_config(model_config))
     out = sanitize_checked(weights, dit.sanitize, dit.DiT(config), "DiT checkpoint")
     dropped = [prefix + k for k in _dropped_by(dit.sanitize, weights, out)]
@@ -124,8 +125,10 @@ def plan_dit(weights: dict[str, mx.array], model_config: dict, dtype: mx.Dtype,
 
 
 def plan_autoencoder(weights: dict[str, mx.array], model_config: dict, prefix: str) -> Component:
-    config = _parse("SAME autoencoder", lambda: same.SAMEConfig.from_dict(
-        model_config["model"], sample_rate=model_config.get("sample_rate")))
+    config = _parse(
+        "SAME autoencoder",
+        lambda: same.SAMEConfig.from_dict(model_config["model"], sample_rate=model_config.get("sample_rate")),
+    )
     out = sanitize_checked(weights, same.sanitize, same.SAMEAutoencoder(config), "SAME autoencoder checkpoint")
     dropped = [prefix + k for k in _dropped_by(same.sanitize, weights, out)]
     # The SAME decoder cancels badly in half precision, so the autoencoder is always stored in float32.
@@ -162,13 +165,15 @@ def split_sa3(tensors: dict[str, mx.array]) -> dict[str, dict[str, mx.array]]:
     for key, value in tensors.items():
         for name, prefix in SA3_PREFIXES.items():
             if key.startswith(prefix):
-                parts[name][key[len(prefix):]] = value
+                parts[name][key[len(prefix) :]] = value
                 break
         else:
             stray.append(key)
     if stray:
-        raise CheckpointError(f"{WEIGHTS_FILE} has {len(stray)} tensors outside the DiT, autoencoder and "
-                              f"conditioners: {', '.join(sorted(stray))}")
+        raise CheckpointError(
+            f"{WEIGHTS_FILE} has {len(stray)} tensors outside the DiT, autoencoder and "
+            f"conditioners: {', '.join(sorted(stray))}"
+        )
     return parts
 
 
@@ -183,8 +188,9 @@ def plan(source: Source, dtype: mx.Dtype) -> list[Component]:
     return plan_components(load_safetensors(weights_path), source.model_config, text_dir, dtype)
 
 
-def plan_components(tensors: dict[str, mx.array], model_config: dict, text_dir: Path | None,
-                    dtype: mx.Dtype) -> list[Component]:
+def plan_components(
+    tensors: dict[str, mx.array], model_config: dict, text_dir: Path | None, dtype: mx.Dtype
+) -> list[Component]:
     """The components of a SAME checkpoint (``text_dir`` None) or a full SA3 checkpoint with its T5Gemma folder.
 
     The caller must keep no other reference to ``tensors``: then each source tensor is freed as soon as the
@@ -209,11 +215,14 @@ def plan_diffusers(checkpoint: DiffusersCheckpoint, dtype: mx.Dtype) -> list[Com
     root, config = checkpoint.root, checkpoint.model_config
     differential = checkpoint.configs["transformer"]["use_differential_attention"]
     dit_weights, padding, dit_origin = dit_from_diffusers(
-        load_folder_weights(root / "transformer", DIFFUSERS_WEIGHTS), differential)
+        load_folder_weights(root / "transformer", DIFFUSERS_WEIGHTS), differential
+    )
     seconds, seconds_dropped = seconds_from_diffusers(
-        load_folder_weights(root / "duration_embedder", DIFFUSERS_WEIGHTS))
+        load_folder_weights(root / "duration_embedder", DIFFUSERS_WEIGHTS)
+    )
     same_weights, same_origin = same_from_diffusers(
-        load_folder_weights(root / "vae", DIFFUSERS_WEIGHTS), checkpoint.configs["vae"]["use_differential_attention"])
+        load_folder_weights(root / "vae", DIFFUSERS_WEIGHTS), checkpoint.configs["vae"]["use_differential_attention"]
+    )
 
     dit_part = plan_dit(dit_weights, config, dtype, prefix="")
     dit_part.dropped = [f"transformer/{DIFFUSERS_WEIGHTS}:{dit_origin[k]}" for k in dit_part.dropped]
@@ -346,8 +355,10 @@ def _write_component(root: Path, component: Component, log: Callable[[str], None
     start = time.perf_counter()
     write_safetensors(path, component.tensors, metadata={"format": CONVERTED_FORMAT})
     verify_safetensors(path, signature)
-    log(f"  {COMPONENT_FILES[component.name]:<36} {count:5d} tensors {nbytes / 1e6:10.1f} MB "
-        f"({time.perf_counter() - start:.1f} s)")
+    log(
+        f"  {COMPONENT_FILES[component.name]:<36} {count:5d} tensors {nbytes / 1e6:10.1f} MB "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
 
 def _apply_umask(path: Path) -> None:
@@ -391,16 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mlx_sa3.convert",
         description="Convert a Stable Audio 3 or SAME checkpoint (Hub repo id or local directory) once into "
-                    "mlx_sa3's own layout, which loads without any remapping.",
+        "mlx_sa3's own layout, which loads without any remapping.",
     )
-    parser.add_argument("src", help="Hub repo id (e.g. stabilityai/stable-audio-3-medium) or local directory: "
-                                    "a full SA3 repo, a SAME repo or a diffusers "
-                                    "StableAudio3Pipeline folder (model_index.json)")
+    parser.add_argument(
+        "src",
+        help="Hub repo id (e.g. stabilityai/stable-audio-3-medium) or local directory: "
+        "a full SA3 repo, a SAME repo or a diffusers "
+        "StableAudio3Pipeline folder (model_index.json)",
+    )
     parser.add_argument("out", help="output directory (must not exist unless --force)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="storage dtype of the DiT and the T5Gemma text encoder (default float32); the SAME "
-                             "autoencoder and the conditioners are always stored in float32, because the SAME "
-                             "decoder must run in float32")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="storage dtype of the DiT and the T5Gemma text encoder (default float32); the SAME "
+        "autoencoder and the conditioners are always stored in float32, because the SAME "
+        "decoder must run in float32",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 

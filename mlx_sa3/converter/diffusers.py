@@ -27,8 +27,11 @@ from ..models.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 DIFFUSERS_PIPELINES = ("StableAudio3Pipeline", "StableAudio3AudioToAudioPipeline", "StableAudio3InpaintPipeline")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_DIFFUSERS_MODELS = {"transformer": "StableAudio3DiTModel", "vae": "AutoencoderSAME",
-                     "duration_embedder": "StableAudio3DurationEmbedder"}
+_DIFFUSERS_MODELS = {
+    "transformer": "StableAudio3DiTModel",
+    "vae": "AutoencoderSAME",
+    "duration_embedder": "StableAudio3DurationEmbedder",
+}
 # diffusers records no canvas limit: take the length the official generate() uses when none is given (120 s).
 DEFAULT_SAMPLE_SIZE = 5292032
 MAX_PROMPT_TOKENS = 256  # the diffusers pipeline caps the tokenizer's model_max_length here
@@ -60,20 +63,24 @@ def is_diffusers(root: Path) -> bool:
 def open_diffusers(root: Path) -> DiffusersCheckpoint:
     index = read_json(root / "model_index.json")
     if index.get("_class_name") not in DIFFUSERS_PIPELINES:
-        raise CheckpointError(f"{root}/model_index.json: {index.get('_class_name')!r} is not a Stable Audio 3 "
-                              f"pipeline (expected one of {', '.join(DIFFUSERS_PIPELINES)})")
+        raise CheckpointError(
+            f"{root}/model_index.json: {index.get('_class_name')!r} is not a Stable Audio 3 "
+            f"pipeline (expected one of {', '.join(DIFFUSERS_PIPELINES)})"
+        )
     configs = {}
     for folder, class_name in _DIFFUSERS_MODELS.items():
         configs[folder] = read_json(root / folder / "config.json")
         if configs[folder].get("_class_name") != class_name:
-            raise CheckpointError(f"{root / folder}/config.json: expected a {class_name}, "
-                                  f"found {configs[folder].get('_class_name')!r}")
+            raise CheckpointError(
+                f"{root / folder}/config.json: expected a {class_name}, found {configs[folder].get('_class_name')!r}"
+            )
     configs["scheduler"] = read_json(root / "scheduler" / "scheduler_config.json")
     configs["tokenizer"] = tokenizer_config_with_flags(root / "tokenizer")
     if not (root / "tokenizer" / TOKENIZER_FILE).is_file():
         raise CheckpointError(
             f"{root}/tokenizer has no sentencepiece {TOKENIZER_FILE} (transformers 5 saves only "
-            f"tokenizer.json); copy the {TOKENIZER_FILE} of google/t5gemma-b-b-ul2 into it")
+            f"tokenizer.json); copy the {TOKENIZER_FILE} of google/t5gemma-b-b-ul2 into it"
+        )
     model_config, notes = _parse("diffusers", lambda: official_model_config(configs))
     return DiffusersCheckpoint(root, configs, model_config, notes)
 
@@ -90,12 +97,16 @@ def tokenizer_config_with_flags(directory: Path) -> dict:
         return config
     processor = read_json(fast_path).get("post_processor") or {}
     if processor.get("type") != "TemplateProcessing":
-        raise CheckpointError(f"{fast_path}: cannot tell whether BOS/EOS are added (post_processor "
-                              f"{processor.get('type')!r}); add add_bos_token / add_eos_token to tokenizer_config.json")
+        raise CheckpointError(
+            f"{fast_path}: cannot tell whether BOS/EOS are added (post_processor "
+            f"{processor.get('type')!r}); add add_bos_token / add_eos_token to tokenizer_config.json"
+        )
     single = [item.get("SpecialToken", {}).get("id") for item in processor.get("single", [])]
-    return {**config,
-            "add_bos_token": bool(single) and single[0] == config.get("bos_token", "<bos>"),
-            "add_eos_token": bool(single) and single[-1] == config.get("eos_token", "<eos>")}
+    return {
+        **config,
+        "add_bos_token": bool(single) and single[0] == config.get("bos_token", "<bos>"),
+        "add_eos_token": bool(single) and single[-1] == config.get("eos_token", "<eos>"),
+    }
 
 
 def official_model_config(configs: dict[str, dict]) -> tuple[dict, list[str]]:
@@ -105,11 +116,15 @@ def official_model_config(configs: dict[str, dict]) -> tuple[dict, list[str]]:
     """
     tr, vae, seconds = configs["transformer"], configs["vae"], configs["duration_embedder"]
     if (seconds["min_freq"], seconds["max_freq"]) != _SECONDS_FREQS:
-        raise CheckpointError(f"duration_embedder Fourier range ({seconds['min_freq']}, {seconds['max_freq']}) is not "
-                              f"the official {_SECONDS_FREQS}")
+        raise CheckpointError(
+            f"duration_embedder Fourier range ({seconds['min_freq']}, {seconds['max_freq']}) is not "
+            f"the official {_SECONDS_FREQS}"
+        )
     if not seconds["output_dim"] == tr["cond_token_dim"] == tr["global_cond_dim"]:
-        raise CheckpointError(f"duration_embedder output_dim {seconds['output_dim']} must equal the transformer's "
-                              f"cond_token_dim {tr['cond_token_dim']} and global_cond_dim {tr['global_cond_dim']}")
+        raise CheckpointError(
+            f"duration_embedder output_dim {seconds['output_dim']} must equal the transformer's "
+            f"cond_token_dim {tr['cond_token_dim']} and global_cond_dim {tr['global_cond_dim']}"
+        )
     if tr["io_channels"] != vae["latent_dim"]:
         raise CheckpointError(f"transformer io_channels {tr['io_channels']} != vae latent_dim {vae['latent_dim']}")
     if any(vae["encoder_sinusoidal_blocks"]):
@@ -129,30 +144,59 @@ def official_model_config(configs: dict[str, dict]) -> tuple[dict, list[str]]:
     patched = vae["audio_channels"] * vae["patch_size"]
     window = int(vae["sliding_window"])
     resampler = {
-        "channels": vae["encoder_channels"], "c_mults": list(vae["encoder_c_mults"]),
-        "strides": list(vae["encoder_strides"]), "transformer_depths": list(vae["encoder_transformer_depths"]),
-        "latent_dim": vae["latent_dim"], "dim_heads": vae["dim_heads"],
+        "channels": vae["encoder_channels"],
+        "c_mults": list(vae["encoder_c_mults"]),
+        "strides": list(vae["encoder_strides"]),
+        "transformer_depths": list(vae["encoder_transformer_depths"]),
+        "latent_dim": vae["latent_dim"],
+        "dim_heads": vae["dim_heads"],
         "differential": bool(vae["use_differential_attention"]),
         "variable_stride": True,  # diffusers always shares one learned token across the stride
-        "sliding_window": [window, window], "ff_mult": vae["ff_mult"],
+        "sliding_window": [window, window],
+        "ff_mult": vae["ff_mult"],
     }
     pretransform = {
         "latent_dim": vae["latent_dim"],
         "downsampling_ratio": vae["patch_size"] * math.prod(vae["encoder_strides"]),
         "io_channels": vae["audio_channels"],
         "encoder": {"type": "same", "config": {**resampler, "in_channels": patched}},
-        "decoder": {"type": "same", "config": {**resampler, "out_channels": patched,
-                                               "sinusoidal_blocks": list(vae["decoder_sinusoidal_blocks"])}},
+        "decoder": {
+            "type": "same",
+            "config": {
+                **resampler,
+                "out_channels": patched,
+                "sinusoidal_blocks": list(vae["decoder_sinusoidal_blocks"]),
+            },
+        },
         "bottleneck": {"type": "softnorm", "config": {"dim": vae["latent_dim"], "auto_scale": True}},
-        "pretransform": {"type": "patched", "config": {"channels": vae["audio_channels"],
-                                                       "patch_size": vae["patch_size"]}},
+        "pretransform": {
+            "type": "patched",
+            "config": {"channels": vae["audio_channels"], "patch_size": vae["patch_size"]},
+        },
     }
     diffusion_config = {
-        **{k: tr[k] for k in ("io_channels", "patch_size", "embed_dim", "depth", "num_heads", "cond_token_dim",
-                              "global_cond_dim", "local_add_cond_dim", "timestep_features_dim", "num_memory_tokens")},
-        "transformer_type": "continuous_transformer", "global_cond_type": "adaLN", "timestep_features_type": "expo",
+        **{
+            k: tr[k]
+            for k in (
+                "io_channels",
+                "patch_size",
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "cond_token_dim",
+                "global_cond_dim",
+                "local_add_cond_dim",
+                "timestep_features_dim",
+                "num_memory_tokens",
+            )
+        },
+        "transformer_type": "continuous_transformer",
+        "global_cond_type": "adaLN",
+        "timestep_features_type": "expo",
         "attn_kwargs": {"qk_norm": "rms", "differential": bool(tr["use_differential_attention"])},
-        "norm_type": "rms_norm", "norm_kwargs": {"force_fp32": True}, "ff_kwargs": {"mult": tr["ff_mult"]},
+        "norm_type": "rms_norm",
+        "norm_kwargs": {"force_fp32": True},
+        "ff_kwargs": {"mult": tr["ff_mult"]},
     }
     model_config = {
         "model_type": "diffusion_cond_inpaint",  # every StableAudio3DiTModel block has the inpaint projection
@@ -162,16 +206,30 @@ def official_model_config(configs: dict[str, dict]) -> tuple[dict, list[str]]:
         "model": {
             "io_channels": tr["io_channels"],
             "pretransform": {"type": "autoencoder", "iterate_batch": False, "config": pretransform},
-            "conditioning": {"cond_dim": seconds["output_dim"], "configs": [
-                {"id": "prompt", "type": "t5gemma",
-                 "config": {"max_length": max_length, "padding_mode": "learned"}},
-                {"id": "seconds_total", "type": "number",
-                 "config": {"min_val": seconds["min_val"], "max_val": seconds["max_val"],
-                            "fourier_features_type": "expo"}},
-            ]},
+            "conditioning": {
+                "cond_dim": seconds["output_dim"],
+                "configs": [
+                    {
+                        "id": "prompt",
+                        "type": "t5gemma",
+                        "config": {"max_length": max_length, "padding_mode": "learned"},
+                    },
+                    {
+                        "id": "seconds_total",
+                        "type": "number",
+                        "config": {
+                            "min_val": seconds["min_val"],
+                            "max_val": seconds["max_val"],
+                            "fourier_features_type": "expo",
+                        },
+                    },
+                ],
+            },
             "diffusion": {
-                "type": "dit", "diffusion_objective": objective,
-                "cross_attention_cond_ids": ["prompt", "seconds_total"], "global_cond_ids": ["seconds_total"],
+                "type": "dit",
+                "diffusion_objective": objective,
+                "cross_attention_cond_ids": ["prompt", "seconds_total"],
+                "global_cond_ids": ["seconds_total"],
                 "local_add_cond_ids": ["inpaint_mask", "inpaint_masked_input"],
                 "config": diffusion_config,
             },
@@ -214,7 +272,8 @@ def same_from_diffusers(weights: dict[str, mx.array], differential: bool):
             raise CheckpointError(
                 f"vae: {key} is a kernel-{value.shape[-1]} mapping (SAME-S). diffusers' AutoencoderSAME has neither "
                 "that mapping nor SAME-S's chunked attention, so it cannot hold a SAME-S; convert the original "
-                "Stability AI repository instead")
+                "Stability AI repository instead"
+            )
         name = _rename(key, _SAME_FROM_DIFFUSERS)
         if differential and name.endswith(".self_attn.to_qkv.weight"):
             value = _official_qkv_order(value)
@@ -231,12 +290,13 @@ def seconds_from_diffusers(weights: dict[str, mx.array]) -> tuple[dict[str, mx.a
         if key == "freqs":
             ramp = np.linspace(0.0, 1.0, value.shape[0])
             low, high = np.log(_SECONDS_FREQS[0]), np.log(_SECONDS_FREQS[1])
-            if value.ndim != 1 or not np.allclose(np.asarray(value.astype(mx.float32)),
-                                                  np.exp(low + ramp * (high - low)), rtol=1e-5, atol=0):
+            if value.ndim != 1 or not np.allclose(
+                np.asarray(value.astype(mx.float32)), np.exp(low + ramp * (high - low)), rtol=1e-5, atol=0
+            ):
                 raise CheckpointError("duration_embedder freqs are not the official expo Fourier frequencies")
             dropped.append(key)
         elif key.startswith("linear."):
-            out[Conditioners.SECONDS_W.rsplit(".", 1)[0] + key[len("linear"):]] = value
+            out[Conditioners.SECONDS_W.rsplit(".", 1)[0] + key[len("linear") :]] = value
         else:
             out[key] = value  # unknown: the conditioner's strict check names it
     return out, dropped

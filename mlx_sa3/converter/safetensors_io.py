@@ -14,9 +14,19 @@ import numpy as np
 from ..loading import PICKLE_SUFFIXES, CheckpointError, load_safetensors, read_json, refuse_pickle
 
 _ST_DTYPES = {  # MLX dtype -> (safetensors name, bytes per element)
-    mx.float32: ("F32", 4), mx.float16: ("F16", 2), mx.bfloat16: ("BF16", 2), mx.float64: ("F64", 8),
-    mx.int64: ("I64", 8), mx.int32: ("I32", 4), mx.int16: ("I16", 2), mx.int8: ("I8", 1),
-    mx.uint64: ("U64", 8), mx.uint32: ("U32", 4), mx.uint16: ("U16", 2), mx.uint8: ("U8", 1), mx.bool_: ("BOOL", 1),
+    mx.float32: ("F32", 4),
+    mx.float16: ("F16", 2),
+    mx.bfloat16: ("BF16", 2),
+    mx.float64: ("F64", 8),
+    mx.int64: ("I64", 8),
+    mx.int32: ("I32", 4),
+    mx.int16: ("I16", 2),
+    mx.int8: ("I8", 1),
+    mx.uint64: ("U64", 8),
+    mx.uint32: ("U32", 4),
+    mx.uint16: ("U16", 2),
+    mx.uint8: ("U8", 1),
+    mx.bool_: ("BOOL", 1),
 }
 _ST_ITEMSIZE = {name: size for name, size in _ST_DTYPES.values()} | {"F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; a larger value means a corrupt file
@@ -41,8 +51,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
         header_len = int.from_bytes(prefix, "little")
         if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {header_len} bytes "
-                                  f"in a {size}-byte file)")
+            raise CheckpointError(
+                f"{path}: truncated or not a safetensors file (header of {header_len} bytes in a {size}-byte file)"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -58,16 +69,24 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         if end > data_bytes:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end} of the data section, "
-                                  f"which holds only {data_bytes} bytes")
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {end} of the data section, "
+                f"which holds only {data_bytes} bytes"
+            )
         if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {name} {info['dtype']} {info['shape']} "
-                                  f"needs {expected} bytes, offsets give {end - begin}")
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: {name} {info['dtype']} {info['shape']} "
+                f"needs {expected} bytes, offsets give {end - begin}"
+            )
     return header
 
 
-def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None,
-                      on_tensor: Callable[[str], None] | None = None) -> int:
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, mx.array],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> int:
     """Write ``tensors`` to ``path`` one at a time and return the file size. ``tensors`` is emptied.
 
     ``mx.save_safetensors`` evaluates every array before writing; here the header is built from the (lazy) arrays'

@@ -20,8 +20,9 @@ class Conditioners:
 
     def __init__(self, weights: dict[str, mx.array], config):
         dim = config.cond_dim
-        check_strict({self.PADDING: (dim,), self.SECONDS_W: (dim, 256), self.SECONDS_B: (dim,)}, weights,
-                     "conditioner weights")
+        check_strict(
+            {self.PADDING: (dim,), self.SECONDS_W: (dim, 256), self.SECONDS_B: (dim,)}, weights, "conditioner weights"
+        )
         # Conditioning is cheap and feeds float32 Fourier features: keep it float32 whatever the DiT dtype.
         self.tensors = {k: v.astype(mx.float32) for k, v in weights.items()}
         self.config = config

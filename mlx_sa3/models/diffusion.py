@@ -29,17 +29,52 @@ def sigma_alpha(objective: str, t: mx.array) -> tuple[mx.array, mx.array | None]
 class DiffusionStep:
     """``__call__`` and ``step`` of a DiT on any backend; subclasses add ``prepare`` and ``_velocity``."""
 
-    def __call__(self, x, t, cross_attn_cond, global_cond, local_add_cond=None, cfg_scale: float = 1.0,
-                 apg_scale: float = 1.0, negative_cross_attn_cond=None, negative_cross_attn_mask=None,
-                 cfg_interval=(0.0, 1.0), scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
+    def __call__(
+        self,
+        x,
+        t,
+        cross_attn_cond,
+        global_cond,
+        local_add_cond=None,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        negative_cross_attn_cond=None,
+        negative_cross_attn_mask=None,
+        cfg_interval=(0.0, 1.0),
+        scale_phi: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+    ) -> mx.array:
         """Velocity (B, io, L) float32 as the official forward, including in-call CFG/APG."""
-        prepared = self.prepare(cross_attn_cond, global_cond, local_add_cond, negative_cross_attn_cond,
-                                negative_cross_attn_mask, cfg=cfg_scale != 1.0)
-        return self.step(x, t, prepared, cfg_scale=cfg_scale, apg_scale=apg_scale, cfg_interval=cfg_interval,
-                         scale_phi=scale_phi, cfg_norm_threshold=cfg_norm_threshold)
+        prepared = self.prepare(
+            cross_attn_cond,
+            global_cond,
+            local_add_cond,
+            negative_cross_attn_cond,
+            negative_cross_attn_mask,
+            cfg=cfg_scale != 1.0,
+        )
+        return self.step(
+            x,
+            t,
+            prepared,
+            cfg_scale=cfg_scale,
+            apg_scale=apg_scale,
+            cfg_interval=cfg_interval,
+            scale_phi=scale_phi,
+            cfg_norm_threshold=cfg_norm_threshold,
+        )
 
-    def step(self, x, t, prepared, cfg_scale: float = 1.0, apg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
-             scale_phi: float = 0.0, cfg_norm_threshold: float = 0.0) -> mx.array:
+    def step(
+        self,
+        x,
+        t,
+        prepared,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        cfg_interval=(0.0, 1.0),
+        scale_phi: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+    ) -> mx.array:
         """Velocity (B, io, L) in float32 for latents x (B, io, L) at time t, with optional CFG/APG.
 
         Guidance runs iff ``cfg_scale != 1`` and ``cfg_interval[0] <= sigma[0] <= cfg_interval[1]`` (the official
@@ -60,8 +95,9 @@ class DiffusionStep:
         if not prepared.cfg:
             raise ValueError("cfg_scale != 1 needs conditioning prepared with cfg=True")
         v_cond, v_uncond = mx.split(self._velocity(x, t, prepared, guided=True).astype(mx.float32), 2)
-        return guide(x.astype(mx.float32), v_cond, v_uncond, sigma, alpha, cfg_scale, apg_scale, scale_phi,
-                     cfg_norm_threshold)
+        return guide(
+            x.astype(mx.float32), v_cond, v_uncond, sigma, alpha, cfg_scale, apg_scale, scale_phi, cfg_norm_threshold
+        )
 
 
 PrepareAndStep = DiffusionStep  # the former name
@@ -72,8 +108,17 @@ def _norm_ct(x: mx.array) -> mx.array:
     return mx.sqrt(mx.sum(x * x, axis=(1, 2), keepdims=True))
 
 
-def guide(x, v_cond, v_uncond, sigma, alpha, cfg_scale: float, apg_scale: float, scale_phi: float = 0.0,
-          cfg_norm_threshold: float = 0.0) -> mx.array:
+def guide(
+    x,
+    v_cond,
+    v_uncond,
+    sigma,
+    alpha,
+    cfg_scale: float,
+    apg_scale: float,
+    scale_phi: float = 0.0,
+    cfg_norm_threshold: float = 0.0,
+) -> mx.array:
     """Classifier-free guidance with adaptive projected guidance, in the denoised (x0) space, float32.
 
     ``alpha`` is None for rectified-flow objectives (x0 = x - sigma v) and cos(pi t / 2) for the v objective.

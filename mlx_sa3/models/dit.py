@@ -93,19 +93,40 @@ class DiTConfig:
     def from_model_config(cls, model_config: dict) -> "DiTConfig":
         """Build from a whole Hub ``model_config.json`` (the objective lives one level above the DiT config)."""
         diffusion = model_config["model"]["diffusion"]
-        return cls.from_dict({**diffusion["config"], "diffusion_objective": diffusion.get("diffusion_objective", DEFAULT_OBJECTIVE)})
+        return cls.from_dict(
+            {**diffusion["config"], "diffusion_objective": diffusion.get("diffusion_objective", DEFAULT_OBJECTIVE)}
+        )
 
     @classmethod
     def small(cls) -> "DiTConfig":
         """Full-size stable-audio-3-small(-music/-sfx) DiT."""
-        return cls(io_channels=256, embed_dim=1024, depth=20, num_heads=16, cond_token_dim=768, global_cond_dim=768,
-                   local_add_cond_dim=257, num_memory_tokens=64, diffusion_objective="rf_denoiser")
+        return cls(
+            io_channels=256,
+            embed_dim=1024,
+            depth=20,
+            num_heads=16,
+            cond_token_dim=768,
+            global_cond_dim=768,
+            local_add_cond_dim=257,
+            num_memory_tokens=64,
+            diffusion_objective="rf_denoiser",
+        )
 
     @classmethod
     def medium(cls) -> "DiTConfig":
         """Full-size stable-audio-3-medium DiT (differential attention)."""
-        return cls(io_channels=256, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=768,
-                   local_add_cond_dim=257, num_memory_tokens=64, differential=True, diffusion_objective="rf_denoiser")
+        return cls(
+            io_channels=256,
+            embed_dim=1536,
+            depth=24,
+            num_heads=24,
+            cond_token_dim=768,
+            global_cond_dim=768,
+            local_add_cond_dim=257,
+            num_memory_tokens=64,
+            differential=True,
+            diffusion_objective="rf_denoiser",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -122,6 +143,7 @@ class DiTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+
 
 def timestep_features(t: mx.array, dim: int, min_freq: float = 0.5, max_freq: float = 10000.0) -> mx.array:
     """Exponentially spaced Fourier features [cos | sin] of ``t`` (B,), computed in float32."""
@@ -171,6 +193,7 @@ def _merge_heads(x: mx.array) -> mx.array:
 
 # ----------------------------------------------------------------------------------------------------------- modules
 
+
 class MLP(nn.Module):
     """Linear -> SiLU -> Linear (the official ``nn.Sequential`` indices 0 and 2 are ``fc1`` and ``fc2``)."""
 
@@ -205,7 +228,7 @@ class SelfAttention(nn.Module):
         self.differential = config.differential
         self.rope_dims = config.rope_dims
         self.rope_base = config.rope_base
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         self.to_qkv = nn.Linear(dim, dim * (5 if config.differential else 3), bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
         self.q_norm = HeadNorm(config.head_dim, config.qk_norm_eps)
@@ -213,8 +236,9 @@ class SelfAttention(nn.Module):
 
     def _rope(self, x: mx.array) -> mx.array:
         # Positions 0..N-1 run over memory tokens and latents alike; half-split pairing (rotate_half).
-        return mx.fast.rope(x.transpose(0, 2, 1, 3), self.rope_dims, traditional=False, base=self.rope_base,
-                            scale=1.0, offset=0)
+        return mx.fast.rope(
+            x.transpose(0, 2, 1, 3), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         chunks = _split_heads(self.to_qkv(x), 5 if self.differential else 3, self.heads)
@@ -236,7 +260,7 @@ class CrossAttention(nn.Module):
         dim = config.embed_dim
         self.heads = config.num_heads
         self.differential = config.differential
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         self.to_q = nn.Linear(dim, dim * (2 if config.differential else 1), bias=False)
         self.to_kv = nn.Linear(dim, dim * (3 if config.differential else 2), bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
@@ -299,7 +323,8 @@ class TransformerBlock(nn.Module):
     def modulation(self, global_mod: mx.array) -> list[mx.array]:
         """(1 + scale_sa, shift_sa, sigmoid(1 - gate_sa), 1 + scale_ff, shift_ff, sigmoid(1 - gate_ff)), (B, 1, E)."""
         scale_sa, shift_sa, gate_sa, scale_ff, shift_ff, gate_ff = mx.split(
-            (self.to_scale_shift_gate + global_mod)[:, None, :], 6, axis=-1)
+            (self.to_scale_shift_gate + global_mod)[:, None, :], 6, axis=-1
+        )
         # The official gate form is sigmoid(1 - gate), not gate.
         return [1 + scale_sa, shift_sa, mx.sigmoid(1 - gate_sa), 1 + scale_ff, shift_ff, mx.sigmoid(1 - gate_ff)]
 
@@ -373,8 +398,15 @@ class DiT(DiffusionStep, nn.Module):
 
     # ---------------------------------------------------------------------------------------------- conditioning
 
-    def prepare(self, cross_attn_cond, global_cond, local_add_cond=None, negative_cross_attn_cond=None,
-                negative_cross_attn_mask=None, cfg: bool = False) -> PreparedConditioning:
+    def prepare(
+        self,
+        cross_attn_cond,
+        global_cond,
+        local_add_cond=None,
+        negative_cross_attn_cond=None,
+        negative_cross_attn_mask=None,
+        cfg: bool = False,
+    ) -> PreparedConditioning:
         """Compute everything that does not change across sampling steps (evaluated before returning).
 
         ``cfg=True`` also prepares the unconditional branch: the all-zero context, or the negative prompt whose
@@ -412,9 +444,7 @@ class DiT(DiffusionStep, nn.Module):
             if bool(mx.any(local != 0)):
                 pad = mx.zeros((batch, self.config.num_memory_tokens, self.config.embed_dim), self.dtype)
                 return [mx.concatenate([pad, layer.to_local_embed(local)], axis=1) for layer in self.layers], None
-        const = mx.stack([
-            layer.to_local_embed.fc2(nn.silu(layer.to_local_embed.fc1.bias)) for layer in self.layers
-        ])
+        const = mx.stack([layer.to_local_embed.fc2(nn.silu(layer.to_local_embed.fc1.bias)) for layer in self.layers])
         return None, const
 
     def _block_locals(self, prepared: PreparedConditioning, tokens: int) -> list[mx.array]:
@@ -445,10 +475,9 @@ class DiT(DiffusionStep, nn.Module):
         for layer, layer_kv, local in zip(self.layers, kv, self._block_locals(prepared, h.shape[1])):
             h = layer(h, layer.modulation(global_mod), layer_kv, local, cross_rows)
 
-        h = self.project_out(h[:, config.num_memory_tokens:])
+        h = self.project_out(h[:, config.num_memory_tokens :])
         h = h + self.postprocess_conv(h)
         return h.transpose(0, 2, 1)
-
 
 
 # ------------------------------------------------------------------------------------------------------ loading

@@ -74,7 +74,7 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     keys_t = k.swapaxes(-1, -2)
     outs = []
     for start in range(0, queries, chunk):
-        e, total = _softmax_numerator((q[:, :, start:start + chunk] * scale) @ keys_t)
+        e, total = _softmax_numerator((q[:, :, start : start + chunk] * scale) @ keys_t)
         # Normalise after the product: (queries x D) divisions instead of (queries x keys).
         outs.append(((e @ v) / total).astype(v.dtype))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

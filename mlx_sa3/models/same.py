@@ -223,7 +223,9 @@ def default_chunk_latents(config: SAMEConfig) -> int:
     return -(-size // multiple) * multiple
 
 
-def stream_windows(config: SAMEConfig, length: int, chunk_latents: int | None = None) -> list[tuple[int, int, int, int]]:
+def stream_windows(
+    config: SAMEConfig, length: int, chunk_latents: int | None = None
+) -> list[tuple[int, int, int, int]]:
     """(window_start, window_stop, start, stop) latent ranges: piece [start, stop) decodes from the window."""
     chunk = default_chunk_latents(config) if chunk_latents is None else int(chunk_latents)
     if chunk < 1:
@@ -461,8 +463,16 @@ class Resampler(nn.Module):
 
     def transform(self, x: mx.array, first_group: int, cuts: tuple[bool, bool] = (False, False)) -> mx.array:
         """Run the blocks over (B, T, D) tokens whose first token belongs to latent ``first_group``."""
-        return run_blocks(self.cfg, self.blocks, x, first_group, cuts, lambda block, *a: block(*a), mx.arange,
-                          lambda parts: mx.concatenate(parts, axis=1))
+        return run_blocks(
+            self.cfg,
+            self.blocks,
+            x,
+            first_group,
+            cuts,
+            lambda block, *a: block(*a),
+            mx.arange,
+            lambda parts: mx.concatenate(parts, axis=1),
+        )
 
 
 class SoftNormBottleneck(nn.Module):

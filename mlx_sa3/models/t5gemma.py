@@ -210,7 +210,7 @@ class T5GemmaEncoder(nn.Module):
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Keep the encoder of a transformers T5Gemma checkpoint, renamed to this module's names (see ``dropped``)."""
-    return {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
+    return {k[len(ENCODER_PREFIX) :]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
 
 
 def dropped(weights: dict[str, mx.array]) -> list[str]:

@@ -151,7 +151,7 @@ class T5GemmaTokenizer:
         budget = self.max_length - len(self.prefix) - len(self.suffix)
         for row, prompt in enumerate(prompts):
             body = self.tokenize(prompt)
-            body = body[:budget] if self.truncation_side == "right" else body[max(len(body) - budget, 0):]
+            body = body[:budget] if self.truncation_side == "right" else body[max(len(body) - budget, 0) :]
             tokens = self.prefix + body + self.suffix
             span = slice(0, len(tokens)) if self.padding_side == "right" else slice(self.max_length - len(tokens), None)
             ids[row, span] = tokens

@@ -25,13 +25,15 @@ def require_torch(*modules: str):
         loaded = tuple(importlib.import_module(name) for name in names)
     except ImportError as err:
         hint = INSTALL_HINT + (_LINUX_HINT if platform.system() == "Linux" else "")
-        raise ImportError(f"the torch backend needs torch, diffusers and transformers ({err}); install them with "
-                          f"{hint}") from err
+        raise ImportError(
+            f"the torch backend needs torch, diffusers and transformers ({err}); install them with {hint}"
+        ) from err
     sa3_platform.torch_thread_policy(loaded[0])
     return loaded[0] if not modules else loaded
 
 
 # ----------------------------------------------------------------------------------------------------- conversions
+
 
 def _to_torch(x, dtype=None):
     """numpy / MLX / torch -> torch tensor (float32 unless ``dtype`` says otherwise)."""
@@ -61,8 +63,10 @@ def _load_state(module, state: dict, computed: tuple = ()) -> None:
     stray = sorted(set(missing) - set(computed))
     unset = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if stray or unexpected or unset:
-        raise RuntimeError(f"torch parameter mapping is incomplete: missing {stray}, unexpected {sorted(unexpected)}, "
-                           f"uninitialised {unset}")
+        raise RuntimeError(
+            f"torch parameter mapping is incomplete: missing {stray}, unexpected {sorted(unexpected)}, "
+            f"uninitialised {unset}"
+        )
 
 
 def reorder_rows(weight, permutation):

@@ -63,11 +63,17 @@ class TorchDiT(DiffusionStep):
         self.config = config
         with torch.device("meta"):  # the weights are assigned at load time
             net = sa3.StableAudio3DiTModel(
-                io_channels=config.io_channels, embed_dim=config.embed_dim, depth=config.depth,
-                num_heads=config.num_heads, cond_token_dim=config.cond_token_dim,
-                global_cond_dim=config.global_cond_dim, local_add_cond_dim=config.local_add_cond_dim,
-                timestep_features_dim=config.timestep_features_dim, ff_mult=config.ff_mult,
-                num_memory_tokens=config.num_memory_tokens, use_differential_attention=config.differential,
+                io_channels=config.io_channels,
+                embed_dim=config.embed_dim,
+                depth=config.depth,
+                num_heads=config.num_heads,
+                cond_token_dim=config.cond_token_dim,
+                global_cond_dim=config.global_cond_dim,
+                local_add_cond_dim=config.local_add_cond_dim,
+                timestep_features_dim=config.timestep_features_dim,
+                ff_mult=config.ff_mult,
+                num_memory_tokens=config.num_memory_tokens,
+                use_differential_attention=config.differential,
             )
         # prompt_padding_embedding only acts with a context mask, which the official DiT never applies: inert zeros.
         net.prompt_padding_embedding = torch.nn.Parameter(torch.zeros(config.cond_token_dim))
@@ -85,8 +91,15 @@ class TorchDiT(DiffusionStep):
     def dtype(self) -> mx.Dtype:
         return mx.float32
 
-    def prepare(self, cross_attn_cond, global_cond, local_add_cond=None, negative_cross_attn_cond=None,
-                negative_cross_attn_mask=None, cfg: bool = False) -> TorchPrepared:
+    def prepare(
+        self,
+        cross_attn_cond,
+        global_cond,
+        local_add_cond=None,
+        negative_cross_attn_cond=None,
+        negative_cross_attn_mask=None,
+        cfg: bool = False,
+    ) -> TorchPrepared:
         """Step-invariant conditioning (see :meth:`mlx_sa3.dit.DiT.prepare` for the semantics)."""
         torch = require_torch()
         with torch.inference_mode():
@@ -125,8 +138,14 @@ class TorchDiT(DiffusionStep):
                 h = torch.cat([net.memory_tokens.expand(h.shape[0], -1, -1), h], dim=1)
             rope = net.rotary_pos_emb(h.shape[1], h.device)
             for block in net.transformer_blocks:
-                h = block(h, context=context, global_modulation=global_mod, rope=rope, local_seq=local,
-                          num_memory_tokens=memory_count)
+                h = block(
+                    h,
+                    context=context,
+                    global_modulation=global_mod,
+                    rope=rope,
+                    local_seq=local,
+                    num_memory_tokens=memory_count,
+                )
             out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
             return _to_mx(net.postprocess_conv(out) + out)
 

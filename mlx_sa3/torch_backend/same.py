@@ -30,8 +30,9 @@ def _band_attention(q, k, v, left: int, right: int, block: int = 256):
         lo, hi = max(0, start - left), min(T, stop + right)
         offset = torch.arange(lo, hi)[None, :] - torch.arange(start, stop)[:, None]
         allowed = (offset >= -left) & (offset <= right)
-        outs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi],
-                                                   attn_mask=allowed))
+        outs.append(
+            F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=allowed)
+        )
     return torch.cat(outs, dim=2)
 
 
@@ -78,16 +79,24 @@ def _same_net(config: mlx_same.SAMEConfig):
         return container(
             mapping=nn.Conv1d(*dims, cfg.mapping_kernel, padding=cfg.mapping_kernel // 2),
             new_tokens=nn.Parameter(torch.zeros(1, per_group, cfg.width)),
-            blocks=nn.ModuleList([
-                blocks.TransformerBlock(cfg.width, cfg.head_dim, cfg.differential, cfg.ff_mult,
-                                        sinusoidal=cfg.depth - i < cfg.sinusoidal_blocks)
-                for i in range(cfg.depth)
-            ]),
+            blocks=nn.ModuleList(
+                [
+                    blocks.TransformerBlock(
+                        cfg.width,
+                        cfg.head_dim,
+                        cfg.differential,
+                        cfg.ff_mult,
+                        sinusoidal=cfg.depth - i < cfg.sinusoidal_blocks,
+                    )
+                    for i in range(cfg.depth)
+                ]
+            ),
         )
 
     with torch.device("meta"):  # the weights are assigned at load time
-        bottleneck = container(scale=nn.Parameter(torch.ones(config.latent_dim)),
-                               bias=nn.Parameter(torch.zeros(config.latent_dim)))
+        bottleneck = container(
+            scale=nn.Parameter(torch.ones(config.latent_dim)), bias=nn.Parameter(torch.zeros(config.latent_dim))
+        )
         if config.auto_scale:
             bottleneck.running_std = nn.Parameter(torch.ones(1))
         net = container(
@@ -100,8 +109,6 @@ def _same_net(config: mlx_same.SAMEConfig):
     for block in (*net.encoder.blocks, *net.decoder.blocks):  # RoPE frequencies are computed, not stored
         block.attn.rope = blocks.RotaryEmbedding(block.attn.dim_heads // 2)
     return net
-
-
 
 
 def _same_state(weights: dict) -> dict:
@@ -136,8 +143,9 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         cfg = self.config
         audio = _to_torch(audio)
         if audio.ndim != 3 or audio.shape[1] != cfg.io_channels or audio.shape[2] == 0:
-            raise ValueError(f"audio must be (batch, {cfg.io_channels}, samples) with samples > 0, got "
-                             f"{tuple(audio.shape)}")
+            raise ValueError(
+                f"audio must be (batch, {cfg.io_channels}, samples) with samples > 0, got {tuple(audio.shape)}"
+            )
         with torch.inference_mode():
             frames = self._patch(audio)
             frames = torch.nn.functional.pad(frames, (0, 0, 0, mlx_same.encoder_frame_padding(cfg, frames.shape[1])))
@@ -148,8 +156,14 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
                 latents = latents / bottleneck.running_std
             return _to_mx(latents[:, : mlx_same.latent_count(cfg, audio.shape[2])].transpose(1, 2))
 
-    def decode_stream(self, latents, chunk_latents: int | None = None, *, noise_regularize: bool | None = None,
-                      seed: int | None = None) -> Iterator[mx.array]:
+    def decode_stream(
+        self,
+        latents,
+        chunk_latents: int | None = None,
+        *,
+        noise_regularize: bool | None = None,
+        seed: int | None = None,
+    ) -> Iterator[mx.array]:
         """Yield audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``."""
         z = self._prepare_latents(latents, noise_regularize, seed)
         for window in self.stream_windows(z.shape[1], chunk_latents):
@@ -162,8 +176,7 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         cfg = self.config
         z = _to_torch(latents)
         if z.ndim != 3 or z.shape[1] != cfg.latent_dim or z.shape[2] == 0:
-            raise ValueError(f"latents must be (batch, {cfg.latent_dim}, length) with length > 0, got "
-                             f"{tuple(z.shape)}")
+            raise ValueError(f"latents must be (batch, {cfg.latent_dim}, length) with length > 0, got {tuple(z.shape)}")
         z = z.transpose(1, 2)
         with torch.inference_mode():
             if cfg.auto_scale:
@@ -180,7 +193,7 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         torch = require_torch()
         cfg = self.config
         with torch.inference_mode():
-            tokens = self.net.from_latent(z[:, window_start:min(window_stop, z.shape[1])])
+            tokens = self.net.from_latent(z[:, window_start : min(window_stop, z.shape[1])])
             tokens = torch.nn.functional.pad(tokens, (0, 0, 0, window_stop - window_start - tokens.shape[1]))
             cuts = mlx_same.window_cuts(cfg, window_start, window_stop, z.shape[1])
             frames = self._resample_decode(tokens, window_start, cuts)
@@ -229,16 +242,18 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
     def _transform(blocks, cfg: mlx_same.ResamplerConfig, x, first_group: int, cuts=(False, False)):
         """The attention layout of the official TransformerResamplingBlock (shared with the MLX ``Resampler``)."""
         torch = require_torch()
-        return mlx_same.run_blocks(cfg, blocks, x, first_group, cuts, _same_block, torch.arange,
-                                   lambda parts: torch.cat(parts, dim=1))
+        return mlx_same.run_blocks(
+            cfg, blocks, x, first_group, cuts, _same_block, torch.arange, lambda parts: torch.cat(parts, dim=1)
+        )
 
 
 def load_torch_autoencoder(src) -> TorchAutoencoder:
     """SAME autoencoder on torch from a SAME repo, a full SA3 repo or a converted directory (or an opened Source)."""
     source = src if isinstance(src, Source) else open_source(src)
     config = checkpoint_config(source).same
-    weights = component_weights(source, "autoencoder", mlx_same.sanitize, mlx_same.SAMEAutoencoder(config),
-                                f"{source.root} autoencoder")
+    weights = component_weights(
+        source, "autoencoder", mlx_same.sanitize, mlx_same.SAMEAutoencoder(config), f"{source.root} autoencoder"
+    )
     return TorchAutoencoder(config, weights)
 
 

@@ -17,17 +17,25 @@ def _hf_t5gemma(config: mlx_t5.T5GemmaConfig, weights: dict):
     """transformers' T5GemmaEncoderModel (eager attention, encoder-only as the official conditioner builds it)."""
     torch, t5 = require_torch(_T5GEMMA)
     section = {
-        "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
-        "rms_norm_eps": config.rms_norm_eps, "query_pre_attn_scalar": config.query_pre_attn_scalar,
-        "attn_logit_softcapping": config.attn_logit_softcapping, "hidden_activation": config.hidden_activation,
-        "attention_bias": config.attention_bias, "sliding_window": config.sliding_window,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        "attn_logit_softcapping": config.attn_logit_softcapping,
+        "hidden_activation": config.hidden_activation,
+        "attention_bias": config.attention_bias,
+        "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types),
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
     }
-    hf_config = t5.T5GemmaConfig(encoder=section, decoder=dict(section), vocab_size=config.vocab_size,
-                                 is_encoder_decoder=False)
+    hf_config = t5.T5GemmaConfig(
+        encoder=section, decoder=dict(section), vocab_size=config.vocab_size, is_encoder_decoder=False
+    )
     hf_config._attn_implementation = "eager"
     model = t5.T5GemmaEncoderModel(hf_config)
     _load_state(model, {mlx_t5.ENCODER_PREFIX + k: v for k, v in _state_dict(weights).items()})

@@ -135,3 +135,18 @@ def test_package_imports_without_torch():
         "mlx_sa3.StableAudio3.from_pretrained('demo')"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_tiny_t5gemma_shapes_and_dtypes(tokens, dtype):
+    from mlx_sa3.models.t5gemma import T5GemmaConfig, T5GemmaEncoder
+
+    config = T5GemmaConfig.from_dict(demo.DEMO_TEXT_CONFIG)
+    model = T5GemmaEncoder(config)
+    model.set_dtype(dtype)
+    ids = mx.random.randint(0, config.vocab_size, (2, tokens), key=mx.random.key(0))
+    mask = mx.arange(tokens)[None, :] < mx.array([[tokens], [max(1, tokens // 2)]])
+    hidden = model(ids, mask)
+    assert hidden.shape == (2, tokens, config.hidden_size) and hidden.dtype == dtype
+    assert bool(mx.all(mx.isfinite(hidden.astype(mx.float32))))

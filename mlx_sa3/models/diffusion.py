@@ -64,6 +64,24 @@ class DiffusionStep:
             cfg_norm_threshold=cfg_norm_threshold,
         )
 
+    def prepare(
+        self,
+        cross_attn_cond,
+        global_cond,
+        local_add_cond=None,
+        negative_cross_attn_cond=None,
+        negative_cross_attn_mask=None,
+        cfg: bool = False,
+    ):
+        """Compute everything that does not change across sampling steps.
+
+        ``cfg=True`` also prepares the unconditional branch: the all-zero context, or the negative prompt whose
+        masked-out tokens are set to zero (as the official code does, not to the learned padding embedding). Without
+        guidance the negative prompt plays no part, as in the official model, on every backend.
+        """
+        negative = negative_cross_attn_cond if cfg else None
+        return self._prepare(cross_attn_cond, global_cond, local_add_cond, negative, negative_cross_attn_mask, cfg)
+
     def step(
         self,
         x,

@@ -398,31 +398,18 @@ class DiT(DiffusionStep, nn.Module):
 
     # ---------------------------------------------------------------------------------------------- conditioning
 
-    def prepare(
-        self,
-        cross_attn_cond,
-        global_cond,
-        local_add_cond=None,
-        negative_cross_attn_cond=None,
-        negative_cross_attn_mask=None,
-        cfg: bool = False,
-    ) -> PreparedConditioning:
-        """Compute everything that does not change across sampling steps (evaluated before returning).
-
-        ``cfg=True`` also prepares the unconditional branch: the all-zero context, or the negative prompt whose
-        masked-out tokens are set to zero (as the official code does, not to the learned padding embedding). Without
-        guidance the negative prompt plays no part, as in the official model.
-        """
+    def _prepare(self, cross_attn_cond, global_cond, local_add_cond, negative, negative_mask, cfg: bool):
+        """:meth:`prepare` on MLX (evaluated before returning); ``negative`` is None unless guided."""
         dtype = self.dtype
         cond = to_mx(cross_attn_cond, dtype)
         global_embed = self.to_global_embed(to_mx(global_cond, dtype))
         kv = self._keys_values(cond)
 
         guided_kv = None
-        if cfg and negative_cross_attn_cond is not None:
-            negative = to_mx(negative_cross_attn_cond, dtype)
-            if negative_cross_attn_mask is not None:
-                keep = to_mx(negative_cross_attn_mask, mx.bool_)[..., None]
+        if negative is not None:
+            negative = to_mx(negative, dtype)
+            if negative_mask is not None:
+                keep = to_mx(negative_mask, mx.bool_)[..., None]
                 negative = mx.where(keep, negative, mx.zeros_like(negative))
             uncond_kv = self._keys_values(negative)
             guided_kv = [tuple(mx.concatenate([a, b]) for a, b in zip(c, u)) for c, u in zip(kv, uncond_kv)]

@@ -544,6 +544,26 @@ class AutoencoderInterface:
         length = z.shape[1]
         return self._decode_window(z, 0, self._padded_length(length), 0, length)
 
+    def decode_stream(
+        self,
+        latents,
+        chunk_latents: int | None = None,
+        *,
+        noise_regularize: bool | None = None,
+        seed: int | None = None,
+    ) -> Iterator[mx.array]:
+        """Yield (B, io_channels, n) audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``.
+
+        ``chunk_latents`` defaults to ``default_chunk_latents``; any size >= 1 is exact. Each piece is decoded from
+        a window that extends past it by the config's cut margins (aligned to whole attention chunks), so the result
+        is exact, not cross-faded. Each piece is evaluated before it is yielded: memory is bounded by the window.
+        """
+        z = self._prepare_latents(latents, noise_regularize, seed)
+        for window in self.stream_windows(z.shape[1], chunk_latents):
+            piece = self._decode_window(z, *window)
+            mx.eval(piece)
+            yield piece
+
 
 class SAMEAutoencoder(AutoencoderInterface, nn.Module):
     def __init__(self, config: SAMEConfig):
@@ -587,26 +607,6 @@ class SAMEAutoencoder(AutoencoderInterface, nn.Module):
         return frames.reshape(B, F, -1, P).transpose(0, 2, 1, 3).reshape(B, -1, F * P)
 
     # -- decode ----------------------------------------------------------------------------------------------
-
-    def decode_stream(
-        self,
-        latents,
-        chunk_latents: int | None = None,
-        *,
-        noise_regularize: bool | None = None,
-        seed: int | None = None,
-    ) -> Iterator[mx.array]:
-        """Yield (B, io_channels, n) audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``.
-
-        ``chunk_latents`` defaults to ``default_chunk_latents``; any size >= 1 is exact. Each piece is decoded from
-        a window that extends past it by the config's cut margins (aligned to whole attention chunks), so the result
-        is exact, not cross-faded. Each piece is evaluated before it is yielded: memory is bounded by the window.
-        """
-        z = self._prepare_latents(latents, noise_regularize, seed)
-        for window in self.stream_windows(z.shape[1], chunk_latents):
-            piece = self._decode_window(z, *window)
-            mx.eval(piece)
-            yield piece
 
     def _prepare_latents(self, latents, noise_regularize: bool | None, seed: int | None) -> mx.array:
         z = to_mx(latents, mx.float32)

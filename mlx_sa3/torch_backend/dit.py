@@ -91,26 +91,18 @@ class TorchDiT(DiffusionStep):
     def dtype(self) -> mx.Dtype:
         return mx.float32
 
-    def prepare(
-        self,
-        cross_attn_cond,
-        global_cond,
-        local_add_cond=None,
-        negative_cross_attn_cond=None,
-        negative_cross_attn_mask=None,
-        cfg: bool = False,
-    ) -> TorchPrepared:
-        """Step-invariant conditioning (see :meth:`mlx_sa3.dit.DiT.prepare` for the semantics)."""
+    def _prepare(self, cross_attn_cond, global_cond, local_add_cond, negative, negative_mask, cfg: bool):
+        """:meth:`prepare` on torch; ``negative`` is None unless guided."""
         torch = require_torch()
         with torch.inference_mode():
             context = self.net.to_cond_embed(_to_torch(cross_attn_cond))
             global_embed = self.net.to_global_embed(_to_torch(global_cond))
             uncond = None
-            if cfg and negative_cross_attn_cond is not None:  # without guidance it plays no part, as officially
-                negative = _to_torch(negative_cross_attn_cond)
-                if negative_cross_attn_mask is not None:
+            if negative is not None:
+                negative = _to_torch(negative)
+                if negative_mask is not None:
                     # The official code zeroes masked-out negative tokens (not the learned padding embedding).
-                    negative = negative * _to_torch(negative_cross_attn_mask, torch.bool)[..., None]
+                    negative = negative * _to_torch(negative_mask, torch.bool)[..., None]
                 uncond = self.net.to_cond_embed(negative)
             elif cfg:
                 uncond = torch.zeros_like(context)  # to_cond_embed has no biases: the null context embeds to zero

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -155,19 +153,6 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
             if cfg.auto_scale:
                 latents = latents / bottleneck.running_std
             return _to_mx(latents[:, : mlx_same.latent_count(cfg, audio.shape[2])].transpose(1, 2))
-
-    def decode_stream(
-        self,
-        latents,
-        chunk_latents: int | None = None,
-        *,
-        noise_regularize: bool | None = None,
-        seed: int | None = None,
-    ) -> Iterator[mx.array]:
-        """Yield audio pieces of ``chunk_latents`` latents each that concatenate to ``decode``."""
-        z = self._prepare_latents(latents, noise_regularize, seed)
-        for window in self.stream_windows(z.shape[1], chunk_latents):
-            yield self._decode_window(z, *window)
 
     def _prepare_latents(self, latents, noise_regularize: bool | None, seed: int | None):
         """(B, C, L) latents -> bottleneck-decoded (B, L, C) torch; the optional noise is drawn by MLX as the MLX

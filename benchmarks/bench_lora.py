@@ -23,15 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3 import lora
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe
 from mlx_sa3.model import Conditioners, SA3Config, SA3Model
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 SAMPLE_RATE, LATENT_HOP, CONTEXT_TOKENS = 44100, 4096, 257
 RANK, ALPHA = 16, 16.0
@@ -59,15 +59,18 @@ def adapted_names(dit: DiT) -> list[str]:
 
 def write_random_lora(path: Path, dit: DiT, conditioners: Conditioners) -> int:
     """Rank-16 official-layout LoRA on every DiT Linear/Conv1d and the seconds embedder; returns the tensor count."""
-    shapes = {f"model.{official_module(k)}": v.shape for k, v in tree_flatten(dit.parameters()) if
-              k in set(adapted_names(dit))}
+    shapes = {
+        f"model.{official_module(k)}": v.shape
+        for k, v in tree_flatten(dit.parameters())
+        if k in set(adapted_names(dit))
+    }
     shapes["conditioners.seconds_total.embedder.embedding.1"] = conditioners.tensors[Conditioners.SECONDS_W].shape
     tensors, key = {}, mx.random.key(1)
     for module, shape in shapes.items():
         fan_out, fan_in = lora._fans(shape)
         key, ka, kb = mx.random.split(key, 3)
         stem = f"{module}.parametrizations.weight.0."
-        tensors[stem + "lora_A"] = (mx.random.normal((RANK, fan_in), key=ka) / fan_in ** 0.5).astype(mx.float16)
+        tensors[stem + "lora_A"] = (mx.random.normal((RANK, fan_in), key=ka) / fan_in**0.5).astype(mx.float16)
         tensors[stem + "lora_B"] = (mx.random.normal((fan_out, RANK), key=kb) * 0.01).astype(mx.float16)
     config = {"rank": RANK, "alpha": ALPHA, "adapter_type": "lora", "include": None, "exclude": None}
     mx.save_safetensors(str(path), tensors, metadata={"lora_config": json.dumps(config)})
@@ -102,8 +105,9 @@ def wrap_unmerged(dit: DiT, adapter: lora.LoraAdapter) -> list[LoRABranch]:
         if target != lora.DIT:
             continue
         path = name[: -len(".weight")]
-        wrapper = LoRABranch(modules[path], layer.params["lora_A"], layer.params["lora_B"],
-                             adapter.strength * adapter.scaling)
+        wrapper = LoRABranch(
+            modules[path], layer.params["lora_A"], layer.params["lora_B"], adapter.strength * adapter.scaling
+        )
         dit.update_modules(tree_unflatten([(path, wrapper)]))
         wrappers.append(wrapper)
     return wrappers
@@ -124,9 +128,14 @@ def build(config: DiTConfig) -> SA3Model:
     mx.eval(dit.parameters())
     cfg = SA3Config()
     k1, k2 = mx.random.split(mx.random.key(2))
-    conditioners = Conditioners({Conditioners.PADDING: mx.zeros((cfg.cond_dim,)),
-                                 Conditioners.SECONDS_W: mx.random.normal((cfg.cond_dim, 256), key=k1) * 0.05,
-                                 Conditioners.SECONDS_B: mx.random.normal((cfg.cond_dim,), key=k2) * 0.05}, cfg)
+    conditioners = Conditioners(
+        {
+            Conditioners.PADDING: mx.zeros((cfg.cond_dim,)),
+            Conditioners.SECONDS_W: mx.random.normal((cfg.cond_dim, 256), key=k1) * 0.05,
+            Conditioners.SECONDS_B: mx.random.normal((cfg.cond_dim,), key=k2) * 0.05,
+        },
+        cfg,
+    )
     return SA3Model(cfg, dit, None, None, conditioners)
 
 
@@ -144,9 +153,11 @@ def run(seconds: float, repeats: int) -> list[dict]:
     config = DiTConfig.small()
     length = round(seconds * SAMPLE_RATE / LATENT_HOP)
     keys = mx.random.split(mx.random.key(0), 3)
-    inputs = (mx.random.normal((1, CONTEXT_TOKENS, config.cond_token_dim), key=keys[0]),
-              mx.random.normal((1, config.global_cond_dim), key=keys[1]),
-              mx.random.normal((1, config.io_channels, length), key=keys[2]))
+    inputs = (
+        mx.random.normal((1, CONTEXT_TOKENS, config.cond_token_dim), key=keys[0]),
+        mx.random.normal((1, config.global_cond_dim), key=keys[1]),
+        mx.random.normal((1, config.io_channels, length), key=keys[2]),
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random_r16.safetensors"
@@ -164,16 +175,28 @@ def run(seconds: float, repeats: int) -> list[dict]:
         held_mb = mx.get_active_memory() / MB
         merged, v_merged = measure_step(model, inputs, repeats)
         change_s = timed(lambda: model.set_lora_strength(0.5), 1)
-        rows.append({"representation": "merged", "load_s": load_s, "held_mb": held_mb, **merged,
-                     "strength_change_s": change_s})
+        rows.append(
+            {"representation": "merged", "load_s": load_s, "held_mb": held_mb, **merged, "strength_change_s": change_s}
+        )
         model.unload_lora()  # the original base arrays again, for the unmerged run
         step, _ = measure_step(model, inputs, repeats)  # the no-LoRA step again: how much the machine drifts
-        rows.append({"representation": "none (again)", "load_s": 0.0, "held_mb": mx.get_active_memory() / MB,
-                     **step, "strength_change_s": 0.0})
+        rows.append(
+            {
+                "representation": "none (again)",
+                "load_s": 0.0,
+                "held_mb": mx.get_active_memory() / MB,
+                **step,
+                "strength_change_s": 0.0,
+            }
+        )
 
         start = time.perf_counter()
-        adapter = lora.load_lora(path, lora._shapes({lora.DIT: dict(tree_flatten(model.dit.parameters())),
-                                                     lora.CONDITIONERS: model.conditioners.tensors}))
+        adapter = lora.load_lora(
+            path,
+            lora._shapes(
+                {lora.DIT: dict(tree_flatten(model.dit.parameters())), lora.CONDITIONERS: model.conditioners.tensors}
+            ),
+        )
         wrappers = wrap_unmerged(model.dit, adapter)
         mx.eval(model.dit.parameters())
         load_s = time.perf_counter() - start
@@ -187,17 +210,28 @@ def run(seconds: float, repeats: int) -> list[dict]:
             for w in wrappers:
                 w.coefficient = 0.5 * adapter.scaling
 
-        rows.append({"representation": "unmerged", "load_s": load_s, "held_mb": held_mb, **unmerged,
-                     "strength_change_s": timed(change, 1)})
+        rows.append(
+            {
+                "representation": "unmerged",
+                "load_s": load_s,
+                "held_mb": held_mb,
+                **unmerged,
+                "strength_change_s": timed(change, 1),
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'representation':>14} {'load s':>7} {'held MB':>8} {'step s':>7} {'step peak MB':>12} "
-          f"{'strength change s':>17}")
+    print(
+        f"{'representation':>14} {'load s':>7} {'held MB':>8} {'step s':>7} {'step peak MB':>12} "
+        f"{'strength change s':>17}"
+    )
     for r in rows:
-        print(f"{r['representation']:>14} {r['load_s']:>7.2f} {r['held_mb']:>8.0f} {r['step_s']:>7.3f} "
-              f"{r['step_peak_mb']:>12.0f} {r['strength_change_s']:>17.4f}")
+        print(
+            f"{r['representation']:>14} {r['load_s']:>7.2f} {r['held_mb']:>8.0f} {r['step_s']:>7.3f} "
+            f"{r['step_peak_mb']:>12.0f} {r['strength_change_s']:>17.4f}"
+        )
 
 
 def main(argv=None) -> None:
@@ -212,8 +246,17 @@ def main(argv=None) -> None:
     print(f"peak RSS: {peak_rss_mb:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": describe(), "seconds": args.seconds, "rank": RANK, "peak_rss_mb": peak_rss_mb,
-                       "results": rows}, f, indent=2)
+            json.dump(
+                {
+                    "machine": describe(),
+                    "seconds": args.seconds,
+                    "rank": RANK,
+                    "peak_rss_mb": peak_rss_mb,
+                    "results": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .dit import sanitize
 from .loading import PICKLE_SUFFIXES, CheckpointError, read_json
+from .models.dit import sanitize
 
 DIT = "dit"
 CONDITIONERS = "conditioners"
@@ -64,7 +64,8 @@ ADAPTER_TYPES = tuple(ADAPTER_PARAMS)
 _NORM_EPS = 1e-12
 _SA3_KEY = re.compile(
     r"^(?P<module>.+)\.parametrizations\.weight\.(?P<index>\d+)\.(?P<param>lora_A|lora_B|M_xs|magnitude|magnitude_r"
-    r"|magnitude_c)$")
+    r"|magnitude_c)$"
+)
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<param>lora_A|lora_B)\.weight$")
 # Where a module path of each layout may start, and the model part it then names. SA3 files are relative to the
 # DiT wrapper / MultiConditioner; PEFT files may be rooted at any level, and a path must resolve under one root only.
@@ -76,6 +77,7 @@ _ANY_SHAPE = mx.zeros((0, 0, 0))  # stands for a value when only sanitize's rena
 
 
 # ----------------------------------------------------------------------------------------------------- data
+
 
 @dataclass
 class LoraLayer:
@@ -127,12 +129,22 @@ class LoraAdapter:
         return self.interval_active(sigma) and not _matches_filter(layer.module, self.layer_filter)
 
     def describe(self, index: int) -> dict:
-        return {"index": index, "name": self.name, "path": str(self.path), "adapter_type": self.adapter_type,
-                "rank": self.rank, "alpha": self.alpha, "strength": self.strength, "interval": self.interval,
-                "layer_filter": self.layer_filter, "layers": len(self.layers)}
+        return {
+            "index": index,
+            "name": self.name,
+            "path": str(self.path),
+            "adapter_type": self.adapter_type,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "strength": self.strength,
+            "interval": self.interval,
+            "layer_filter": self.layer_filter,
+            "layers": len(self.layers),
+        }
 
 
 # ------------------------------------------------------------------------------------------------ filters
+
 
 def expand_pattern(pattern: str) -> list[str]:
     """Official bracket expansion: ``"layers.[0-2]."`` -> ``["layers.0.", "layers.1.", "layers.2."]``."""
@@ -154,6 +166,7 @@ def _matches_filter(module: str, layer_filter: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+
 
 def _refuse_pickle(path: Path) -> None:
     if path.suffix in PICKLE_SUFFIXES:
@@ -206,13 +219,16 @@ def _group_by_module(path: Path, tensors: Mapping) -> tuple[dict, bool]:
     for key in sorted(tensors):
         match = _SA3_KEY.match(key)
         if match and match["index"] != "0":
-            raise CheckpointError(f"{path}: tensor {key}: parametrization index {match['index']}, LoRA files hold "
-                                  "one adapter at index 0")
+            raise CheckpointError(
+                f"{path}: tensor {key}: parametrization index {match['index']}, LoRA files hold one adapter at index 0"
+            )
         match = match or _PEFT_KEY.match(key)
         if match is None:
-            raise CheckpointError(f"{path}: tensor {key} is not a LoRA tensor (expected <module>.parametrizations."
-                                  "weight.0.<lora_A|lora_B|M_xs|magnitude|magnitude_r|magnitude_c> or PEFT "
-                                  "base_model.model.<module>.lora_A.weight)")
+            raise CheckpointError(
+                f"{path}: tensor {key} is not a LoRA tensor (expected <module>.parametrizations."
+                "weight.0.<lora_A|lora_B|M_xs|magnitude|magnitude_r|magnitude_c> or PEFT "
+                "base_model.model.<module>.lora_A.weight)"
+            )
         peft = match.re is _PEFT_KEY
         layouts.add(peft)
         value = tensors[key]
@@ -238,7 +254,7 @@ def _resolve(module: str, roots, shapes: Mapping[str, Mapping]) -> list[tuple[st
     for prefix, target in roots:
         if not module.startswith(prefix):
             continue
-        rel = module[len(prefix):]
+        rel = module[len(prefix) :]
         name = _dit_name(rel) if target == DIT else f"{rel}.weight"
         shape = shapes[target].get(name)
         if shape is not None and len(shape) in (2, 3):  # a Linear or Conv1d weight, not a norm gain
@@ -281,13 +297,20 @@ def _expected_shapes(adapter_type: str, rank: int, fan_out: int, fan_in: int) ->
     rows = (fan_out,)
     cols = (fan_in,)
     magnitude = cols if adapter_type.startswith("dora-cols") else rows
-    shapes = {"lora_A": (rank, fan_in), "lora_B": (fan_out, rank), "M_xs": (rank, rank), "magnitude": magnitude,
-              "magnitude_r": rows, "magnitude_c": cols}
+    shapes = {
+        "lora_A": (rank, fan_in),
+        "lora_B": (fan_out, rank),
+        "M_xs": (rank, rank),
+        "magnitude": magnitude,
+        "magnitude_r": rows,
+        "magnitude_c": cols,
+    }
     return {p: shapes[p] for p in ADAPTER_PARAMS[adapter_type]}
 
 
-def load_lora(path, shapes: Mapping[str, Mapping[str, tuple]], base: Mapping[str, Mapping] | None = None,
-              svd_bases=None) -> LoraAdapter:
+def load_lora(
+    path, shapes: Mapping[str, Mapping[str, tuple]], base: Mapping[str, Mapping] | None = None, svd_bases=None
+) -> LoraAdapter:
     """Read and strictly check one LoRA file against a model.
 
     ``shapes`` (and ``base``, needed for the ``-xs`` types) are ``{DIT: {name: ...}, CONDITIONERS: {name: ...}}``
@@ -328,8 +351,9 @@ def load_lora(path, shapes: Mapping[str, Mapping[str, tuple]], base: Mapping[str
     return LoraAdapter(path, adapter_type, rank, alpha, config, layers, digest)
 
 
-def _check_layer(path: Path, adapter_type: str, rank: int, params: dict, target: str, name: str, module: str,
-                 shape) -> LoraLayer:
+def _check_layer(
+    path: Path, adapter_type: str, rank: int, params: dict, target: str, name: str, module: str, shape
+) -> LoraLayer:
     fan_out, fan_in = _fans(shape)
     expected = _expected_shapes(adapter_type, rank, fan_out, fan_in)
     where = f"{_FULL_PREFIX[target]}{module}.weight {tuple(shape)}"
@@ -340,28 +364,34 @@ def _check_layer(path: Path, adapter_type: str, rank: int, params: dict, target:
     if missing:
         raise CheckpointError(f"{path}: layer {module}: {adapter_type} tensors missing: {', '.join(missing)}")
     if adapter_type.endswith("-xs") and rank > min(fan_out, fan_in):
-        raise CheckpointError(f"{path}: layer {module}: rank {rank} exceeds the weight's {min(fan_out, fan_in)} "
-                              "singular vectors")
+        raise CheckpointError(
+            f"{path}: layer {module}: rank {rank} exceeds the weight's {min(fan_out, fan_in)} singular vectors"
+        )
     values = {}
     for param, (key, value) in params.items():
         if param == "magnitude" and value.ndim == 2 and 1 in value.shape:
             value = value.reshape(-1)  # legacy 2-D magnitudes (official prepare_dora_state_dict squeezes them)
         if tuple(value.shape) != expected[param]:
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(params[param][1].shape)}, expected "
-                                  f"{expected[param]} (rank {rank}, {adapter_type} on {where})")
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {tuple(params[param][1].shape)}, expected "
+                f"{expected[param]} (rank {rank}, {adapter_type} on {where})"
+            )
         values[param] = value.astype(mx.float32)
     return LoraLayer(target, name, module, values)
 
 
 # ------------------------------------------------------------------------------------------------ SVD bases
 
+
 def load_svd_bases(path) -> dict[str, mx.array]:
     """Precomputed ``-xs`` bases: a safetensors file with ``<official weight key>.U`` (out, >= r) and ``.V``
     (in, >= r), the official ``svd_bases.pt`` content (keys ``model.model.<module>.weight``) without pickle."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle SVD bases are refused (loading one can run arbitrary code); store "
-                              "them as safetensors with keys <weight key>.U and <weight key>.V")
+        raise CheckpointError(
+            f"{path}: pickle SVD bases are refused (loading one can run arbitrary code); store "
+            "them as safetensors with keys <weight key>.U and <weight key>.V"
+        )
     try:
         return dict(mx.load(str(path), format="safetensors"))
     except Exception as err:
@@ -381,8 +411,14 @@ def _layer_bases(path: Path, layer: LoraLayer, base_weight, rank: int, svd_bases
     fan_out, fan_in = _fans(base_weight.shape)
     if svd_bases is not None and f"{layer.key}.U" in svd_bases:
         u, v = svd_bases[f"{layer.key}.U"], svd_bases.get(f"{layer.key}.V")
-        if v is None or u.ndim != 2 or v.ndim != 2 or u.shape[0] != fan_out or v.shape[0] != fan_in \
-                or min(u.shape[1], v.shape[1]) < rank:
+        if (
+            v is None
+            or u.ndim != 2
+            or v.ndim != 2
+            or u.shape[0] != fan_out
+            or v.shape[0] != fan_in
+            or min(u.shape[1], v.shape[1]) < rank
+        ):
             raise CheckpointError(f"{path}: SVD bases of {layer.key} do not fit ({fan_out}, {fan_in}) at rank {rank}")
         return u[:, :rank].astype(mx.float32), v[:, :rank].astype(mx.float32)
     u, vh = canonical_svd(np.array(to_official_2d(base_weight)))
@@ -390,6 +426,7 @@ def _layer_bases(path: Path, layer: LoraLayer, base_weight, rank: int, svd_bases
 
 
 # ------------------------------------------------------------------------------------------------ formulas
+
 
 def to_official_2d(w: mx.array) -> mx.array:
     """float32 (out, in * k) as the official parametrization sees it; MLX Conv1d weights are (out, k, in)."""
@@ -431,6 +468,7 @@ def adapt(w2d: mx.array, layer: LoraLayer, adapter_type: str, coefficient: float
 
 
 # ------------------------------------------------------------------------------------------------ stack
+
 
 @dataclass
 class LoraStack:
@@ -498,15 +536,28 @@ class LoraStack:
             for adapter in self.adapters:
                 layer = adapter.layers.get((target, name))
                 if layer is not None and adapter.acts_on(layer, sigma):
-                    w = adapt(to_official_2d(w0) if w is None else w, layer, adapter.adapter_type,
-                              adapter.strength * adapter.scaling)
+                    w = adapt(
+                        to_official_2d(w0) if w is None else w,
+                        layer,
+                        adapter.adapter_type,
+                        adapter.strength * adapter.scaling,
+                    )
             out[(target, name)] = w0 if w is None else from_official_2d(w, w0)
         return _by_target(out)
 
     def record(self) -> list[dict]:
         """What went in, for a converted checkpoint's config: file, sha256, type, rank, alpha, strength per LoRA."""
-        return [{"file": a.path.name, "sha256": a.sha256, "adapter_type": a.adapter_type, "rank": a.rank,
-                 "alpha": a.alpha, "strength": a.strength} for a in self.adapters]
+        return [
+            {
+                "file": a.path.name,
+                "sha256": a.sha256,
+                "adapter_type": a.adapter_type,
+                "rank": a.rank,
+                "alpha": a.alpha,
+                "strength": a.strength,
+            }
+            for a in self.adapters
+        ]
 
 
 def _by_target(flat: Mapping[tuple, mx.array]) -> dict:
@@ -529,8 +580,12 @@ def _with_strengths(loras: Iterable) -> list[tuple[Path, float]]:
     return out
 
 
-def merge_loras(dit_weights: Mapping[str, mx.array], conditioner_tensors: Mapping[str, mx.array], loras,
-                svd_bases: Mapping[str, mx.array] | None = None) -> tuple[dict, dict, list]:
+def merge_loras(
+    dit_weights: Mapping[str, mx.array],
+    conditioner_tensors: Mapping[str, mx.array],
+    loras,
+    svd_bases: Mapping[str, mx.array] | None = None,
+) -> tuple[dict, dict, list]:
     """Bake LoRAs into the weights, for a converter: ``loras`` = ``[(path, strength), ...]`` applied in order.
 
     ``dit_weights`` in mlx_sa3 names and layouts, ``conditioner_tensors`` as :class:`mlx_sa3.model.Conditioners`
@@ -552,6 +607,7 @@ def merge_loras(dit_weights: Mapping[str, mx.array], conditioner_tensors: Mappin
 # ------------------------------------------------------------------------------------- SA3Model integration
 # The model methods (SA3Model.load_lora and friends) are thin wrappers over these functions, which keep the stack
 # on the model as ``model._lora_stack`` and push effective weights to either backend's DiT and to the conditioner.
+
 
 def _stack(model, create: bool = False) -> LoraStack | None:
     stack = getattr(model, "_lora_stack", None)
@@ -657,7 +713,8 @@ def control(model, what: str, value, lora_index: int | None = None) -> None:
         stack.select(lora_index)  # an index is out of range; None with nothing loaded does nothing, as officially
         return
     {"strength": stack.set_strength, "interval": stack.set_interval, "layer_filter": stack.set_layer_filter}[what](
-        value, lora_index)
+        value, lora_index
+    )
     _refresh(model)
 
 

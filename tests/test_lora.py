@@ -88,6 +88,7 @@ def model_state(loaded):
 
 # ------------------------------------------------------------------------------------------ official fixtures
 
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_official_case(model_state, case):
     fixture, model, io, ref, base = model_state
@@ -162,6 +163,7 @@ def test_listing(model_state):
 
 # ------------------------------------------------------------------------------------------ runtime extras
 
+
 def test_layer_filter_equals_file_without_those_layers(model_state, tmp_path):
     """Filtered layers stay unadapted: the same as a file that never had their tensors."""
     fixture, model, io, _, _ = model_state
@@ -188,8 +190,9 @@ def euler_by_hand(model, cond, noise, steps, active):
     x = mx.array(noise)
     for t, t_next in zip(sigmas[:-1], sigmas[1:]):
         model.set_lora_strength(1.0 if active(float(t)) else 0.0)
-        v = model.dit(x, mx.full((x.shape[0],), float(t)), cond["cross_attn_cond"], cond["global_cond"],
-                      cond["local_add_cond"])
+        v = model.dit(
+            x, mx.full((x.shape[0],), float(t)), cond["cross_attn_cond"], cond["global_cond"], cond["local_add_cond"]
+        )
         x = x + (float(t_next) - float(t)) * v
     return np.array(x)
 
@@ -214,13 +217,14 @@ def test_sigma_interval_switches_during_sampling(model_state):
 
 # ------------------------------------------------------------------------------------------ other layouts
 
+
 def peft_copy(src, dst, with_config: bool):
     """The official file rewritten as a PEFT export (keys rooted at the whole SA3 model)."""
     tensors = mx.load(str(src))
     renamed = {}
     for key, value in tensors.items():
         module, _, param = key.rpartition(".parametrizations.weight.0.")
-        root = "model.model." + module[len("model."):] if module.startswith("model.") else "conditioner." + module
+        root = "model.model." + module[len("model.") :] if module.startswith("model.") else "conditioner." + module
         if module.endswith("_conv"):  # PEFT keeps Conv1d adapters as convs: A (r, in, 1), B (out, r, 1)
             value = value[:, :, None]
         renamed[f"base_model.model.{root}.{param}.weight"] = value
@@ -296,6 +300,7 @@ def test_pickle_svd_bases_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad files
 
+
 def rewrite(src, dst, edit=None, metadata_edit=None):
     tensors, metadata = mx.load(str(src), return_metadata=True)
     tensors = dict(tensors)
@@ -314,7 +319,8 @@ QKV_A = "model.transformer.layers.0.self_attn.to_qkv.parametrizations.weight.0.l
 def _rename_to_missing_layer(t):
     for param in ("lora_A", "lora_B"):
         t[f"model.transformer.layers.9.self_attn.to_qkv.parametrizations.weight.0.{param}"] = t.pop(
-            QKV_A.replace("lora_A", param))
+            QKV_A.replace("lora_A", param)
+        )
 
 
 def _narrow(t):
@@ -325,15 +331,27 @@ BAD = {
     "missing_layer": (_rename_to_missing_layer, None, "layers.9.self_attn.to_qkv"),
     "wrong_shape": (_narrow, None, QKV_A),
     "wrong_rank": (None, lambda c: c.update(rank=8), "lora_A"),
-    "norm_gain": (lambda t: t.update({
-        "model.transformer.layers.0.pre_norm.parametrizations.weight.0.lora_A": mx.zeros((4, 96), mx.float16),
-        "model.transformer.layers.0.pre_norm.parametrizations.weight.0.lora_B": mx.zeros((96, 4), mx.float16)}),
-        None, "pre_norm"),
-    "not_lora": (lambda t: t.update({"model.transformer.layers.0.self_attn.to_qkv.weight": mx.zeros((4,))}), None,
-                 "self_attn.to_qkv.weight is not a LoRA tensor"),
+    "norm_gain": (
+        lambda t: t.update(
+            {
+                "model.transformer.layers.0.pre_norm.parametrizations.weight.0.lora_A": mx.zeros((4, 96), mx.float16),
+                "model.transformer.layers.0.pre_norm.parametrizations.weight.0.lora_B": mx.zeros((96, 4), mx.float16),
+            }
+        ),
+        None,
+        "pre_norm",
+    ),
+    "not_lora": (
+        lambda t: t.update({"model.transformer.layers.0.self_attn.to_qkv.weight": mx.zeros((4,))}),
+        None,
+        "self_attn.to_qkv.weight is not a LoRA tensor",
+    ),
     "unknown_type": (None, lambda c: c.update(adapter_type="vera"), "unknown adapter_type"),
-    "missing_magnitude": (lambda t: t.pop(QKV_A.replace("lora_A", "magnitude")),
-                          lambda c: c.update(adapter_type="dora-rows"), "magnitude"),
+    "missing_magnitude": (
+        lambda t: t.pop(QKV_A.replace("lora_A", "magnitude")),
+        lambda c: c.update(adapter_type="dora-rows"),
+        "magnitude",
+    ),
 }
 
 
@@ -391,6 +409,7 @@ def test_missing_file_refused(loaded, tmp_path):
 
 # ------------------------------------------------------------------------------------------ export and pipeline
 
+
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_merged_weights_reproduce_lora_outputs(fixture):
     """What the converter bakes in: loaded without any LoRA, the merged weights give the stacked LoRA outputs."""
@@ -404,29 +423,35 @@ def test_merged_weights_reproduce_lora_outputs(fixture):
     ref = dict(np.load(REF / fixture / "lora.npz"))
     io = dict(np.load(REF / fixture / "io.npz"))
     pairs = [(lora_file(fixture, "lora_r4"), 0.8), (lora_file(fixture, "bora"), 0.4)]
-    dit_weights, cond_tensors, record = lora.merge_loras(dict(tree_flatten(base_model.dit.parameters())),
-                                                         base_model.conditioners.tensors, pairs)
+    dit_weights, cond_tensors, record = lora.merge_loras(
+        dict(tree_flatten(base_model.dit.parameters())), base_model.conditioners.tensors, pairs
+    )
     assert [(r["file"], r["strength"], r["adapter_type"]) for r in record] == [
-        ("lora_r4.safetensors", 0.8, "lora"), ("bora.safetensors", 0.4, "bora")]
+        ("lora_r4.safetensors", 0.8, "lora"),
+        ("bora.safetensors", 0.4, "bora"),
+    ]
     assert all(len(r["sha256"]) == 64 for r in record)
 
     dit = DiT(DiTConfig.from_model_config(source.model_config))
     dit.load_weights(list(dit_weights.items()))
-    merged = mlx_sa3.SA3Model(base_model.config, dit, None, None, Conditioners(cond_tensors, SA3Config.from_dict(
-        source.model_config)))
+    merged = mlx_sa3.SA3Model(
+        base_model.config, dit, None, None, Conditioners(cond_tensors, SA3Config.from_dict(source.model_config))
+    )
     assert_matches(outputs(merged, io), ref, "stack_lora_bora")
     # the inputs were not modified
     name = "seconds_total.embedder.embedding.1.weight"
-    np.testing.assert_array_equal(np.array(base_model.conditioners.tensors[name]),
-                                  np.array(source.component("conditioners")[name]))
+    np.testing.assert_array_equal(
+        np.array(base_model.conditioners.tensors[name]), np.array(source.component("conditioners")[name])
+    )
 
 
 def test_from_pretrained_with_loras():
     fixture = FIXTURES[0]
     ref = dict(np.load(REF / fixture / "lora.npz"))
     io = dict(np.load(REF / fixture / "io.npz"))
-    pipe = mlx_sa3.StableAudio3.from_pretrained(REF / fixture, dtype="float32", loras=[
-        (lora_file(fixture, "lora_r4"), 0.8), (lora_file(fixture, "bora"), 0.4)])
+    pipe = mlx_sa3.StableAudio3.from_pretrained(
+        REF / fixture, dtype="float32", loras=[(lora_file(fixture, "lora_r4"), 0.8), (lora_file(fixture, "bora"), 0.4)]
+    )
     assert [(e["name"], e["strength"]) for e in pipe.model.loras] == [("lora_r4", 0.8), ("bora", 0.4)]
     assert_matches(outputs(pipe.model, io), ref, "stack_lora_bora")
 

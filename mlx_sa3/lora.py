@@ -202,6 +202,43 @@ def read_lora_file(path) -> tuple[dict, dict, str]:
     return tensors, config, digest
 
 
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archives, raw pickles (protocol 2+)
+
+
+def check_lora_file(path) -> Path:
+    """Cheap checks before any model loads: the file exists, is readable, is not a pickle and has a complete
+    safetensors header (every tensor inside the file). The strict per-tensor checks come when it is loaded."""
+    from .converter.safetensors_io import read_safetensors_header
+
+    path = Path(path).expanduser()
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such LoRA file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the LoRA file ({err.strerror})") from None
+    if magic.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{path}: a pickle (torch.save) file, refused (loading one can run arbitrary code)")
+    read_safetensors_header(path)
+    return path
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength). Paths may hold ':'; only a last ':' followed by a number splits."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(strength):
+            raise ValueError(f"--lora {spec}: strength {tail} is not a finite number")
+        return head, strength
+    return spec, 1.0
+
+
 def _from_peft_config(peft: dict, where: Path) -> dict:
     if peft.get("use_dora") or peft.get("rank_pattern") or peft.get("alpha_pattern"):
         raise CheckpointError(f"{where}: only plain PEFT LoRAs with one rank and alpha are supported")
@@ -571,13 +608,33 @@ def _shapes(base: Mapping[str, Mapping]) -> dict:
     return {target: {k: tuple(v.shape) for k, v in tensors.items()} for target, tensors in base.items()}
 
 
-def _with_strengths(loras: Iterable) -> list[tuple[Path, float]]:
-    """``[path | (path, strength), ...]`` -> ``[(path, strength), ...]`` (strength 1 by default)."""
+def _with_strengths(loras: Iterable) -> list[tuple[Path, float, tuple | None]]:
+    """``[path | (path, strength) | (path, strength, interval), ...]`` -> ``[(path, strength, interval), ...]``
+    (strength 1 and no interval by default)."""
     out = []
     for entry in loras:
-        path, strength = (entry, 1.0) if isinstance(entry, (str, Path)) else entry
-        out.append((Path(path), float(strength)))
+        if isinstance(entry, (str, Path)):
+            entry = (entry,)
+        path, strength, interval = (*entry, 1.0, None)[:3] if len(entry) == 1 else (*entry, None)[:3]
+        out.append((Path(path), float(strength), interval))
     return out
+
+
+def _is_interval(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def per_lora_intervals(interval, count: int) -> list:
+    """``None`` / one ``(lo, hi)`` for every LoRA / a list with one entry (``(lo, hi)`` or None) per LoRA, or a
+    single-entry list that applies to all."""
+    if interval is None or _is_interval(interval):
+        return [interval] * count
+    intervals = list(interval)
+    if len(intervals) == 1:
+        return intervals * count
+    if len(intervals) != count:
+        raise ValueError(f"{len(intervals)} LoRA sigma intervals for {count} LoRA files")
+    return intervals
 
 
 def merge_loras(
@@ -595,7 +652,7 @@ def merge_loras(
     """
     base = {DIT: dict(dit_weights), CONDITIONERS: dict(conditioner_tensors)}
     stack = LoraStack()
-    for path, strength in _with_strengths(loras):
+    for path, strength, _ in _with_strengths(loras):
         adapter = load_lora(path, _shapes(base), base, svd_bases)
         adapter.strength = strength
         stack.add(adapter, base)
@@ -679,12 +736,19 @@ def _refresh(model, sigma: float | None = None) -> None:
 def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
     """Load LoRA files onto ``model`` after those already loaded; returns their indices.
 
-    ``loras``: paths or (path, strength) pairs. All files are read and checked before any weight changes.
+    ``loras``: paths, ``(path, strength)`` or ``(path, strength, (lo, hi))``. ``interval`` applies to the entries
+    without their own: one ``(lo, hi)`` for all or one per entry (see :func:`per_lora_intervals`). All files are
+    read and checked before any weight changes.
     """
+    entries = _with_strengths([loras] if isinstance(loras, (str, Path)) else loras)
+    defaults = per_lora_intervals(interval, len(entries))
+    intervals = [own if own is not None else default for (_, _, own), default in zip(entries, defaults)]
+    for lo_hi in intervals:
+        if lo_hi is not None and not (_is_interval(lo_hi) and lo_hi[0] <= lo_hi[1]):
+            raise ValueError(f"LoRA sigma interval {lo_hi!r}: expected (low, high) with low <= high")
     stack = _stack(model, create=True)
     base = _model_base(model, stack)
     shapes = _shapes(base)
-    entries = _with_strengths([loras] if isinstance(loras, (str, Path)) else loras)
     bases = {}
 
     def svd_bases():  # the checkpoint's bases file, read once and only for an -xs LoRA (as officially)
@@ -693,14 +757,14 @@ def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
         return bases["bases"]
 
     adapters = []
-    for path, strength in entries:
+    for path, strength, _ in entries:
         adapter = load_lora(path, shapes, base, svd_bases)
         adapter.strength = strength
         adapters.append(adapter)
     indices = []
-    for adapter in adapters:
+    for adapter, lo_hi in zip(adapters, intervals):
         indices.append(stack.add(adapter, base))
-        stack.set_interval(interval, indices[-1])
+        stack.set_interval(lo_hi, indices[-1])
         stack.set_layer_filter(layer_filter, indices[-1])
     _refresh(model)
     return indices

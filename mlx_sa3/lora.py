@@ -673,6 +673,17 @@ def _stack(model, create: bool = False) -> LoraStack | None:
     return stack
 
 
+def _refuse_quantized(model) -> None:
+    """Merged LoRAs need float weights; a quantized DiT (MLX ``Quantized*`` modules) has packed integers instead."""
+    named = getattr(model.dit, "named_modules", None)
+    quantized = [name for name, module in (named() if named else []) if type(module).__name__.startswith("Quantized")]
+    if quantized:
+        raise ValueError(
+            f"LoRA on a quantized DiT ({len(quantized)} quantized layers, e.g. {quantized[0]}) is not supported: "
+            "load the unquantized checkpoint, or merge the LoRA first (convert.py --lora) and quantize the result"
+        )
+
+
 def _current_dit_weights(model) -> Mapping[str, mx.array]:
     """The DiT's parameters in mlx_sa3 names: the MLX module's own, or for the torch DiT the checkpoint's."""
     if hasattr(model.dit, "update_weights"):  # torch backend: the torch module holds no mlx_sa3-named copy
@@ -740,6 +751,7 @@ def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
     without their own: one ``(lo, hi)`` for all or one per entry (see :func:`per_lora_intervals`). All files are
     read and checked before any weight changes.
     """
+    _refuse_quantized(model)
     entries = _with_strengths([loras] if isinstance(loras, (str, Path)) else loras)
     defaults = per_lora_intervals(interval, len(entries))
     intervals = [own if own is not None else default for (_, _, own), default in zip(entries, defaults)]

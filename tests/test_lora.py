@@ -463,3 +463,20 @@ def test_controls_without_loras(loaded):
     assert model.loras == []
     with pytest.raises(IndexError, match="lora_index 0 out of range"):
         model.set_lora_strength(0.5, lora_index=0)
+
+
+def test_quantized_dit_refused():
+    """Merged LoRAs need float base weights: a DiT with quantized layers is refused before anything changes."""
+    import mlx.nn as nn
+
+    fixture = FIXTURES[0]
+    model = mlx_sa3.load_model(REF / fixture, dtype="float32")
+    nn.quantize(
+        model.dit,
+        group_size=32,
+        bits=8,
+        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0,
+    )
+    with pytest.raises(ValueError, match="LoRA on a quantized DiT"):
+        model.load_lora(lora_file(fixture, "lora_r4"))
+    assert model.loras == []

@@ -182,6 +182,7 @@ def read_lora_file(path) -> tuple[dict, dict, str]:
     _refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such LoRA file")
+    _refuse_pickle_content(path)
     try:
         tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
         mx.eval(list(tensors.values()))
@@ -214,6 +215,13 @@ def check_lora_file(path) -> Path:
     _refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such LoRA file")
+    _refuse_pickle_content(path)
+    read_safetensors_header(path)
+    return path
+
+
+def _refuse_pickle_content(path: Path) -> None:
+    """A pickle under a safetensors name: say so (and never unpickle it) instead of reporting a corrupt header."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -221,8 +229,6 @@ def check_lora_file(path) -> Path:
         raise CheckpointError(f"{path}: cannot read the LoRA file ({err.strerror})") from None
     if magic.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path}: a pickle (torch.save) file, refused (loading one can run arbitrary code)")
-    read_safetensors_header(path)
-    return path
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

@@ -480,3 +480,10 @@ def test_quantized_dit_refused():
     with pytest.raises(ValueError, match="LoRA on a quantized DiT"):
         model.load_lora(lora_file(fixture, "lora_r4"))
     assert model.loras == []
+
+
+def test_pickle_under_safetensors_name_refused(loaded, tmp_path):
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a torch.save zip archive renamed
+    with pytest.raises(CheckpointError, match=r"style\.safetensors: a pickle \(torch\.save\) file, refused"):
+        loaded[1].load_lora(path)

@@ -116,6 +116,7 @@ def _parse_interval(text: str) -> tuple[float, float]:
 def lora_entries(args) -> list[tuple]:
     """``--lora`` / ``--lora-strength`` / ``--lora-interval`` -> ``[(path, strength, interval), ...]`` for
     ``StableAudio3.from_pretrained(loras=...)``, checked before any model loads (raises ValueError/CheckpointError)."""
+    from .converter.safetensors_io import read_safetensors_header
     from .lora import check_lora_file
 
     paths, strengths, intervals = args.lora, args.lora_strength, args.lora_interval
@@ -131,7 +132,10 @@ def lora_entries(args) -> list[tuple]:
     strengths = strengths + [1.0] * (len(paths) - len(strengths))
     intervals = [_parse_interval(v) for v in intervals] * (len(paths) if len(intervals) == 1 else 1)
     intervals = intervals or [None] * len(paths)
-    return [(check_lora_file(p), s, i) for p, s, i in zip(paths, strengths, intervals)]
+    checked = [check_lora_file(p) for p in paths]
+    for path in checked:
+        read_safetensors_header(path)  # complete file: a truncated download fails here, not after loading
+    return list(zip(checked, strengths, intervals))
 
 
 def _progress(quiet: bool):

@@ -207,16 +207,13 @@ _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archives, raw pickles
 
 
 def check_lora_file(path) -> Path:
-    """Cheap checks before any model loads: the file exists, is readable, is not a pickle and has a complete
-    safetensors header (every tensor inside the file). The strict per-tensor checks come when it is loaded."""
-    from .converter.safetensors_io import read_safetensors_header
-
+    """Cheap checks before any model loads: the file exists, is readable and is not a pickle (the command lines
+    also validate its safetensors header). The strict per-tensor checks come when it is loaded."""
     path = Path(path).expanduser()
     _refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such LoRA file")
     _refuse_pickle_content(path)
-    read_safetensors_header(path)
     return path
 
 

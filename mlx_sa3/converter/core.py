@@ -369,7 +369,10 @@ def _checked_loras(loras) -> list[tuple[Path, float]]:
     from ..lora import check_lora_file
 
     entries = [(entry, 1.0) if isinstance(entry, (str, os.PathLike)) else entry for entry in loras or ()]
-    return [(check_lora_file(path), float(strength)) for path, strength in entries]
+    checked = [(check_lora_file(path), float(strength)) for path, strength in entries]
+    for path, _ in checked:
+        read_safetensors_header(path)
+    return checked
 
 
 def _merge_loras(components: list[Component], loras, source, log: Callable[[str], None]) -> list[dict]:

@@ -259,7 +259,7 @@ class StableAudio3:
 
     def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
         """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
-        audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
+        audio = load_audio_input(audio, what)  # one validation path for every way audio comes in
         canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]

@@ -30,7 +30,7 @@ die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi; }
 
 # -- system libraries (Linux): OpenBLAS (MLX's wheel bundles only the slow reference BLAS), libsndfile, venv ----------
-has_lib() { ldconfig -p 2>/dev/null | grep -q "$1"; }
+has_lib() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q "$1"; }
 system_packages() {
     [ "$(uname -s)" = Linux ] || return 0
     local missing=()
@@ -93,6 +93,6 @@ if [ "$demo" = 1 ]; then
     overwrite=()
     "$VENV/bin/python" -m mlx_sa3.generate --help | grep -q -- --overwrite && overwrite=(--overwrite)
     "$VENV/bin/python" -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 --seed 1 --quiet \
-        "${overwrite[@]}" -o demo.wav
+        ${overwrite[@]+"${overwrite[@]}"} -o demo.wav
     say "done: demo.wav; next: $VENV/bin/python -m mlx_sa3.generate --help"
 fi

@@ -307,7 +307,11 @@ def test_chunked_attention_matches_float64(monkeypatch):
         scores = q.astype(np.float64) @ k.swapaxes(-1, -2) * 32 ** -0.5
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         ref = weights / weights.sum(-1, keepdims=True) @ v
-        assert rel_err(ours, ref) <= 1e-6
+        # fp32 error budget: exp turns the rounding of a score s (about eps * |s|) into a relative weight error, the
+        # d-term dot product and the sums over the keys add about eps * sqrt(d) and eps * sqrt(keys).
+        eps = float(np.finfo(np.float32).eps)
+        tol = 2 * eps * (np.abs(scores).max() + np.sqrt(32) + np.sqrt(keys))
+        assert rel_err(ours, ref) <= tol, (queries, keys, tol)
 
 
 def test_fused_kernel_path_matches_fixture(monkeypatch):

@@ -25,6 +25,7 @@ import operator
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import sys
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 #: name of the temporary files: hidden, short, with the writer's pid so stale ones can be recognised
-TEMP_PATTERN = re.compile(r"^\.sa3-(\d+)-[0-9a-f]{8}\.(partial|old)$")
+TEMP_PATTERN = re.compile(r"^\.sa3-(\d+)-[0-9a-f]{8}\.(partial|old|converting)$")
 #: seeds accepted as given; negative seeds (officially ``-1``) and ``None`` mean "draw one at random"
 SEED_MAX = 2**63 - 1
 #: the range random seeds are drawn from (what the official code and earlier mlx_sa3 versions print)
@@ -186,7 +187,7 @@ def _check_name_length(target: Path) -> None:
 
 def _probe_writable(directory: Path) -> None:
     """Create and remove one temporary file: the only test that sees read-only mounts, ACLs and root alike."""
-    probe = directory / _temp_name("partial")
+    probe = directory / temp_name("partial")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
@@ -214,14 +215,15 @@ def check_output_targets(paths: Iterable, overwrite: bool = False) -> list[Path]
 # -- atomic group writes ----------------------------------------------------------------------------------------
 
 
-def _temp_name(kind: str) -> str:
+def temp_name(kind: str) -> str:
+    """A short hidden name with this process's pid: ``.sa3-<pid>-<8 hex>.<kind>`` (kind: partial, old, converting)."""
     return f".sa3-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
 
 
 def _create_temp(directory: Path, kind: str = "partial") -> Path:
     """A new empty file, mode 0666 & ~umask (like any tool's output; mkstemp would force 0600)."""
     for _ in range(16):
-        temp = directory / _temp_name(kind)
+        temp = directory / temp_name(kind)
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -344,7 +346,7 @@ class AtomicFiles:
 
     @staticmethod
     def _backup(target: Path) -> Path | None:
-        backup = target.parent / _temp_name("old")
+        backup = target.parent / temp_name("old")
         try:
             os.link(target, backup)
         except OSError:
@@ -377,7 +379,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def stale_temporaries(directory, min_age: float = 10.0) -> list[Path]:
-    """mlx_sa3 temporary files in ``directory`` whose writer process is gone and that are older than ``min_age`` s.
+    """mlx_sa3 temporary files and converter directories in ``directory`` whose writer is gone, at least ``min_age``
+    seconds old.
 
     The pid in the name is checked with ``kill(pid, 0)`` on this machine; the age guard keeps a file whose writer
     just started from being mistaken (pid reuse, a network file system shared with another host).
@@ -397,7 +400,8 @@ def stale_temporaries(directory, min_age: float = 10.0) -> list[Path]:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and pid != os.getpid() and now - st.st_mtime >= min_age and not _pid_alive(pid):
+        ours = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)  # files, or converter directories
+        if ours and pid != os.getpid() and now - st.st_mtime >= min_age and not _pid_alive(pid):
             found.append(Path(entry.path))
     return sorted(found)
 
@@ -407,7 +411,10 @@ def remove_stale_temporaries(directory, min_age: float = 10.0) -> list[Path]:
     removed = []
     for path in stale_temporaries(directory, min_age):
         try:
-            os.unlink(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # an interrupted conversion's directory
+            else:
+                os.unlink(path)
         except OSError:
             continue
         removed.append(path)

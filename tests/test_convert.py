@@ -373,15 +373,35 @@ def test_refuses_incomplete_diffusers_and_converted_sources(tmp_path, converted)
 
 
 def test_existing_output_needs_force(tmp_path):
+    """--force replaces only an earlier conversion (its marker); an unrelated folder is refused and kept whole."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    (out / "sub").mkdir()
     proc = run_cli(REF / "same_s_tiny_s0", out)
     assert proc.returncode == 2 and "--force" in proc.stderr
-    assert (out / "keep.txt").exists()
     proc = run_cli(REF / "same_s_tiny_s0", out, "--force")
+    assert proc.returncode == 2 and "not a directory written by mlx_sa3" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "x" and (out / "sub").is_dir()
+    # an earlier conversion is replaced by --force
+    converted = tmp_path / "converted"
+    assert run_cli(REF / "same_s_tiny_s0", converted).returncode == 0
+    assert (converted / ".mlx_sa3-conversion").is_file()
+    (converted / "stale.txt").write_text("from the earlier conversion")
+    proc = run_cli(REF / "same_s_tiny_s0", converted, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert not (out / "keep.txt").exists() and open_source(out).converted
+    assert not (converted / "stale.txt").exists() and open_source(converted).converted
+    assert not leftovers(tmp_path)
+
+
+def test_force_onto_a_regular_file_is_refused(tmp_path):
+    target = tmp_path / "model"
+    target.write_text("precious")
+    proc = run_cli(REF / "same_s_tiny_s0", target, "--force")
+    assert proc.returncode == 2 and "never replaces anything else" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert target.is_file() and target.read_text() == "precious"
     assert not leftovers(tmp_path)
 
 

@@ -47,6 +47,9 @@ def preload() -> str | None:
         skipped_reason = "mlx was imported before mlx_sa3; import mlx_sa3 first to use OpenBLAS"
         return None
     wanted = os.environ.get("MLX_SA3_BLAS")
+    if wanted and not os.path.exists(wanted):
+        skipped_reason = f"{wanted} does not exist"
+        return None
     for path in [wanted] if wanted else _CANDIDATES:
         if os.path.exists(path):
             try:
@@ -59,6 +62,17 @@ def preload() -> str | None:
             return path
     skipped_reason = "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
     return None
+
+
+def blas_warning() -> str | None:
+    """A warning when the BLAS that ``MLX_SA3_BLAS`` asks for is not the one in use (None when all is well)."""
+    wanted = os.environ.get("MLX_SA3_BLAS")
+    if not wanted or loaded_blas == wanted:
+        return None
+    return (
+        f"MLX_SA3_BLAS={wanted} was not loaded ({skipped_reason or 'unknown reason'}); "
+        "MLX uses its bundled reference BLAS, whose matmuls are many times slower"
+    )
 
 
 def torch_thread_policy(torch) -> None:
@@ -91,6 +105,20 @@ def gemm_gflops(n: int = 2048, dtype=None, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def describe_torch() -> str:
+    """The torch backend: its version and thread count under mlx_sa3's policy, or why it is unavailable."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "not installed (the torch backend needs: pip install 'mlx_sa3[torch]' with a CPU torch)"
+    try:
+        import torch
+    except Exception as err:  # a broken install must not stop the report
+        return f"installed but fails to import ({type(err).__name__}: {err})"
+    torch_thread_policy(torch)
+    return f"{torch.__version__} (threads: {torch.get_num_threads()})"
+
+
 def describe() -> dict:
     import mlx.core as mx
 
@@ -100,6 +128,7 @@ def describe() -> dict:
         "metal": bool(mx.metal.is_available()),
         "platform": platform.platform(),
         "blas": loaded_blas or f"MLX default ({skipped_reason or 'bundled'})",
+        "torch": describe_torch(),
     }
 
 
@@ -109,6 +138,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
     args = parser.parse_args(argv)
+    if blas_warning():
+        print(f"warning: {blas_warning()}", file=sys.stderr)
     for key, value in describe().items():
         print(f"{key:>9}: {value}")
     print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")

@@ -89,10 +89,8 @@ say "installing mlx_sa3[$extras]"
 
 if [ "$demo" = 1 ]; then
     say "generating demo.wav with the built-in demo model (random weights: it is noise, not music)"
-    # demo.wav is this script's own output: replaced on every run (once the CLI has --overwrite, with it)
-    overwrite=()
-    "$VENV/bin/python" -m mlx_sa3.generate --help | grep -q -- --overwrite && overwrite=(--overwrite)
+    # demo.wav is this script's own output: replaced on every run
     "$VENV/bin/python" -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 --seed 1 --quiet \
-        ${overwrite[@]+"${overwrite[@]}"} -o demo.wav
+        --overwrite -o demo.wav
     say "done: demo.wav; next: $VENV/bin/python -m mlx_sa3.generate --help"
 fi

@@ -212,11 +212,7 @@ def _run(args) -> int:
     except (ValueError, AudioError, CheckpointError, NonFiniteError) as err:
         return _fail(str(err))
     except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
-        return _fail(
-            str(err)
-            if type(err) in (FileNotFoundError, PermissionError) and not err.errno
-            else os_error_message(err, action="cannot read or write")
-        )
+        return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
     print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
     return 0

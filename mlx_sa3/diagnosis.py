@@ -40,10 +40,8 @@ def _tensors(component, depth: int = 2) -> list:
 
 
 def _is_finite(tensor) -> bool:
-    if hasattr(tensor, "detach"):  # torch: check in place, no copy to numpy
-        import torch
-
-        return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+    if hasattr(tensor, "detach"):  # torch: check in place, no copy to numpy (and no torch import here)
+        return not tensor.is_floating_point() or bool(tensor.isfinite().all())
     import mlx.core as mx
 
     if isinstance(tensor, mx.array):

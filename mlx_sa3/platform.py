@@ -105,20 +105,6 @@ def gemm_gflops(n: int = 2048, dtype=None, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def describe_torch() -> str:
-    """The torch backend: its version and thread count under mlx_sa3's policy, or why it is unavailable."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return "not installed (the torch backend needs: pip install 'mlx_sa3[torch]' with a CPU torch)"
-    try:
-        import torch
-    except Exception as err:  # a broken install must not stop the report
-        return f"installed but fails to import ({type(err).__name__}: {err})"
-    torch_thread_policy(torch)
-    return f"{torch.__version__} (threads: {torch.get_num_threads()})"
-
-
 def describe() -> dict:
     import mlx.core as mx
 
@@ -128,11 +114,11 @@ def describe() -> dict:
         "metal": bool(mx.metal.is_available()),
         "platform": platform.platform(),
         "blas": loaded_blas or f"MLX default ({skipped_reason or 'bundled'})",
-        "torch": describe_torch(),
     }
 
 
-def main(argv=None) -> None:
+def main(argv=None, more=None) -> None:
+    """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's)."""
     parser = argparse.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
     )
@@ -140,6 +126,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if blas_warning():
         print(f"warning: {blas_warning()}", file=sys.stderr)
-    for key, value in describe().items():
+    for key, value in {**describe(), **(more() if more else {})}.items():
         print(f"{key:>9}: {value}")
     print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")

@@ -305,9 +305,9 @@ def test_a_bad_blas_request_is_warned_once(tmp_path):
 
 
 def test_info_reports_the_torch_backend():
-    from mlx_sa3 import platform
+    from mlx_sa3 import backend
 
-    text = platform.describe()["torch"]
+    text = backend.describe_torch()
     try:
         import torch
     except ImportError:

@@ -407,6 +407,22 @@ def test_force_onto_a_regular_file_is_refused(tmp_path):
     assert not leftovers(tmp_path)
 
 
+def test_stale_conversion_directory_of_a_dead_run_is_removed(tmp_path):
+    import os
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".sa3-{dead.pid}-0123abcd.converting"  # what a SIGKILLed conversion leaves
+    (stale / "text_encoder").mkdir(parents=True)
+    (stale / "dit.safetensors").write_bytes(b"half a file")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    proc = run_cli(REF / "same_s_tiny_s0", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_interruption_leaves_nothing(tmp_path, monkeypatch):
     from mlx_sa3.converter import safetensors_io
 

@@ -23,11 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+import mlx_sa3  # noqa: F401  (loads the BLAS before mlx: must stay above the mlx imports)
 
-import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
+# isort: split
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
 from mlx_sa3 import lora
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe

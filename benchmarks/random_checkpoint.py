@@ -43,10 +43,19 @@ HUB_REPOS = {"small": "stabilityai/stable-audio-3-small-music", "medium": "stabi
 
 # ------------------------------------------------------------------------------------------------------ configs
 
+
 def _same_block(width: int, depth: int, dim_heads: int, latent_dim: int, small: bool) -> dict:
     """The encoder/decoder ``config`` shared keys of the official SAMEEncoder/SAMEDecoder."""
-    block = {"channels": width // 2, "c_mults": [2], "strides": [16], "transformer_depths": [depth],
-             "latent_dim": latent_dim, "dim_heads": dim_heads, "differential": True, "variable_stride": True}
+    block = {
+        "channels": width // 2,
+        "c_mults": [2],
+        "strides": [16],
+        "transformer_depths": [depth],
+        "latent_dim": latent_dim,
+        "dim_heads": dim_heads,
+        "differential": True,
+        "variable_stride": True,
+    }
     if small:  # SAME-S: chunks of 2 latent groups, second half of the blocks shifted by one group
         block.update({"chunk_size": 32, "chunk_midpoint_shift": True})
     else:  # SAME-L: a band of one latent group on each side
@@ -73,12 +82,19 @@ def model_config(variant: str, tiny: bool = False) -> dict:
         same_width, same_depth, same_heads = (768, 6, 64) if small else (1536, 12, 64)
         sinusoidal = 0 if small else 8
     encoder = {**_same_block(same_width, same_depth, same_heads, latent, small), "in_channels": 512}
-    decoder = {**_same_block(same_width, same_depth, same_heads, latent, small), "out_channels": 512,
-               "sinusoidal_blocks": [sinusoidal]}
+    decoder = {
+        **_same_block(same_width, same_depth, same_heads, latent, small),
+        "out_channels": 512,
+        "sinusoidal_blocks": [sinusoidal],
+    }
     if small:
         decoder["conv_mapping"] = True  # SAME-S decodes through a kernel-3 mapping; its encoder mapping is 1x1
-    prompt = {"max_length": max_length, "padding_mode": "learned", "repo_id": HUB_REPOS[variant],
-              "subfolder": TEXT_SUBFOLDER}
+    prompt = {
+        "max_length": max_length,
+        "padding_mode": "learned",
+        "repo_id": HUB_REPOS[variant],
+        "subfolder": TEXT_SUBFOLDER,
+    }
     return {
         "model_type": "diffusion_cond_inpaint",
         "sample_rate": 44100,
@@ -86,29 +102,54 @@ def model_config(variant: str, tiny: bool = False) -> dict:
         "audio_channels": 2,
         "model": {
             "io_channels": latent,
-            "pretransform": {"type": "autoencoder", "iterate_batch": False, "config": {
-                "latent_dim": latent, "downsampling_ratio": 4096, "io_channels": 2,
-                "encoder": {"type": "same", "config": encoder},
-                "decoder": {"type": "same", "config": decoder},
-                "bottleneck": {"type": "softnorm", "config": {"dim": latent, "auto_scale": True}},
-                "pretransform": {"type": "patched", "config": {"channels": 2, "patch_size": 256}},
-            }},
-            "conditioning": {"cond_dim": cond, "configs": [
-                {"id": "prompt", "type": "t5gemma", "config": prompt},
-                {"id": "seconds_total", "type": "number",
-                 "config": {"min_val": 0, "max_val": 384, "fourier_features_type": "expo"}},
-            ]},
+            "pretransform": {
+                "type": "autoencoder",
+                "iterate_batch": False,
+                "config": {
+                    "latent_dim": latent,
+                    "downsampling_ratio": 4096,
+                    "io_channels": 2,
+                    "encoder": {"type": "same", "config": encoder},
+                    "decoder": {"type": "same", "config": decoder},
+                    "bottleneck": {"type": "softnorm", "config": {"dim": latent, "auto_scale": True}},
+                    "pretransform": {"type": "patched", "config": {"channels": 2, "patch_size": 256}},
+                },
+            },
+            "conditioning": {
+                "cond_dim": cond,
+                "configs": [
+                    {"id": "prompt", "type": "t5gemma", "config": prompt},
+                    {
+                        "id": "seconds_total",
+                        "type": "number",
+                        "config": {"min_val": 0, "max_val": 384, "fourier_features_type": "expo"},
+                    },
+                ],
+            },
             "diffusion": {
-                "type": "dit", "diffusion_objective": "rf_denoiser",
-                "cross_attention_cond_ids": ["prompt", "seconds_total"], "global_cond_ids": ["seconds_total"],
+                "type": "dit",
+                "diffusion_objective": "rf_denoiser",
+                "cross_attention_cond_ids": ["prompt", "seconds_total"],
+                "global_cond_ids": ["seconds_total"],
                 "local_add_cond_ids": ["inpaint_mask", "inpaint_masked_input"],
                 "config": {
-                    "io_channels": latent, "patch_size": 1, "embed_dim": embed, "depth": depth, "num_heads": heads,
-                    "cond_token_dim": cond, "global_cond_dim": cond, "local_add_cond_dim": latent + 1,
-                    "transformer_type": "continuous_transformer", "global_cond_type": "adaLN",
-                    "timestep_features_type": "expo", "timestep_features_dim": 256,
-                    "attn_kwargs": {"qk_norm": "rms", "differential": not small}, "norm_type": "rms_norm",
-                    "norm_kwargs": {"force_fp32": True}, "ff_kwargs": {"mult": 4.0}, "num_memory_tokens": memory,
+                    "io_channels": latent,
+                    "patch_size": 1,
+                    "embed_dim": embed,
+                    "depth": depth,
+                    "num_heads": heads,
+                    "cond_token_dim": cond,
+                    "global_cond_dim": cond,
+                    "local_add_cond_dim": latent + 1,
+                    "transformer_type": "continuous_transformer",
+                    "global_cond_type": "adaLN",
+                    "timestep_features_type": "expo",
+                    "timestep_features_dim": 256,
+                    "attn_kwargs": {"qk_norm": "rms", "differential": not small},
+                    "norm_type": "rms_norm",
+                    "norm_kwargs": {"force_fp32": True},
+                    "ff_kwargs": {"mult": 4.0},
+                    "num_memory_tokens": memory,
                 },
             },
         },
@@ -117,16 +158,33 @@ def model_config(variant: str, tiny: bool = False) -> dict:
 
 def _t5gemma_stack(hidden: int, layers: int, heads: int, head_dim: int, inner: int, vocab: int, decoder: bool) -> dict:
     stack = {
-        "attention_bias": False, "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
-        "dropout_rate": 0.0, "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": head_dim,
-        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": hidden, "initializer_range": 0.02,
-        "intermediate_size": inner, "is_decoder": decoder,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0,
+        "bos_token_id": 2,
+        "dropout_rate": 0.0,
+        "eos_token_id": 1,
+        "final_logit_softcapping": 30.0,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": inner,
+        "is_decoder": decoder,
         "layer_types": ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)],
-        "max_position_embeddings": 8192, "model_type": "t5_gemma_module", "num_attention_heads": heads,
-        "num_hidden_layers": layers, "num_key_value_heads": heads, "pad_token_id": 0,
-        "query_pre_attn_scalar": head_dim, "rms_norm_eps": 1e-06,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "sliding_window": 4096,
-        "tie_word_embeddings": True, "use_cache": True, "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "model_type": "t5_gemma_module",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": heads,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": head_dim,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "sliding_window": 4096,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "vocab_size": vocab,
     }
     if decoder:
         stack["cross_attention_hidden_size"] = hidden
@@ -137,22 +195,41 @@ def text_config(tiny: bool = False) -> dict:
     """transformers ``config.json`` of T5Gemma-b-b (encoder-decoder, 12 + 12 layers of 768); ``tiny`` for tests."""
     dims = (64, 2, 2, 32, 128, 512) if tiny else (768, 12, 12, 64, 2048, 256000)
     return {
-        "architectures": ["T5GemmaForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 2,
-        "classifier_dropout_rate": 0.0, "decoder": _t5gemma_stack(*dims, decoder=True), "dropout_rate": 0.0,
-        "dtype": "float32", "encoder": _t5gemma_stack(*dims, decoder=False), "eos_token_id": 1,
-        "initializer_range": 0.02, "is_encoder_decoder": True, "model_type": "t5gemma", "pad_token_id": 0,
-        "tie_word_embeddings": True, "vocab_size": dims[-1],
+        "architectures": ["T5GemmaForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 2,
+        "classifier_dropout_rate": 0.0,
+        "decoder": _t5gemma_stack(*dims, decoder=True),
+        "dropout_rate": 0.0,
+        "dtype": "float32",
+        "encoder": _t5gemma_stack(*dims, decoder=False),
+        "eos_token_id": 1,
+        "initializer_range": 0.02,
+        "is_encoder_decoder": True,
+        "model_type": "t5gemma",
+        "pad_token_id": 0,
+        "tie_word_embeddings": True,
+        "vocab_size": dims[-1],
     }
 
 
 def tokenizer_config(max_length: int) -> dict:
     """As the SA3 repos ship it: right padding, no BOS/EOS (see the reference fixtures)."""
-    return {"tokenizer_class": "GemmaTokenizer", "padding_side": "right", "add_bos_token": False,
-            "add_eos_token": False, "pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>",
-            "unk_token": "<unk>", "model_max_length": max_length}
+    return {
+        "tokenizer_class": "GemmaTokenizer",
+        "padding_side": "right",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "bos_token": "<bos>",
+        "unk_token": "<unk>",
+        "model_max_length": max_length,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ layouts
+
 
 def _linear(name: str, out: int, inp: int, bias: bool) -> list[tuple[str, tuple]]:
     return [(f"{name}.weight", (out, inp))] + ([(f"{name}.bias", (out,))] if bias else [])
@@ -162,7 +239,9 @@ def dit_layout(config) -> list[tuple[str, tuple]]:
     """Official DiffusionTransformer tensor names (no prefix) and shapes for a :class:`mlx_sa3.dit.DiTConfig`."""
     e, io, hd = config.embed_dim, config.io_channels, config.head_dim
     out = []
-    out += _linear("to_timestep_embed.0", e, config.timestep_features_dim, True) + _linear("to_timestep_embed.2", e, e, True)
+    out += _linear("to_timestep_embed.0", e, config.timestep_features_dim, True) + _linear(
+        "to_timestep_embed.2", e, e, True
+    )
     out += _linear("to_cond_embed.0", e, config.cond_token_dim, False) + _linear("to_cond_embed.2", e, e, False)
     out += _linear("to_global_embed.0", e, config.global_cond_dim, False) + _linear("to_global_embed.2", e, e, False)
     out += [("preprocess_conv.weight", (io, io, 1)), ("postprocess_conv.weight", (io, io, 1))]
@@ -182,7 +261,9 @@ def dit_layout(config) -> list[tuple[str, tuple]]:
             out += _linear(f"{p}{attn}.to_out", e, e, False)
         out += _linear(p + "self_attn.to_qkv", qkv * e, e, False)
         out += _linear(p + "cross_attn.to_q", q * e, e, False) + _linear(p + "cross_attn.to_kv", kv * e, e, False)
-        out += _linear(p + "ff.ff.0.proj", 2 * config.ff_inner, e, True) + _linear(p + "ff.ff.2", e, config.ff_inner, True)
+        out += _linear(p + "ff.ff.0.proj", 2 * config.ff_inner, e, True) + _linear(
+            p + "ff.ff.2", e, config.ff_inner, True
+        )
         out.append((p + "to_scale_shift_gate", (6 * e,)))
         out += _linear(p + "to_local_embed.0", e, config.local_add_cond_dim, True)
         out += _linear(p + "to_local_embed.2", e, e, True)
@@ -194,15 +275,22 @@ def _resampler_layout(prefix: str, cfg, frame_dim: int, decoder: bool) -> list[t
     inner = int(w * cfg.ff_mult)
     mapping_out, mapping_in = (frame_dim, w) if decoder else (w, frame_dim)
     per_group = 1 if cfg.shared_new_token or not decoder else cfg.stride
-    out = [(prefix + "mapping.weight_g", (mapping_out, 1, 1)), (prefix + "mapping.weight_v", (mapping_out, mapping_in, k)),
-           (prefix + "mapping.bias", (mapping_out,)), (prefix + "new_tokens", (1, per_group, w))]
+    out = [
+        (prefix + "mapping.weight_g", (mapping_out, 1, 1)),
+        (prefix + "mapping.weight_v", (mapping_out, mapping_in, k)),
+        (prefix + "mapping.bias", (mapping_out,)),
+        (prefix + "new_tokens", (1, per_group, w)),
+    ]
     for i in range(cfg.depth):
         p = f"{prefix}transformers.{i}."
         for norm in ("pre_norm", "ff_norm"):
             out += [(f"{p}{norm}.alpha", (1,)), (f"{p}{norm}.gamma", (w,)), (f"{p}{norm}.beta", (w,))]
         for norm in ("q_norm", "k_norm"):
-            out += [(f"{p}self_attn.{norm}.alpha", (1,)), (f"{p}self_attn.{norm}.gamma", (hd,)),
-                    (f"{p}self_attn.{norm}.beta", (hd,))]
+            out += [
+                (f"{p}self_attn.{norm}.alpha", (1,)),
+                (f"{p}self_attn.{norm}.gamma", (hd,)),
+                (f"{p}self_attn.{norm}.beta", (hd,)),
+            ]
         out += _linear(p + "self_attn.to_qkv", (5 if cfg.differential else 3) * w, w, False)
         out += _linear(p + "self_attn.to_out", w, w, False)
         out += _linear(p + "ff.ff.0.proj", 2 * inner, w, True) + _linear(p + "ff.ff.2", w, inner, True)
@@ -217,16 +305,22 @@ def same_layout(config) -> list[tuple[str, tuple]]:
     out += _linear("encoder.layers.2", latent, config.encoder.width, True)
     out += _linear("decoder.layers.1", config.decoder.width, latent, True)
     out += _resampler_layout("decoder.layers.3.", config.decoder, config.frame_dim, decoder=True)
-    out += [("bottleneck.scaling_factor", (1, latent, 1)), ("bottleneck.bias", (1, latent, 1)),
-            ("bottleneck.noise_scaling_factor", (1, 0, 1))]
+    out += [
+        ("bottleneck.scaling_factor", (1, latent, 1)),
+        ("bottleneck.bias", (1, latent, 1)),
+        ("bottleneck.noise_scaling_factor", (1, 0, 1)),
+    ]
     if config.auto_scale:
         out.append(("bottleneck.running_std", (1,)))
     return out
 
 
 def conditioner_layout(cond_dim: int) -> list[tuple[str, tuple]]:
-    return [("prompt.padding_embedding", (cond_dim,)), ("seconds_total.embedder.embedding.1.weight", (cond_dim, 256)),
-            ("seconds_total.embedder.embedding.1.bias", (cond_dim,))]
+    return [
+        ("prompt.padding_embedding", (cond_dim,)),
+        ("seconds_total.embedder.embedding.1.weight", (cond_dim, 256)),
+        ("seconds_total.embedder.embedding.1.bias", (cond_dim,)),
+    ]
 
 
 def hub_layout(config: dict) -> list[tuple[str, tuple]]:
@@ -238,7 +332,11 @@ def hub_layout(config: dict) -> list[tuple[str, tuple]]:
     dit = DiTConfig.from_model_config(config)
     same = SAMEConfig.from_dict(config["model"], config.get("sample_rate"))
     cond_dim = config["model"]["conditioning"]["cond_dim"]
-    parts = [("dit", dit_layout(dit)), ("autoencoder", same_layout(same)), ("conditioners", conditioner_layout(cond_dim))]
+    parts = [
+        ("dit", dit_layout(dit)),
+        ("autoencoder", same_layout(same)),
+        ("conditioners", conditioner_layout(cond_dim)),
+    ]
     return sorted((SA3_PREFIXES[part] + name, shape) for part, layout in parts for name, shape in layout)
 
 
@@ -250,17 +348,27 @@ def t5gemma_layout(config: dict) -> list[tuple[str, tuple]]:
     out = [("encoder.embed_tokens.weight", (enc["vocab_size"], h)), ("encoder.norm.weight", (h,))]
     for i in range(enc["num_hidden_layers"]):
         p = f"encoder.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
-                (p + "mlp.gate_proj.weight", (inner, h)), (p + "mlp.up_proj.weight", (inner, h)),
-                (p + "mlp.down_proj.weight", (h, inner))]
-        for norm in ("pre_self_attn_layernorm", "post_self_attn_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
+        out += [
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "mlp.gate_proj.weight", (inner, h)),
+            (p + "mlp.up_proj.weight", (inner, h)),
+            (p + "mlp.down_proj.weight", (h, inner)),
+        ]
+        for norm in (
+            "pre_self_attn_layernorm",
+            "post_self_attn_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             out.append((f"{p}{norm}.weight", (h,)))
     return sorted(out)
 
 
 # ------------------------------------------------------------------------------------------------------ values
+
 
 def _rope_frequencies(count: int) -> np.ndarray:
     dims = 2 * count
@@ -318,12 +426,12 @@ def write_safetensors(path: Path, layout: list[tuple[str, tuple]], seed: int) ->
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape in layout:
-            for piece in _slices(name, shape, seed):
-                f.write(piece.astype("<f4", copy=False).tobytes())
+            f.writelines(piece.astype("<f4", copy=False).tobytes() for piece in _slices(name, shape, seed))
     return 8 + len(blob) + offset
 
 
 # ------------------------------------------------------------------------------------------------------ writer
+
 
 def write_checkpoint(out_dir, variant: str, seed: int = 0, tiny: bool = False) -> Path:
     """Write the whole checkpoint into a fresh ``out_dir`` (which must not exist, or be an empty directory)."""
@@ -374,7 +482,9 @@ def _check_target(out_dir: Path) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/random_checkpoint.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/random_checkpoint.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("variant", choices=VARIANTS, help="small (DiT 1024x20, SAME-S) or medium (1536x24, SAME-L)")
     parser.add_argument("out_dir", help="directory to create (must not exist, or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same bytes")

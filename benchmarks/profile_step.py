@@ -9,6 +9,7 @@ shares, and the un-instrumented step time is printed beside it.
     python benchmarks/profile_step.py                       # small model, 30 s (387 latents + 64 memory tokens)
     python benchmarks/profile_step.py --model medium --seconds 10 --json profile.json
 """
+# ruff: noqa: I001  (mlx_sa3 must be imported before mlx: it preloads the BLAS)
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ import math
 import time
 from collections import defaultdict
 
-import mlx.core as mx
-
-import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
+import mlx_sa3  # noqa: F401  (loads the BLAS before the first import of mlx)
 from mlx_sa3 import dit as D
 from mlx_sa3.info import describe, gemm_gflops
 from mlx_sa3.pipeline import HEADROOM_SECONDS
+
+import mlx.core as mx
 
 CLASSES = ("GEMM (linear layers)", "attention products", "attention softmax", "elementwise", "copies")
 GEMM, PRODUCTS, SOFTMAX, ELEMENTWISE, COPIES = CLASSES

@@ -354,7 +354,7 @@ class Official:
 def print_targets(rows: list[dict]) -> None:
     """mlx_sa3 (MLX backend) over the official MLX runtime, per end-to-end workload both ran."""
     def key(r):
-        return r.get("variant", "small"), r["kind"], r["seconds"], r["steps"]
+        return r.get("variant", "small"), r["kind"], r["seconds"], r["steps"], r.get("round", 0)
 
     ours = {key(r): r for r in rows if r["impl"] == "mlx" and "error" not in r}
     theirs = {key(r): r for r in rows if r["impl"] == "official-mlx" and "error" not in r}
@@ -366,15 +366,26 @@ def print_targets(rows: list[dict]) -> None:
               f"{'x peak':>7} {'target':>7}")
     print(header)
     print("-" * len(header))
-    for (variant, kind, seconds, steps), a, b in pairs:
+    for (variant, kind, seconds, steps, rnd), a, b in pairs:
         wall, rss = a["wall_s"] / b["wall_s"], a["peak_rss_mb"] / b["peak_rss_mb"]
         wall_target = TARGET_WALL.get(variant)
         wall_mark = "-" if wall_target is None else f"<={wall_target:g} " + ("ok" if wall <= wall_target else "NO")
-        label = Workload(kind, seconds, steps, variant).label
+        label = Workload(kind, seconds, steps, variant).label + (f" r{rnd}" if rnd else "")
         print(f"{label:30} {a['wall_s']:>7.1f}/{b['wall_s']:<7.1f} {wall:>7.2f} {wall_mark:>7} "
               f"{a['peak_rss_mb']:>6.0f}/{b['peak_rss_mb']:<6.0f} {rss:>7.2f} "
               f"{f'<={TARGET_RSS:g} ' + ('ok' if rss <= TARGET_RSS else 'NO'):>7}")
-    for (variant, kind, seconds, steps), a, b in pairs:
+    rounds = {}
+    for (variant, kind, seconds, steps, _), a, b in pairs:
+        rounds.setdefault((variant, kind, seconds, steps), []).append((a["wall_s"] / b["wall_s"],
+                                                                       a["peak_rss_mb"] / b["peak_rss_mb"]))
+    for (variant, kind, seconds, steps), ratios in rounds.items():
+        if len(ratios) > 1:
+            walls, peaks = zip(*ratios)
+            print(f"{Workload(kind, seconds, steps, variant).label}: median over {len(ratios)} rounds x wall "
+                  f"{np.median(walls):.2f}, x peak {np.median(peaks):.2f}")
+    for (variant, kind, seconds, steps, rnd), a, b in pairs:
+        if rnd:
+            continue
         print(f"official MLX runtime {Workload(kind, seconds, steps, variant).label}: {b.get('latents')} latents "
               f"(mlx_sa3: duration + {HEADROOM_SECONDS:g} s); BLAS {b.get('blas')}")
 
@@ -447,6 +458,8 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), help="the issue-12 target set (all of it "
                         "when no names follow): end to end x8 steps, mlx_sa3 MLX vs the official runtime "
                         "(needs --official-repo)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the plan, alternating the order of the "
+                        "implementations (ratios are taken within a round)")
     parser.add_argument("--worker", nargs=5, metavar=("IMPL", "KIND", "SECONDS", "STEPS", "VARIANT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -468,9 +481,10 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     gemm = gemm_gflops()
     rows = []
-    for work, impls in plan:
-        for impl in impls:
-            rows.append(run_subprocess(impl, work, official))
+    for rnd in range(args.rounds):
+        for work, impls in plan:
+            for impl in impls[::-1] if rnd % 2 else impls:
+                rows.append({**run_subprocess(impl, work, official), "round": rnd})
             outcome = "FAILED" if "error" in rows[-1] else f"{rows[-1]['wall_s']:.2f} s"
             print(f"  done {work.label} {impl}: {outcome}", file=sys.stderr)
     load_after = os.getloadavg()

@@ -20,6 +20,7 @@ from .models.dit import sanitize as sanitize_dit
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.same import sanitize as sanitize_same
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .quantize import QuantizationConfig, apply_quantization, dequantize_weights
 
 TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
@@ -167,13 +168,50 @@ def _open(src) -> Source:
 # -- MLX loaders ------------------------------------------------------------------------------------------------
 
 
-def load_dit(source, dtype=mx.float32) -> DiT:
-    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), weights in ``dtype``."""
+def dit_quantization(source: Source) -> QuantizationConfig | None:
+    """The quantization record of a converted checkpoint (``convert.py --quantize``), or None."""
+    record = source.meta.get("quantization") if source.converted else None
+    return None if record is None else _parsed("quantization", lambda: QuantizationConfig.from_dict(record))
+
+
+def dit_weights(source: Source, dequantize: bool = True, dtype=mx.float32) -> tuple[DiT, dict]:
+    """A fresh DiT module and its strictly checked tensors.
+
+    A quantized checkpoint is checked against the quantized structure (``apply_quantization`` first); with
+    ``dequantize`` the recorded layers come back as plain ``dtype`` weights for a plain DiT, otherwise the module keeps
+    ``nn.QuantizedLinear`` layers for the packed tensors.
+    """
+    config = checkpoint_config(source).dit
+    model, quant = DiT(config), dit_quantization(source)
+    if quant is not None:
+        try:
+            apply_quantization(model, quant)
+        except ValueError as err:
+            raise CheckpointError(f"{source.root}: {err}") from None
+    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint")
+    if quant is not None and dequantize:
+        model, weights = DiT(config), dequantize_weights(weights, quant, dtype)
+    return model, weights
+
+
+def keeps_quantized() -> bool:
+    """Quantized layers stay quantized on GPUs (Metal / CUDA: fast quantized matmuls, a fraction of the memory);
+    on the CPU MLX's quantized matmul runs at a few GFLOP/s, so there they are dequantized once at load time."""
+    return mx.default_device() != mx.cpu
+
+
+def load_dit(source, dtype=mx.float32, keep_quantized: bool | None = None) -> DiT:
+    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), weights in ``dtype``.
+
+    A quantized checkpoint keeps its ``nn.QuantizedLinear`` layers where ``keep_quantized`` (default
+    :func:`keeps_quantized`: on a GPU) and is dequantized to ``dtype`` otherwise (the CPU).
+    """
     source = _open(source)
     dtype = parse_dtype(dtype) or mx.float32
-    model = DiT(checkpoint_config(source).dit)
-    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint")
-    model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    keep = keeps_quantized() if keep_quantized is None else keep_quantized
+    model, weights = dit_weights(source, dequantize=not keep, dtype=dtype)
+    # packed quantized weights are uint32: only floating tensors take the requested dtype
+    model.load_weights([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()])
     mx.eval(model.parameters())
     return model
 

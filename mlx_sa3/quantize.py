@@ -121,6 +121,23 @@ def quantize_weights(weights: dict[str, mx.array], config: QuantizationConfig) -
     return out
 
 
+def dequantize_weights(weights: dict[str, mx.array], config: QuantizationConfig, dtype=mx.float32) -> dict:
+    """Quantized DiT tensors -> plain ``X.weight`` tensors in ``dtype`` (the inverse layout of
+    :func:`quantize_weights`; values are the rounded ones). Used where quantized matmuls are slow (MLX's CPU kernels
+    run at a few GFLOP/s) or absent (the torch backend)."""
+    layers = set(config.layers)
+    out = {}
+    for key, value in weights.items():
+        stem, _, leaf = key.rpartition(".")
+        if stem not in layers or leaf not in ("weight", "scales", "biases"):
+            out[key] = value
+        elif leaf == "weight":
+            args = (value, weights[stem + ".scales"], weights[stem + ".biases"])
+            full = mx.dequantize(*args, group_size=config.group_size, bits=config.bits, mode=config.mode)
+            out[key] = full.astype(dtype)
+    return out
+
+
 def quantized_bytes(dit: nn.Module) -> int:
     """Bytes of all DiT parameters as held (packed weights, scales and biases included)."""
     return sum(v.nbytes for _, v in tree_flatten(dit.parameters()))

@@ -17,6 +17,10 @@ Output layout::
     OUT/conditioners.safetensors        (SA3 only) prompt padding + seconds embedder, float32
     OUT/autoencoder.safetensors         SAME autoencoder, float32
     OUT/text_encoder/encoder.safetensors (SA3 only) T5Gemma encoder, in --dtype, next to its config and tokenizer
+
+With ``--quantize 8|4 [--group-size 64]`` the DiT's fitting linear layers are stored MLX-affine quantized (packed
+``weight`` + ``scales`` + ``biases``, see :mod:`mlx_sa3.quantize`) and config.json records it under ``"quantization"``
+(bits, group_size, mode, layers); the loaders rebuild that structure before the strict check.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from ..loading import (
 )
 from ..models import dit, same, t5gemma
 from ..models.conditioners import Conditioners
+from ..quantize import DEFAULT_GROUP_SIZE, QuantizationConfig, check_settings, quantizable_layers, quantize_weights
 from .diffusers import (
     DIFFUSERS_WEIGHTS,
     DiffusersCheckpoint,
@@ -287,15 +292,34 @@ def _copy_text_encoder_files(text_dirs: list[Path], target: Path) -> list[str]:
     return copied
 
 
-def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+def quantize_component(component: Component, model_config: dict, bits: int, group_size: int) -> QuantizationConfig:
+    """Quantize the (still lazy) tensors of the DiT component in place; returns the record for config.json."""
+    module = dit.DiT(_parse("DiT", lambda: dit.DiTConfig.from_model_config(model_config)))
+    config = QuantizationConfig(bits, group_size, layers=quantizable_layers(module, group_size))
+    component.tensors = quantize_weights(component.tensors, config)
+    return config
+
+
+def convert(
+    src,
+    out,
+    dtype: str = "float32",
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> Path:
     """Convert ``src`` (Hub repo id or directory: full SA3 repo, SAME repo or diffusers Stable Audio 3 pipeline
     folder) into the mlx_sa3 layout at ``out``.
 
     ``dtype`` applies to the DiT and the T5Gemma encoder; the SAME autoencoder and the conditioners are always
     float32. ``out`` is written into a temporary directory beside it and renamed at the end, so a failure or an
     interruption leaves nothing behind; an existing ``out`` is replaced only with ``force``. Returns ``out``.
+    ``quantize`` (8 or 4 bits, groups of ``group_size`` input columns) stores the DiT's linear layers quantized.
     """
     log = log or (lambda message: None)
+    if quantize is not None:
+        check_settings(int(quantize), int(group_size))
     out = Path(out).expanduser().absolute()
     target_dtype = parse_dtype(dtype or "float32")
     dtype_name = next(name for name, value in DTYPES.items() if value == target_dtype)
@@ -305,10 +329,20 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
     if out.resolve() == source.root.resolve() or source.root.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out} is inside the source checkpoint {source.root}; choose another output")
     kind = "same" if source.layout == "same" else "sa3"
+    if quantize is not None and kind == "same":
+        raise CheckpointError(f"{source.root} is a SAME autoencoder: --quantize applies to a Stable Audio 3 DiT only")
     described = {"same": "SAME autoencoder", "sa3": "Stable Audio 3", "diffusers": "diffusers Stable Audio 3"}
     log(f"source: {source.root} ({described[source.layout]} checkpoint)")
 
     components = plan_source(source, target_dtype)
+    quantization = None
+    if quantize is not None:
+        dit_part = next(c for c in components if c.name == "dit")
+        quantization = quantize_component(dit_part, source.model_config, int(quantize), int(group_size))
+        log(
+            f"quantizing {len(quantization.layers)} DiT linear layers to int{quantization.bits} "
+            f"(groups of {quantization.group_size})"
+        )
     dropped = [name for c in components for name in c.dropped]
     _log_dropped(log, dropped)
     notes = source.notes if source.layout == "diffusers" else []
@@ -336,6 +370,8 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
             "components": {c.name: COMPONENT_FILES[c.name] for c in components},
             "dropped": dropped,
         }
+        if quantization is not None:
+            meta["quantization"] = quantization.to_dict()
         if notes:  # what the source layout did not record, and was assumed
             meta["notes"] = notes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -420,6 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder must run in float32",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        help="store the DiT's linear layers MLX-affine quantized to 8 or 4 bits (SAME and the conditioners never are; "
+        "on the CPU they are dequantized to float32 at load time, GPUs run them quantized)",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="quantization group (32, 64 or 128; default 64)"
+    )
     return parser
 
 
@@ -427,7 +473,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, log=print)
+        out = convert(
+            args.src,
+            args.out,
+            dtype=args.dtype,
+            force=args.force,
+            log=print,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -46,18 +46,19 @@ def load_text_encoder(src, max_length: int, dtype=None, backend: str = "mlx"):
     return checkpoint.load_mlx_text_encoder(source, max_length, dtype=parse_dtype(dtype) or default_dtype())
 
 
-def load_autoencoder(src, dtype=None, backend: str = "mlx"):
+def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True):
     """Load a SAME autoencoder from a SAME repo, a full SA3 repo (its pretransform) or a converted directory.
 
     ``src`` is a local directory, a Hub repo id or an opened ``loading.Source``. ``dtype`` (default float32)
     applies to the encoder; the bottleneck and decoder stay float32 because SAME's differential attention cancels
     badly in half precision. ``backend="torch"`` returns the torch CPU counterpart (same interface, float32).
+    ``encoder=False`` (MLX) defers reading the encoder half until the first ``encode``.
     """
     check_backend(backend)
     source = _open(src)
     if backend == "torch":
         return _torch_backend().load_torch_autoencoder(source)
-    return checkpoint.load_mlx_autoencoder(source, dtype)
+    return checkpoint.load_mlx_autoencoder(source, dtype, encoder=encoder)
 
 
 def move_networks(dit, autoencoder, text_encoder, backend: str):

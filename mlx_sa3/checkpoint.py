@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .loading import CheckpointError, Source, component_weights, load_safetensors, open_source, parse_dtype
 from .models import t5gemma
@@ -216,18 +217,50 @@ def load_dit(source, dtype=mx.float32, keep_quantized: bool | None = None) -> Di
     return model
 
 
-def load_mlx_autoencoder(source, dtype=None) -> SAMEAutoencoder:
-    """The MLX SAME autoencoder (see :func:`mlx_sa3.backend.load_autoencoder`)."""
-    source = _open(source)
-    model = SAMEAutoencoder(checkpoint_config(source).same)
-    weights = component_weights(source, "autoencoder", sanitize_same, model, f"{source.root} autoencoder")
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
-    dtype = parse_dtype(dtype)
-    if dtype is not None:
+#: Parameter prefixes of SAME's encoder half (audio -> latents); the rest decodes.
+ENCODER_HALF = ("encoder.", "to_latent.")
+
+
+def _autoencoder_weights(source: Source, model: SAMEAutoencoder) -> dict:
+    return component_weights(source, "autoencoder", sanitize_same, model, f"{source.root} autoencoder")
+
+
+def _load_half(model: SAMEAutoencoder, weights: dict, encoder_half: bool, dtype) -> None:
+    part = [(k, v.astype(mx.float32)) for k, v in weights.items() if k.startswith(ENCODER_HALF) == encoder_half]
+    model.load_weights(part, strict=False)  # the whole set was strictly checked by _autoencoder_weights
+    if encoder_half and dtype is not None:
         model.encoder.set_dtype(dtype)
         model.to_latent.set_dtype(dtype)
+    mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(ENCODER_HALF) == encoder_half])
+
+
+class DecoderFirstSAME(SAMEAutoencoder):
+    """A SAME autoencoder loaded without its encoder half, which is read from the checkpoint on the first
+    :meth:`encode`: plain text-to-audio never holds it (a lifetime choice; the arithmetic is SAMEAutoencoder's)."""
+
+    def __init__(self, config: SAMEConfig, source: Source, dtype=None):
+        super().__init__(config)
+        self._source, self._encoder_dtype, self.encoder_loaded = source, dtype, False
+
+    def encode(self, audio) -> mx.array:
+        if not self.encoder_loaded:
+            _load_half(self, _autoencoder_weights(self._source, self), True, self._encoder_dtype)
+            self.encoder_loaded = True
+        return super().encode(audio)
+
+
+def load_mlx_autoencoder(source, dtype=None, encoder: bool = True) -> SAMEAutoencoder:
+    """The MLX SAME autoencoder (see :func:`mlx_sa3.backend.load_autoencoder`); without ``encoder`` its encoder
+    half is loaded on first use (:class:`DecoderFirstSAME`)."""
+    source = _open(source)
+    config = checkpoint_config(source).same
+    dtype = parse_dtype(dtype)
+    model = SAMEAutoencoder(config) if encoder else DecoderFirstSAME(config, source, dtype)
+    weights = _autoencoder_weights(source, model)
+    _load_half(model, weights, False, dtype)
+    if encoder:
+        _load_half(model, weights, True, dtype)
     model.eval()
-    mx.eval(model.parameters())
     return model
 
 

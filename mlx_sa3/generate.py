@@ -123,7 +123,8 @@ def _run(args) -> int:
 
     try:
         start = time.perf_counter()
-        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+        # one generation: each network is loaded for its stage and freed after it (peak = one network at a time)
+        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend, keep_loaded=False)
         load_time = time.perf_counter() - start
         if args.model == "demo":
             print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)

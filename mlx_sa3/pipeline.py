@@ -155,20 +155,36 @@ def _ceil_to(n: int, multiple: int) -> int:
 class StableAudio3:
     """Text-to-audio, audio-to-audio, inpainting and continuation with one loaded SA3 checkpoint."""
 
-    def __init__(self, model: SA3Model):
+    def __init__(self, model: SA3Model, keep_loaded: bool = True):
         self.model = model
+        self.keep_loaded = keep_loaded
 
     @classmethod
-    def from_pretrained(cls, src, dtype=None, backend: str = "mlx") -> "StableAudio3":
-        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``."""
+    def from_pretrained(cls, src, dtype=None, backend: str = "mlx", keep_loaded: bool = True) -> "StableAudio3":
+        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``.
+
+        ``keep_loaded`` (default, for apps that load once and generate many times) loads the text encoder, DiT and
+        SAME decoder now and keeps them. ``keep_loaded=False`` (one-shot use; the CLI) loads each network when its
+        stage starts and frees it when the stage ends (text encoder after conditioning, DiT after sampling, decoder
+        after decoding), so peak memory is the largest network plus one stage's activations; a later generation
+        reloads them. Either way the SAME encoder is read only when audio inputs need it.
+        """
         if str(src) == "demo":
             from .demo import demo_model
 
-            return cls(demo_model(dtype=dtype, backend=backend))
-        model = load_model(src, dtype=dtype, backend=backend)
+            return cls(demo_model(dtype=dtype, backend=backend), keep_loaded)
+        model = load_model(src, dtype=dtype, backend=backend, lazy=True)
+        if keep_loaded:
+            for name in ("dit", "text_encoder", "autoencoder"):  # load now: an app pays once, up front
+                getattr(model, name)
         if model.source is not None and not model.source.converted:
             print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
-        return cls(model)
+        return cls(model, keep_loaded)
+
+    def _release(self, *names: str) -> None:
+        """One-shot use: free the networks a stage is done with (a long-lived pipeline keeps them)."""
+        if not self.keep_loaded:
+            self.model.release(*names)
 
     @property
     def sample_rate(self) -> int:
@@ -264,7 +280,7 @@ class StableAudio3:
         DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
         """
         cfg, sr = self.model.config, self.model.config.sample_rate
-        ratio = self.model.autoencoder.downsampling_ratio
+        ratio = self.model.downsampling_ratio
         align = ratio * cfg.latent_align
         canvas = (
             min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
@@ -329,7 +345,7 @@ class StableAudio3:
         The audio-rate mask is sampled at every ``ratio``-th sample (torch nearest interpolation), so latent i is kept
         iff audio sample i * ratio is kept: regenerated latents are [ceil(start / ratio), ceil(end / ratio)).
         """
-        sr, ratio = self.sample_rate, self.model.autoencoder.downsampling_ratio
+        sr, ratio = self.sample_rate, self.model.downsampling_ratio
         positions = np.arange(length) * ratio
         keep = positions < int(duration * sr)
         for start, end in regions:
@@ -339,7 +355,7 @@ class StableAudio3:
     def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
         """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
         audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
-        canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
+        canvas = np.zeros((2, length * self.model.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]
         z = self.model.autoencoder.encode(canvas[None])
@@ -365,6 +381,9 @@ class StableAudio3:
         """
         plan = self._plan(GenerationRequest.of(request, prompt, duration, **kwargs))
         timings = {}
+        if plan.init_latents is not None or plan.inpaint_known is not None:
+            mx.eval([a for a in (plan.init_latents, plan.inpaint_known) if a is not None])
+            self._release("autoencoder")  # the encoder's stage is over; the decoder comes back after sampling
 
         def emit(event):
             if callback is not None and callback(event) is False:
@@ -381,6 +400,7 @@ class StableAudio3:
             negative_prompts=plan.negative_prompts,
         )
         mx.eval(cond)
+        self._release("text_encoder")
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -401,10 +421,12 @@ class StableAudio3:
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+        self._release("dit")
         timings["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        latents = latents.astype(mx.float32)
         offset = 0
         # Only the first num_samples are kept: stopping early skips decoding most of the 6 s headroom.
         for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
@@ -414,6 +436,7 @@ class StableAudio3:
             audio = np.clip(np.asarray(piece[:, :, :take], dtype=np.float32), -1.0, 1.0)
             yield emit(AudioEvent(audio, offset, plan.num_samples))
             offset += take
+        self._release("autoencoder")
         timings["decoding"] = time.perf_counter() - start
         yield emit(DoneEvent(latents, plan.seed, timings))
 

@@ -60,6 +60,7 @@ from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
+    "mlx-oneshot": "mlx_sa3 MLX, as the CLI",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
     "torch-noob": "mlx_sa3 torch, no OBLAS",
@@ -309,8 +310,40 @@ def diffusers_job(model, work: Workload, tokenizer_dir: Path):
 # ------------------------------------------------------------------------------------------------------- workers
 
 
+def oneshot_worker(work: Workload, checkpoint: Path) -> dict:
+    """mlx_sa3 as the CLI runs it: a fresh ``StableAudio3.from_pretrained(checkpoint, keep_loaded=False)`` whose
+    timed call loads each network from the (page-cached) files for its stage and frees it after, like the official
+    runtime's timed call. Warm-up: the same with 1 step."""
+
+    def generate(steps: int, out: Path) -> dict:
+        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False)
+        return pipe.generate_to_file(out, PROMPT, work.seconds, steps=steps, seed=0).timings
+
+    with tempfile.TemporaryDirectory(prefix="compare_oneshot_") as tmp:
+        generate(1, Path(tmp) / "warm.wav")
+        release()
+        ready = current_rss_mb()
+        exact = reset_peak_rss()
+        start = time.perf_counter()
+        stages = generate(work.steps, Path(tmp) / "out.wav")
+        wall = time.perf_counter() - start
+    return {
+        "impl": "mlx-oneshot",
+        **asdict(work),
+        "wall_s": wall,
+        "stages_s": stages,
+        "peak_rss_mb": peak_rss_mb(),
+        "ready_rss_mb": ready,
+        "peak_is_timed_call_only": exact,
+        "checkpoint": str(checkpoint),
+        "blas": describe()["blas"],
+    }
+
+
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
+    if impl == "mlx-oneshot":
+        return oneshot_worker(work, Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()]))
     sa3, dit_cfg, same_cfg, text_cfg = full_size_parts(work.variant)
     start = time.perf_counter()
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
@@ -417,20 +450,20 @@ class Official:
         return {**row, "impl": "official-mlx", **asdict(work)} if "error" in row else row
 
 
-def print_targets(rows: list[dict]) -> None:
-    """mlx_sa3 (MLX backend) over the official MLX runtime, per end-to-end workload both ran."""
+def print_targets(rows: list[dict], impl: str = "mlx") -> None:
+    """mlx_sa3 (MLX backend, ``impl``) over the official MLX runtime, per end-to-end workload both ran."""
 
     def key(r):
         return r.get("variant", "small"), r["kind"], r["seconds"], r["steps"], r.get("round", 0)
 
-    ours = {key(r): r for r in rows if r["impl"] == "mlx" and "error" not in r}
+    ours = {key(r): r for r in rows if r["impl"] == impl and "error" not in r}
     theirs = {key(r): r for r in rows if r["impl"] == "official-mlx" and "error" not in r}
     pairs = [(k, ours[k], theirs[k]) for k in ours if k in theirs]
     if not pairs:
         return
     print()
     header = (
-        f"{'mlx_sa3 MLX / official MLX':30} {'wall s':>15} {'x wall':>7} {'target':>7} {'peak MB':>13} "
+        f"{IMPLS[impl] + ' / official MLX':30} {'wall s':>15} {'x wall':>7} {'target':>7} {'peak MB':>13} "
         f"{'x peak':>7} {'target':>7}"
     )
     print(header)
@@ -545,6 +578,14 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--official-weights", type=Path, help="keep its random weights here (default: a temp dir)")
     parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="VARIANT=DIR",
+        default=[],
+        help="full-size checkpoints (benchmarks/random_checkpoint.py), e.g. small=/tmp/sa3rand/small: adds the "
+        "mlx-oneshot row (mlx_sa3 as the CLI runs it: loads per stage inside the timed call) to end-to-end workloads",
+    )
+    parser.add_argument(
         "--targets",
         nargs="*",
         choices=sorted(TARGETS),
@@ -574,6 +615,12 @@ def main(argv=None) -> None:
         plan = QUICK if args.quick else FULL
     if args.official_repo is not None and args.targets is None:
         plan = [(w, (*impls, "official-mlx") if w.kind == "e2e" else impls) for w, impls in plan]
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    for variant, folder in checkpoints.items():
+        os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
+    plan = [
+        (w, (*impls, "mlx-oneshot") if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan
+    ]
     scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
     official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 
@@ -592,6 +639,7 @@ def main(argv=None) -> None:
     add_ratios(rows)
     print_table(rows)
     print_targets(rows)
+    print_targets(rows, "mlx-oneshot")
     machine = (
         f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"

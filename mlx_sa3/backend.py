@@ -7,6 +7,9 @@ docs/ARCHITECTURE.md, "Backends"); conditioning, guidance and samplers stay the 
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+
 import mlx.core as mx
 
 from . import checkpoint
@@ -16,6 +19,36 @@ from .loading import BACKENDS, Source, check_backend, open_source, parse_dtype  
 def default_dtype() -> mx.Dtype:
     """Half precision where MLX has fast half matmuls (Metal), float32 on the CPU backend."""
     return mx.float16 if mx.metal.is_available() and mx.default_device() == mx.gpu else mx.float32
+
+
+AUTO = "auto"
+#: what the torch backend needs (the ``torch`` extra)
+TORCH_PACKAGES = ("torch", "diffusers", "transformers")
+
+
+def choose_backend() -> tuple[str, str]:
+    """What ``backend="auto"`` runs here, and why (one line).
+
+    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU the torch backend when its packages
+    are installed, because it measured faster there (README, "Speed on Linux"); MLX otherwise.
+    """
+    if mx.metal.is_available() or mx.default_device() == mx.gpu:
+        return "mlx", "MLX has a GPU here"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return "mlx", f"{machine} CPU without an MLX GPU: MLX (torch was measured faster on x86-64 CPUs only)"
+    missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
+    return "torch", "x86-64 CPU without an MLX GPU: the torch backend measured faster here"
+
+
+def resolve_backend(backend: str) -> tuple[str, str]:
+    """``(backend, reason)``: ``"auto"`` resolved by :func:`choose_backend`, an explicit backend checked."""
+    if backend == AUTO:
+        return choose_backend()
+    check_backend(backend)
+    return backend, "requested"
 
 
 def _torch_backend():

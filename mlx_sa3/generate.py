@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16"),
         help="DiT/text precision (default: half on Metal, float32 on CPU)",
     )
-    p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "mlx", "torch"),
+        help="compute backend (default auto: MLX where it has a GPU, torch on an x86-64 CPU when installed, "
+        "MLX otherwise; the summary says which ran and why)",
+    )
     p.add_argument(
         "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
     )
@@ -152,6 +158,7 @@ def _run(args) -> int:
         return _fail(str(err))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
     print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    print(f"backend: {pipe.backend} ({pipe.backend_reason}); each stage's time includes loading its network")
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend as backends
 from .checkpoint import SA3Config, checkpoint_config, dit_weights
-from .loading import CheckpointError, Source, check_backend, open_source, to_mx
+from .loading import CheckpointError, Source, open_source, to_mx
 from .models.conditioners import Conditioners
 from .models.diffusion import RF_OBJECTIVES
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
@@ -251,14 +251,15 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3
 
     ``dtype`` applies to the DiT and the text encoder (None: float16 on Metal, float32 on the CPU, where MLX half
     matmuls are slow); the SAME decoder stays float32. ``backend="torch"`` runs the three networks with torch on the
-    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code).
+    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code); ``"auto"`` picks one
+    (:func:`mlx_sa3.backend.choose_backend`).
 
     With ``lazy`` nothing but the conditioners is loaded now (the DiT's tensors are checked against the model from
     the file header): each network loads when first used and :meth:`SA3Model.release` frees it. The MLX SAME
     autoencoder is then loaded decoder first: its encoder half is read only when audio is encoded (never for plain
     text-to-audio).
     """
-    check_backend(backend)
+    backend, _ = backends.resolve_backend(backend)
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")

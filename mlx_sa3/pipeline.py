@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioError, format_for, load_audio_input, open_writer
+from .backend import resolve_backend
 from .model import SA3Model, load_model
 from .sampling import SAMPLERS
 
@@ -148,6 +149,11 @@ class Plan:
     inpaint_known: mx.array | None
 
 
+def _is_torch(model: SA3Model) -> bool:
+    parts = [model._parts[name] for name in ("dit", "autoencoder", "text_encoder")]
+    return any(type(p).__module__.startswith("mlx_sa3.torch_backend") for p in parts if p is not None)
+
+
 def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -158,6 +164,8 @@ class StableAudio3:
     def __init__(self, model: SA3Model, keep_loaded: bool = True):
         self.model = model
         self.keep_loaded = keep_loaded
+        #: the backend running the networks and why (``from_pretrained`` fills in what ``"auto"`` chose)
+        self.backend, self.backend_reason = "torch" if _is_torch(model) else "mlx", "given model"
 
     @classmethod
     def from_pretrained(cls, src, dtype=None, backend: str = "mlx", keep_loaded: bool = True) -> "StableAudio3":
@@ -167,19 +175,26 @@ class StableAudio3:
         SAME decoder now and keeps them. ``keep_loaded=False`` (one-shot use; the CLI) loads each network when its
         stage starts and frees it when the stage ends (text encoder after conditioning, DiT after sampling, decoder
         after decoding), so peak memory is the largest network plus one stage's activations; a later generation
-        reloads them. Either way the SAME encoder is read only when audio inputs need it.
+        reloads them. Either way the SAME encoder is read only when audio inputs need it. ``backend="auto"`` picks
+        MLX or torch (:func:`mlx_sa3.backend.choose_backend`); ``.backend`` / ``.backend_reason`` say which and why.
         """
+        backend, reason = resolve_backend(backend)
         if str(src) == "demo":
             from .demo import demo_model
 
-            return cls(demo_model(dtype=dtype, backend=backend), keep_loaded)
+            return cls._with_backend(cls(demo_model(dtype=dtype, backend=backend), keep_loaded), backend, reason)
         model = load_model(src, dtype=dtype, backend=backend, lazy=True)
         if keep_loaded:
             for name in ("dit", "text_encoder", "autoencoder"):  # load now: an app pays once, up front
                 getattr(model, name)
         if model.source is not None and not model.source.converted:
             print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
-        return cls(model, keep_loaded)
+        return cls._with_backend(cls(model, keep_loaded), backend, reason)
+
+    @staticmethod
+    def _with_backend(pipe: "StableAudio3", backend: str, reason: str) -> "StableAudio3":
+        pipe.backend, pipe.backend_reason = backend, reason
+        return pipe
 
     def _release(self, *names: str) -> None:
         """One-shot use: free the networks a stage is done with (a long-lived pipeline keeps them)."""

@@ -78,7 +78,7 @@ def test_lazy_model_loads_on_access_and_checks_up_front(tmp_path):
         model.release("vae")
 
 
-def test_cli_runs_one_shot(monkeypatch, tmp_path):
+def test_cli_runs_one_shot(monkeypatch, tmp_path, capsys):
     from mlx_sa3 import generate
 
     calls = []
@@ -91,8 +91,9 @@ def test_cli_runs_one_shot(monkeypatch, tmp_path):
     monkeypatch.setattr(StableAudio3, "from_pretrained", classmethod(spy))
     out = tmp_path / "a.wav"
     args = ["--model", str(CHECKPOINT), "-p", "pad", "--duration", "1", "--steps", "1", "-o", str(out), "--quiet"]
-    assert generate.main(args) == 0 and out.exists()
+    assert generate.main([*args, "--backend", "mlx"]) == 0 and out.exists()
     assert calls and calls[0]["keep_loaded"] is False
+    assert "backend: mlx (requested)" in capsys.readouterr().out
 
 
 def test_lazy_load_refuses_a_bad_dit_before_any_network_runs(tmp_path):

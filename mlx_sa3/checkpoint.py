@@ -7,13 +7,24 @@ here are the MLX backend's; :mod:`mlx_sa3.backend` chooses between them and the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten
 
-from .loading import CheckpointError, Source, component_weights, load_safetensors, open_source, parse_dtype
+from .loading import (
+    CheckpointError,
+    Source,
+    component_weights,
+    load_safetensors,
+    open_source,
+    parse_dtype,
+    sanitize_checked,
+)
 from .models import t5gemma
 from .models.diffusion import DEFAULT_OBJECTIVE, RF_OBJECTIVES
 from .models.dit import DiT, DiTConfig
@@ -264,27 +275,87 @@ def load_mlx_autoencoder(source, dtype=None, encoder: bool = True) -> SAMEAutoen
     return model
 
 
-def load_text_encoder(directory, max_length: int, dtype=mx.float32, weights: dict | None = None) -> TextEncoder:
+EMBEDDING = "embed_tokens.weight"
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16: the upper half of a float32
+
+
+def _memmap_tensor(path: Path, name: str) -> np.ndarray | None:
+    """A read-only memory map of one tensor of a safetensors file, or None (absent, other dtype, not a file)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(size)).get(name)
+    except (OSError, ValueError):
+        return None
+    if not info or info.get("dtype") not in _NUMPY_DTYPES:
+        return None
+    start, _ = info["data_offsets"]
+    dtype = _NUMPY_DTYPES[info["dtype"]]
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=tuple(info["shape"]))
+
+
+class MappedEmbedding(nn.Module):
+    """Token embeddings gathered from the memory-mapped checkpoint file at each call.
+
+    The T5Gemma table (256000 x 768: 786 MB in float32) is never resident: a prompt reads only its own rows from
+    the page cache. The rows are exactly the stored ones, cast to ``dtype`` as a resident table would be.
+    """
+
+    def __init__(self, table: np.ndarray, dtype: mx.Dtype):
+        super().__init__()
+        self._table, self._dtype = table, dtype  # plain attributes: not MLX parameters
+
+    def __call__(self, ids) -> mx.array:
+        ids = np.asarray(ids)
+        rows = np.asarray(self._table[ids.reshape(-1)])
+        if rows.dtype == np.uint16:  # bfloat16 bits -> float32 (exact)
+            rows = (rows.astype(np.uint32) << 16).view(np.float32)
+        return mx.array(rows).reshape(*ids.shape, -1).astype(self._dtype)
+
+
+def load_text_encoder(
+    directory,
+    max_length: int,
+    dtype=mx.float32,
+    weights: dict | None = None,
+    map_embedding: bool = True,
+    embedding_file: Path | None = None,
+) -> TextEncoder:
     """Load the T5Gemma encoder and tokenizer from ``directory`` (config.json + tokenizer files).
 
     Without ``weights`` the directory's transformers ``model.safetensors`` (full encoder-decoder) is read and
-    sanitized. ``weights`` are already-sanitized tensors (e.g. a converted checkpoint's text_encoder component).
+    sanitized. ``weights`` are already-sanitized tensors (e.g. a converted checkpoint's text_encoder component,
+    stored in ``embedding_file``). With ``map_embedding`` the token embedding stays in its file
+    (:class:`MappedEmbedding`) when the file is known and mappable.
     """
     directory = Path(directory)
     dtype = parse_dtype(dtype) or mx.float32
+    table = None
     if weights is None:
         weights = t5gemma.sanitize(load_safetensors(directory / TEXT_ENCODER_WEIGHTS))
+        if map_embedding:
+            table = _memmap_tensor(directory / TEXT_ENCODER_WEIGHTS, t5gemma.ENCODER_PREFIX + EMBEDDING)
+    elif map_embedding and embedding_file is not None:
+        table = _memmap_tensor(Path(embedding_file), EMBEDDING)
     model = T5GemmaEncoder(T5GemmaConfig.from_dir(directory))
-    t5gemma.load_weights(model, weights, dtype)
+    if table is None:
+        t5gemma.load_weights(model, weights, dtype)
+    else:
+        sanitize_checked(weights, None, model, "T5Gemma encoder checkpoint")
+        model.embed_tokens = MappedEmbedding(table, dtype)
+        model.load_weights([(k, v.astype(dtype)) for k, v in weights.items() if k != EMBEDDING], strict=False)
+        mx.eval(model.parameters())
     return TextEncoder(model, T5GemmaTokenizer.from_dir(directory, max_length))
 
 
 def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32) -> TextEncoder:
+    converted = source.converted
     return load_text_encoder(
         source.text_encoder_dir(),
         max_length,
         dtype=dtype,
-        weights=source.component("text_encoder") if source.converted else None,
+        weights=source.component("text_encoder") if converted else None,
+        embedding_file=source.root / source.meta["components"]["text_encoder"] if converted else None,
     )
 
 

@@ -103,3 +103,26 @@ def test_lazy_load_refuses_a_bad_dit_before_any_network_runs(tmp_path):
     rewrite_weights(broken, lambda t: t.pop("model.model.transformer.layers.0.self_attn.to_out.weight"))
     with pytest.raises(ValueError, match="DiT checkpoint does not match the model; missing 1"):
         StableAudio3.from_pretrained(broken, keep_loaded=False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_text_embedding_stays_in_the_file(tmp_path, dtype):
+    from mlx.utils import tree_flatten
+
+    from mlx_sa3.checkpoint import MappedEmbedding, load_text_encoder
+    from mlx_sa3.convert import convert
+    from mlx_sa3.loading import open_source
+
+    prompts = ["warm analog synth pad", "x"]
+    for src in (CHECKPOINT, convert(CHECKPOINT, tmp_path / "c", dtype=dtype)):
+        encoder = load_model(src, dtype="float32").text_encoder
+        assert isinstance(encoder.model.embed_tokens, MappedEmbedding)
+        assert not any(k.startswith("embed_tokens") for k, _ in tree_flatten(encoder.model.parameters()))
+        source = open_source(src)
+        weights = source.component("text_encoder") if source.converted else None
+        resident = load_text_encoder(source.text_encoder_dir(), 16, weights=weights, map_embedding=False)
+        assert not isinstance(resident.model.embed_tokens, MappedEmbedding)
+        mapped, mask = encoder.encode(prompts)
+        reference, ref_mask = resident.encode(prompts)
+        # the same stored rows, cast the same way: identical hidden states
+        np.testing.assert_array_equal(np.asarray(mapped)[:, :16], np.asarray(reference))

@@ -189,7 +189,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     for key, value in describe().items():
         print(f"{key:>9}: {value}")
-
     print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")
     torch_rate = torch_gemm_gflops(args.size)
     if torch_rate is not None:

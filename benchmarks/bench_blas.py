@@ -25,7 +25,8 @@ import mlx_sa3
 from mlx_sa3 import platform as p
 out = {"blas": p.loaded_blas, "corename": p.openblas_corename(), "mlx": p.gemm_gflops(SIZE, repeats=5)}
 if "notorch" not in sys.argv:
-    out["torch"] = p.torch_gemm_gflops(SIZE, repeats=5)
+    from mlx_sa3.backend import torch_gemm_gflops
+    out["torch"] = torch_gemm_gflops(SIZE, repeats=5)
 print(json.dumps(out))
 """
 

@@ -51,6 +51,15 @@ def resolve_backend(backend: str) -> tuple[str, str]:
     return backend, "requested"
 
 
+def torch_gemm_gflops(n: int = 2048, repeats: int = 5) -> float | None:
+    """torch's fp32 n^3 GEMM rate as the torch backend runs it (thread policy applied); None without torch."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    from .torch_backend.common import gemm_gflops
+
+    return gemm_gflops(n, repeats)
+
+
 def _torch_backend():
     from . import torch_backend
 

@@ -10,9 +10,12 @@ __all__ = ["describe", "gemm_gflops", "main"]
 
 
 def main(argv=None) -> None:
-    platform.main(argv)
-    from .backend import choose_backend  # the backend seam sits above the platform layer
+    args = platform.main(argv)
+    from .backend import choose_backend, torch_gemm_gflops  # the backend seam sits above the platform layer
 
+    rate = torch_gemm_gflops(args.size)
+    if rate is not None:
+        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM (n={args.size}, as the torch backend runs it)")
     name, reason = choose_backend()
     print(f"{'auto':>9}: --backend auto runs {name} ({reason})")
 

@@ -17,6 +17,10 @@ Implementations, each measured in its own fresh subprocess:
                   sentencepiece tokenizer trained on the spot, with ``silence_padding_duration=6`` so its DiT runs
                   the same canvas as mlx_sa3 (duration + 6 s; the diffusers default is 0). Its subprocess runs with
                   ``MLX_SA3_NO_OPENBLAS=1`` (MLX only draws the random weights there), so torch keeps its own BLAS.
+* ``official-mlx`` the official MLX runtime (``Stability-AI/stable-audio-3``, ``optimized/mlx``) run from a checkout
+                  given by ``--official-repo`` (benchmarks/official_mlx.py: its CLI's ``main()``, fp32 DiT, on the
+                  same random weights written in its own .npz layout; end to end only). ``--targets`` prints the
+                  issue-12 ratios (mlx_sa3 MLX over it: small 10/30/120 s wall and peak RSS, medium 10 s peak RSS).
 
 Workloads: SAME-S decode; one DiT step (conditioning preparation + one forward, no guidance; context of 256 prompt
 tokens + 1 seconds token, latents = duration * 44100 / 4096 without headroom, as bench_dit.py); end to end
@@ -28,6 +32,7 @@ reference BLAS a 16-latent call instead, since a full one costs minutes; for end
 
     python benchmarks/compare.py --quick                 # 10 s workloads, end to end with 2 steps
     python benchmarks/compare.py --json compare.json     # decode 30 s, DiT step 30/120 s, end to end 30 s x 8 steps
+    python benchmarks/compare.py --official-repo ~/src/stable-audio-3 --targets small-10 small-30   # issue-12 ratios
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx  # noqa: E402
@@ -55,10 +60,12 @@ from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
+    "mlx-oneshot": "mlx_sa3 MLX, as the CLI",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
     "torch-noob": "mlx_sa3 torch, no OBLAS",
     "diffusers": "diffusers",
+    "official-mlx": "official MLX runtime",
 }
 PROMPT = "a slow ambient pad with field recordings and distant birds"
 PROMPT_TOKENS = 16  # valid tokens of the DiT-step context mask handed to diffusers (its pipeline always passes one)
@@ -73,11 +80,13 @@ class Workload:
     kind: str  # "decode" | "dit_step" | "e2e"
     seconds: float
     steps: int = 1
+    variant: str = "small"
 
     @property
     def label(self) -> str:
         name = {"decode": "SAME-S decode", "dit_step": "DiT step", "e2e": "end to end"}[self.kind]
-        return f"{name} {self.seconds:g}s" + (f" x{self.steps}" if self.kind == "e2e" else "")
+        model = "" if self.variant == "small" else f"{self.variant} "
+        return model + f"{name} {self.seconds:g}s" + (f" x{self.steps}" if self.kind == "e2e" else "")
 
 
 TORCH = ("torch", "torch-noob", "diffusers")
@@ -301,9 +310,41 @@ def diffusers_job(model, work: Workload, tokenizer_dir: Path):
 # ------------------------------------------------------------------------------------------------------- workers
 
 
+def oneshot_worker(work: Workload, checkpoint: Path) -> dict:
+    """mlx_sa3 as the CLI runs it: a fresh ``StableAudio3.from_pretrained(checkpoint, keep_loaded=False)`` whose
+    timed call loads each network from the (page-cached) files for its stage and frees it after, like the official
+    runtime's timed call. Warm-up: the same with 1 step."""
+
+    def generate(steps: int, out: Path) -> dict:
+        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False)
+        return pipe.generate_to_file(out, PROMPT, work.seconds, steps=steps, seed=0).timings
+
+    with tempfile.TemporaryDirectory(prefix="compare_oneshot_") as tmp:
+        generate(1, Path(tmp) / "warm.wav")
+        release()
+        ready = current_rss_mb()
+        exact = reset_peak_rss()
+        start = time.perf_counter()
+        stages = generate(work.steps, Path(tmp) / "out.wav")
+        wall = time.perf_counter() - start
+    return {
+        "impl": "mlx-oneshot",
+        **asdict(work),
+        "wall_s": wall,
+        "stages_s": stages,
+        "peak_rss_mb": peak_rss_mb(),
+        "ready_rss_mb": ready,
+        "peak_is_timed_call_only": exact,
+        "checkpoint": str(checkpoint),
+        "blas": describe()["blas"],
+    }
+
+
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
-    sa3, dit_cfg, same_cfg, text_cfg = full_size_parts("small")
+    if impl == "mlx-oneshot":
+        return oneshot_worker(work, Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()]))
+    sa3, dit_cfg, same_cfg, text_cfg = full_size_parts(work.variant)
     start = time.perf_counter()
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
     with tempfile.TemporaryDirectory(prefix="compare_tokenizer_") as tmp:
@@ -339,15 +380,123 @@ def run_worker(impl: str, work: Workload) -> dict:
     }
 
 
-def run_subprocess(impl: str, work: Workload) -> dict:
+def run_subprocess(impl: str, work: Workload, official: Official | None = None) -> dict:
+    if impl == "official-mlx":
+        return official.run(work)
     env = dict(os.environ)
     if impl in NO_OPENBLAS:
         env["MLX_SA3_NO_OPENBLAS"] = "1"
-    cmd = [sys.executable, __file__, "--worker", impl, work.kind, str(work.seconds), str(work.steps)]
+    cmd = [sys.executable, __file__, "--worker", impl, work.kind, str(work.seconds), str(work.steps), work.variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"impl": impl, **asdict(work), "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------- the official MLX runtime (official_mlx.py)
+
+# The issue-12 targets: mlx_sa3 (MLX backend) over the official MLX runtime (fp32 DiT), end to end, 8 steps.
+TARGETS = {
+    "small-10": Workload("e2e", 10.0, 8),
+    "small-30": Workload("e2e", 30.0, 8),
+    "small-120": Workload("e2e", 120.0, 8),
+    "medium-10": Workload("e2e", 10.0, 8, "medium"),
+}
+TARGET_WALL = {"small": 0.5}  # wall ratio targets per variant (medium: peak RSS only)
+TARGET_RSS = 0.6
+
+
+@dataclass
+class Official:
+    """Runs benchmarks/official_mlx.py (a checkout of the official repo, random weights in its layout) per row."""
+
+    repo: Path
+    weights: Path  # one subfolder per variant, written once
+    ready: dict = field(default_factory=dict)  # variant -> write-weights outcome
+
+    def _call(self, *args: str) -> dict:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("official_mlx.py")),
+            *args,
+            "--official-repo",
+            str(self.repo),
+        ]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1:]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def run(self, work: Workload) -> dict:
+        folder = self.weights / work.variant
+        if work.variant not in self.ready:
+            self.ready[work.variant] = self._call("write-weights", "--variant", work.variant, "--weights", str(folder))
+        made = self.ready[work.variant]
+        row = (
+            made
+            if "error" in made
+            else self._call(
+                "run",
+                "--variant",
+                work.variant,
+                "--weights",
+                str(folder),
+                "--seconds",
+                f"{work.seconds:g}",
+                "--steps",
+                str(work.steps),
+            )
+        )
+        return {**row, "impl": "official-mlx", **asdict(work)} if "error" in row else row
+
+
+def print_targets(rows: list[dict], impl: str = "mlx") -> None:
+    """mlx_sa3 (MLX backend, ``impl``) over the official MLX runtime, per end-to-end workload both ran."""
+
+    def key(r):
+        return r.get("variant", "small"), r["kind"], r["seconds"], r["steps"], r.get("round", 0)
+
+    ours = {key(r): r for r in rows if r["impl"] == impl and "error" not in r}
+    theirs = {key(r): r for r in rows if r["impl"] == "official-mlx" and "error" not in r}
+    pairs = [(k, ours[k], theirs[k]) for k in ours if k in theirs]
+    if not pairs:
+        return
+    print()
+    header = (
+        f"{IMPLS[impl] + ' / official MLX':30} {'wall s':>15} {'x wall':>7} {'target':>7} {'peak MB':>13} "
+        f"{'x peak':>7} {'target':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for (variant, kind, seconds, steps, rnd), a, b in pairs:
+        wall, rss = a["wall_s"] / b["wall_s"], a["peak_rss_mb"] / b["peak_rss_mb"]
+        wall_target = TARGET_WALL.get(variant)
+        wall_mark = "-" if wall_target is None else f"<={wall_target:g} " + ("ok" if wall <= wall_target else "NO")
+        label = Workload(kind, seconds, steps, variant).label + (f" r{rnd}" if rnd else "")
+        print(
+            f"{label:30} {a['wall_s']:>7.1f}/{b['wall_s']:<7.1f} {wall:>7.2f} {wall_mark:>7} "
+            f"{a['peak_rss_mb']:>6.0f}/{b['peak_rss_mb']:<6.0f} {rss:>7.2f} "
+            f"{f'<={TARGET_RSS:g} ' + ('ok' if rss <= TARGET_RSS else 'NO'):>7}"
+        )
+    rounds = {}
+    for (variant, kind, seconds, steps, _), a, b in pairs:
+        rounds.setdefault((variant, kind, seconds, steps), []).append(
+            (a["wall_s"] / b["wall_s"], a["peak_rss_mb"] / b["peak_rss_mb"])
+        )
+    for (variant, kind, seconds, steps), ratios in rounds.items():
+        if len(ratios) > 1:
+            walls, peaks = zip(*ratios)
+            print(
+                f"{Workload(kind, seconds, steps, variant).label}: median over {len(ratios)} rounds x wall "
+                f"{np.median(walls):.2f}, x peak {np.median(peaks):.2f}"
+            )
+    for (variant, kind, seconds, steps, rnd), a, b in pairs:
+        if rnd:
+            continue
+        print(
+            f"official MLX runtime {Workload(kind, seconds, steps, variant).label}: {b.get('latents')} latents "
+            f"(mlx_sa3: duration + {HEADROOM_SECONDS:g} s); BLAS {b.get('blas')}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -355,9 +504,13 @@ def run_subprocess(impl: str, work: Workload) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     """Wall time and peak RSS of each row over diffusers' on the same workload (below 1: less than diffusers)."""
-    base = {(r["kind"], r["seconds"], r["steps"]): r for r in rows if r["impl"] == "diffusers" and "error" not in r}
+
+    def key(r):
+        return r.get("variant", "small"), r["kind"], r["seconds"], r["steps"]
+
+    base = {key(r): r for r in rows if r["impl"] == "diffusers" and "error" not in r}
     for r in rows:
-        ref = base.get((r["kind"], r["seconds"], r["steps"]))
+        ref = base.get(key(r))
         if ref is not None and "error" not in r:
             r["wall_vs_diffusers"] = r["wall_s"] / ref["wall_s"]
             r["rss_vs_diffusers"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
@@ -371,7 +524,7 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        label = Workload(r["kind"], r["seconds"], r["steps"]).label
+        label = Workload(r["kind"], r["seconds"], r["steps"], r.get("variant", "small")).label
         if "error" in r:
             print(f"{label:22} {IMPLS[r['impl']]:22} failed: {' '.join(r['error'])}")
             continue
@@ -386,7 +539,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r.get("stages_s"):
             stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["stages_s"].items())
-            print(f"{Workload(r['kind'], r['seconds'], r['steps']).label}, {IMPLS[r['impl']]}: {stages}")
+            label = Workload(r["kind"], r["seconds"], r["steps"], r.get("variant", "small")).label
+            print(f"{label}, {IMPLS[r['impl']]}: {stages}")
 
 
 NOTES = [
@@ -403,6 +557,12 @@ NOTES = [
     "MLX_SA3_NO_OPENBLAS=1 (diffusers runs that way too).",
     "warm-up: one identical untimed call first, except the reference-BLAS DiT step (a 16-latent call) and end to "
     "end (same duration, 1 step).",
+    (
+        "official MLX runtime (benchmarks/official_mlx.py): its CLI's main() from the checkout, fp32 DiT, "
+        "--free-models, on random_model's weights stored in its layout (DiT/T5Gemma fp16 files, SAME fp32); "
+        "its timed call includes loading each model from its file (page cache warm), and its canvas has no 6 "
+        "s headroom. Same OpenBLAS preload."
+    ),
 ]
 
 
@@ -410,24 +570,76 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 s workloads, end to end with 2 steps")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "KIND", "SECONDS", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--official-repo",
+        type=Path,
+        help="checkout of Stability-AI/stable-audio-3: adds its MLX "
+        "runtime (optimized/mlx) to the end-to-end workloads",
+    )
+    parser.add_argument("--official-weights", type=Path, help="keep its random weights here (default: a temp dir)")
+    parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        metavar="VARIANT=DIR",
+        default=[],
+        help="full-size checkpoints (benchmarks/random_checkpoint.py), e.g. small=/tmp/sa3rand/small: adds the "
+        "mlx-oneshot row (mlx_sa3 as the CLI runs it: loads per stage inside the timed call) to end-to-end workloads",
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="*",
+        choices=sorted(TARGETS),
+        help="the issue-12 target set (all of it "
+        "when no names follow): end to end x8 steps, mlx_sa3 MLX vs the official runtime "
+        "(needs --official-repo)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the plan, alternating the order of the implementations (ratios are taken within a round)",
+    )
+    parser.add_argument(
+        "--worker", nargs=5, metavar=("IMPL", "KIND", "SECONDS", "STEPS", "VARIANT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
-        impl, kind, seconds, steps = args.worker
-        print(json.dumps(run_worker(impl, Workload(kind, float(seconds), int(steps)))))
+        impl, kind, seconds, steps, variant = args.worker
+        print(json.dumps(run_worker(impl, Workload(kind, float(seconds), int(steps), variant))))
         return
+    if args.targets is not None and args.official_repo is None:
+        parser.error("--targets needs --official-repo")
+    if args.targets is not None:
+        plan = [(TARGETS[name], ("mlx", "official-mlx")) for name in (args.targets or TARGETS)]
+    else:
+        plan = QUICK if args.quick else FULL
+    if args.official_repo is not None and args.targets is None:
+        plan = [(w, (*impls, "official-mlx") if w.kind == "e2e" else impls) for w, impls in plan]
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    for variant, folder in checkpoints.items():
+        os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
+    plan = [
+        (w, (*impls, "mlx-oneshot") if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan
+    ]
+    scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
+    official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 
     load_before = os.getloadavg()
     gemm = gemm_gflops()
     rows = []
-    for work, impls in QUICK if args.quick else FULL:
-        for impl in impls:
-            rows.append(run_subprocess(impl, work))
+    for rnd in range(args.rounds):
+        for work, impls in plan:
+            for impl in impls[::-1] if rnd % 2 else impls:
+                rows.append({**run_subprocess(impl, work, official), "round": rnd})
             outcome = "FAILED" if "error" in rows[-1] else f"{rows[-1]['wall_s']:.2f} s"
             print(f"  done {work.label} {impl}: {outcome}", file=sys.stderr)
     load_after = os.getloadavg()
+    if scratch is not None:
+        scratch.cleanup()
     add_ratios(rows)
     print_table(rows)
+    print_targets(rows)
+    print_targets(rows, "mlx-oneshot")
     machine = (
         f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"

@@ -7,6 +7,9 @@ docs/ARCHITECTURE.md, "Backends"); conditioning, guidance and samplers stay the 
 
 from __future__ import annotations
 
+import importlib.util
+import platform
+
 import mlx.core as mx
 
 from . import checkpoint
@@ -16,6 +19,45 @@ from .loading import BACKENDS, Source, check_backend, open_source, parse_dtype  
 def default_dtype() -> mx.Dtype:
     """Half precision where MLX has fast half matmuls (Metal), float32 on the CPU backend."""
     return mx.float16 if mx.metal.is_available() and mx.default_device() == mx.gpu else mx.float32
+
+
+AUTO = "auto"
+#: what the torch backend needs (the ``torch`` extra)
+TORCH_PACKAGES = ("torch", "diffusers", "transformers")
+
+
+def choose_backend() -> tuple[str, str]:
+    """What ``backend="auto"`` runs here, and why (one line).
+
+    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU the torch backend when its packages
+    are installed, because it measured faster there (README, "Speed on Linux"); MLX otherwise.
+    """
+    if mx.metal.is_available() or mx.default_device() == mx.gpu:
+        return "mlx", "MLX has a GPU here"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return "mlx", f"{machine} CPU without an MLX GPU: MLX (torch was measured faster on x86-64 CPUs only)"
+    missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
+    return "torch", "x86-64 CPU without an MLX GPU: the torch backend measured faster here"
+
+
+def resolve_backend(backend: str) -> tuple[str, str]:
+    """``(backend, reason)``: ``"auto"`` resolved by :func:`choose_backend`, an explicit backend checked."""
+    if backend == AUTO:
+        return choose_backend()
+    check_backend(backend)
+    return backend, "requested"
+
+
+def torch_gemm_gflops(n: int = 2048, repeats: int = 5) -> float | None:
+    """torch's fp32 n^3 GEMM rate as the torch backend runs it (thread policy applied); None without torch."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    from .torch_backend.common import gemm_gflops
+
+    return gemm_gflops(n, repeats)
 
 
 def _torch_backend():
@@ -51,18 +93,19 @@ def load_text_encoder(src, max_length: int, dtype=None, backend: str = "mlx"):
     return checkpoint.load_mlx_text_encoder(source, max_length, dtype=parse_dtype(dtype) or default_dtype())
 
 
-def load_autoencoder(src, dtype=None, backend: str = "mlx"):
+def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True):
     """Load a SAME autoencoder from a SAME repo, a full SA3 repo (its pretransform) or a converted directory.
 
     ``src`` is a local directory, a Hub repo id or an opened ``loading.Source``. ``dtype`` (default float32)
     applies to the encoder; the bottleneck and decoder stay float32 because SAME's differential attention cancels
     badly in half precision. ``backend="torch"`` returns the torch CPU counterpart (same interface, float32).
+    ``encoder=False`` (MLX) defers reading the encoder half until the first ``encode``.
     """
     check_backend(backend)
     source = _open(src)
     if backend == "torch":
         return _torch_backend().load_torch_autoencoder(source)
-    return checkpoint.load_mlx_autoencoder(source, dtype)
+    return checkpoint.load_mlx_autoencoder(source, dtype, encoder=encoder)
 
 
 def move_networks(dit, autoencoder, text_encoder, backend: str):

@@ -7,12 +7,24 @@ here are the MLX backend's; :mod:`mlx_sa3.backend` chooses between them and the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+from mlx import nn
+from mlx.utils import tree_flatten
 
-from .loading import CheckpointError, Source, component_weights, load_safetensors, open_source, parse_dtype
+from .loading import (
+    CheckpointError,
+    Source,
+    component_weights,
+    load_safetensors,
+    open_source,
+    parse_dtype,
+    sanitize_checked,
+)
 from .models import t5gemma
 from .models.diffusion import DEFAULT_OBJECTIVE, RF_OBJECTIVES
 from .models.dit import DiT, DiTConfig
@@ -20,6 +32,7 @@ from .models.dit import sanitize as sanitize_dit
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.same import sanitize as sanitize_same
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .quantize import QuantizationConfig, apply_quantization, dequantize_weights
 
 TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
@@ -167,53 +180,182 @@ def _open(src) -> Source:
 # -- MLX loaders ------------------------------------------------------------------------------------------------
 
 
-def load_dit(source, dtype=mx.float32) -> DiT:
-    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), weights in ``dtype``."""
+def dit_quantization(source: Source) -> QuantizationConfig | None:
+    """The quantization record of a converted checkpoint (``convert.py --quantize``), or None."""
+    record = source.meta.get("quantization") if source.converted else None
+    return None if record is None else _parsed("quantization", lambda: QuantizationConfig.from_dict(record))
+
+
+def dit_weights(source: Source, dequantize: bool = True, dtype=mx.float32) -> tuple[DiT, dict]:
+    """A fresh DiT module and its strictly checked tensors.
+
+    A quantized checkpoint is checked against the quantized structure (``apply_quantization`` first); with
+    ``dequantize`` the recorded layers come back as plain ``dtype`` weights for a plain DiT, otherwise the module keeps
+    ``nn.QuantizedLinear`` layers for the packed tensors.
+    """
+    config = checkpoint_config(source).dit
+    model, quant = DiT(config), dit_quantization(source)
+    if quant is not None:
+        try:
+            apply_quantization(model, quant)
+        except ValueError as err:
+            raise CheckpointError(f"{source.root}: {err}") from None
+    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint")
+    if quant is not None and dequantize:
+        model, weights = DiT(config), dequantize_weights(weights, quant, dtype)
+    return model, weights
+
+
+def keeps_quantized() -> bool:
+    """Quantized layers stay quantized on GPUs (Metal / CUDA: fast quantized matmuls, a fraction of the memory);
+    on the CPU MLX's quantized matmul runs at a few GFLOP/s, so there they are dequantized once at load time."""
+    return mx.default_device() != mx.cpu
+
+
+def load_dit(source, dtype=mx.float32, keep_quantized: bool | None = None) -> DiT:
+    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), weights in ``dtype``.
+
+    A quantized checkpoint keeps its ``nn.QuantizedLinear`` layers where ``keep_quantized`` (default
+    :func:`keeps_quantized`: on a GPU) and is dequantized to ``dtype`` otherwise (the CPU).
+    """
     source = _open(source)
     dtype = parse_dtype(dtype) or mx.float32
-    model = DiT(checkpoint_config(source).dit)
-    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint")
-    model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    keep = keeps_quantized() if keep_quantized is None else keep_quantized
+    model, weights = dit_weights(source, dequantize=not keep, dtype=dtype)
+    # packed quantized weights are uint32: only floating tensors take the requested dtype
+    model.load_weights([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()])
     mx.eval(model.parameters())
     return model
 
 
-def load_mlx_autoencoder(source, dtype=None) -> SAMEAutoencoder:
-    """The MLX SAME autoencoder (see :func:`mlx_sa3.backend.load_autoencoder`)."""
-    source = _open(source)
-    model = SAMEAutoencoder(checkpoint_config(source).same)
-    weights = component_weights(source, "autoencoder", sanitize_same, model, f"{source.root} autoencoder")
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
-    dtype = parse_dtype(dtype)
-    if dtype is not None:
+#: Parameter prefixes of SAME's encoder half (audio -> latents); the rest decodes.
+ENCODER_HALF = ("encoder.", "to_latent.")
+
+
+def _autoencoder_weights(source: Source, model: SAMEAutoencoder) -> dict:
+    return component_weights(source, "autoencoder", sanitize_same, model, f"{source.root} autoencoder")
+
+
+def _load_half(model: SAMEAutoencoder, weights: dict, encoder_half: bool, dtype) -> None:
+    part = [(k, v.astype(mx.float32)) for k, v in weights.items() if k.startswith(ENCODER_HALF) == encoder_half]
+    model.load_weights(part, strict=False)  # the whole set was strictly checked by _autoencoder_weights
+    if encoder_half and dtype is not None:
         model.encoder.set_dtype(dtype)
         model.to_latent.set_dtype(dtype)
+    mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(ENCODER_HALF) == encoder_half])
+
+
+class DecoderFirstSAME(SAMEAutoencoder):
+    """A SAME autoencoder loaded without its encoder half, which is read from the checkpoint on the first
+    :meth:`encode`: plain text-to-audio never holds it (a lifetime choice; the arithmetic is SAMEAutoencoder's)."""
+
+    def __init__(self, config: SAMEConfig, source: Source, dtype=None):
+        super().__init__(config)
+        self._source, self._encoder_dtype, self.encoder_loaded = source, dtype, False
+
+    def encode(self, audio) -> mx.array:
+        if not self.encoder_loaded:
+            _load_half(self, _autoencoder_weights(self._source, self), True, self._encoder_dtype)
+            self.encoder_loaded = True
+        return super().encode(audio)
+
+
+def load_mlx_autoencoder(source, dtype=None, encoder: bool = True) -> SAMEAutoencoder:
+    """The MLX SAME autoencoder (see :func:`mlx_sa3.backend.load_autoencoder`); without ``encoder`` its encoder
+    half is loaded on first use (:class:`DecoderFirstSAME`)."""
+    source = _open(source)
+    config = checkpoint_config(source).same
+    dtype = parse_dtype(dtype)
+    model = SAMEAutoencoder(config) if encoder else DecoderFirstSAME(config, source, dtype)
+    weights = _autoencoder_weights(source, model)
+    _load_half(model, weights, False, dtype)
+    if encoder:
+        _load_half(model, weights, True, dtype)
     model.eval()
-    mx.eval(model.parameters())
     return model
 
 
-def load_text_encoder(directory, max_length: int, dtype=mx.float32, weights: dict | None = None) -> TextEncoder:
+EMBEDDING = "embed_tokens.weight"
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16: the upper half of a float32
+
+
+def _memmap_tensor(path: Path, name: str) -> np.ndarray | None:
+    """A read-only memory map of one tensor of a safetensors file, or None (absent, other dtype, not a file)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(size)).get(name)
+    except (OSError, ValueError):
+        return None
+    if not info or info.get("dtype") not in _NUMPY_DTYPES:
+        return None
+    start, _ = info["data_offsets"]
+    dtype = _NUMPY_DTYPES[info["dtype"]]
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + size + start, shape=tuple(info["shape"]))
+
+
+class MappedEmbedding(nn.Module):
+    """Token embeddings gathered from the memory-mapped checkpoint file at each call.
+
+    The T5Gemma table (256000 x 768: 786 MB in float32) is never resident: a prompt reads only its own rows from
+    the page cache. The rows are exactly the stored ones, cast to ``dtype`` as a resident table would be.
+    """
+
+    def __init__(self, table: np.ndarray, dtype: mx.Dtype):
+        super().__init__()
+        self._table, self._dtype = table, dtype  # plain attributes: not MLX parameters
+
+    def __call__(self, ids) -> mx.array:
+        ids = np.asarray(ids)
+        rows = np.asarray(self._table[ids.reshape(-1)])
+        if rows.dtype == np.uint16:  # bfloat16 bits -> float32 (exact)
+            rows = (rows.astype(np.uint32) << 16).view(np.float32)
+        return mx.array(rows).reshape(*ids.shape, -1).astype(self._dtype)
+
+
+def load_text_encoder(
+    directory,
+    max_length: int,
+    dtype=mx.float32,
+    weights: dict | None = None,
+    map_embedding: bool = True,
+    embedding_file: Path | None = None,
+) -> TextEncoder:
     """Load the T5Gemma encoder and tokenizer from ``directory`` (config.json + tokenizer files).
 
     Without ``weights`` the directory's transformers ``model.safetensors`` (full encoder-decoder) is read and
-    sanitized. ``weights`` are already-sanitized tensors (e.g. a converted checkpoint's text_encoder component).
+    sanitized. ``weights`` are already-sanitized tensors (e.g. a converted checkpoint's text_encoder component,
+    stored in ``embedding_file``). With ``map_embedding`` the token embedding stays in its file
+    (:class:`MappedEmbedding`) when the file is known and mappable.
     """
     directory = Path(directory)
     dtype = parse_dtype(dtype) or mx.float32
+    table = None
     if weights is None:
         weights = t5gemma.sanitize(load_safetensors(directory / TEXT_ENCODER_WEIGHTS))
+        if map_embedding:
+            table = _memmap_tensor(directory / TEXT_ENCODER_WEIGHTS, t5gemma.ENCODER_PREFIX + EMBEDDING)
+    elif map_embedding and embedding_file is not None:
+        table = _memmap_tensor(Path(embedding_file), EMBEDDING)
     model = T5GemmaEncoder(T5GemmaConfig.from_dir(directory))
-    t5gemma.load_weights(model, weights, dtype)
+    if table is None:
+        t5gemma.load_weights(model, weights, dtype)
+    else:
+        sanitize_checked(weights, None, model, "T5Gemma encoder checkpoint")
+        model.embed_tokens = MappedEmbedding(table, dtype)
+        model.load_weights([(k, v.astype(dtype)) for k, v in weights.items() if k != EMBEDDING], strict=False)
+        mx.eval(model.parameters())
     return TextEncoder(model, T5GemmaTokenizer.from_dir(directory, max_length))
 
 
 def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32) -> TextEncoder:
+    converted = source.converted
     return load_text_encoder(
         source.text_encoder_dir(),
         max_length,
         dtype=dtype,
-        weights=source.component("text_encoder") if source.converted else None,
+        weights=source.component("text_encoder") if converted else None,
+        embedding_file=source.root / source.meta["components"]["text_encoder"] if converted else None,
     )
 
 

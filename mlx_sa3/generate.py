@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16"),
         help="DiT/text precision (default: half on Metal, float32 on CPU)",
     )
-    p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "mlx", "torch"),
+        help="compute backend (default auto: MLX where it has a GPU, torch on an x86-64 CPU when installed, "
+        "MLX otherwise; the summary says which ran and why)",
+    )
     p.add_argument(
         "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
     )
@@ -245,8 +251,13 @@ def _run(args) -> int:
         with handle_signals():
             seed, init_audio, inpaint_audio = _preflight(args)
             start = time.perf_counter()
+            # one generation: each network is loaded for its stage and freed after it (one network at a time)
             pipe = StableAudio3.from_pretrained(
-                args.model, dtype=args.dtype, backend=args.backend, loras=getattr(args, "loras", None)
+                args.model,
+                dtype=args.dtype,
+                backend=args.backend,
+                loras=getattr(args, "loras", None),
+                keep_loaded=False,
             )
             load_time = time.perf_counter() - start
             if args.model == "demo":
@@ -285,6 +296,7 @@ def _run(args) -> int:
         return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
     print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    print(f"backend: {pipe.backend} ({pipe.backend_reason}); each stage's time includes loading its network")
     return 0
 
 

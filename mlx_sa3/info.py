@@ -10,7 +10,12 @@ from .platform import describe, gemm_gflops
 def main(argv=None) -> None:
     from . import backend, platform
 
-    platform.main(argv, more=lambda: {"torch": backend.describe_torch()})
+    args = platform.main(argv, more=lambda: {"torch": backend.describe_torch()})
+    rate = backend.torch_gemm_gflops(args.size)
+    if rate is not None:
+        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM (n={args.size}, as the torch backend runs it)")
+    name, reason = backend.choose_backend()
+    print(f"{'auto':>9}: --backend auto runs {name} ({reason})")
 
 
 __all__ = ["describe", "gemm_gflops", "main"]

@@ -237,9 +237,12 @@ class Source:
         return self.root / (CONVERTED_TEXT_ENCODER_DIR if self.converted else TEXT_ENCODER_SUBFOLDER)
 
     def _sa3_tensors(self) -> dict[str, mx.array]:
-        if "_tensors" not in self.meta:
-            self.meta["_tensors"] = load_safetensors(self.root / "model.safetensors")
-        return self.meta["_tensors"]
+        # Read the (lazy, memory-mapped) file each time rather than caching the arrays: a cached dict would keep
+        # every loaded component's buffers alive after the model released it. Tensors placed in meta["_tensors"]
+        # (tests inject edited ones there) are used as given.
+        if "_tensors" in self.meta:
+            return self.meta["_tensors"]
+        return load_safetensors(self.root / "model.safetensors")
 
 
 def open_source(src, allow_patterns: Iterable[str] | None = None) -> Source:

@@ -8,15 +8,16 @@ The generation modes and file output live in :mod:`mlx_sa3.pipeline`.
 
 from __future__ import annotations
 
+import gc
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from . import backend as backends
-from .checkpoint import SA3Config, checkpoint_config
-from .loading import CheckpointError, Source, check_backend, open_source, to_mx
+from .checkpoint import SA3Config, checkpoint_config, dit_weights
+from .loading import CheckpointError, Source, open_source, to_mx
 from .models.conditioners import Conditioners
 from .models.diffusion import RF_OBJECTIVES
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
@@ -25,16 +26,74 @@ default_dtype = backends.default_dtype
 __all__ = ["Conditioners", "SA3Config", "SA3Model", "default_dtype", "load_model"]
 
 
-class SA3Model:
-    """Every component of one SA3 checkpoint, with the official conditioning and sampling semantics."""
+#: The networks an SA3Model can load on first use and release (see :meth:`SA3Model.release`).
+COMPONENTS = ("text_encoder", "dit", "autoencoder")
 
-    def __init__(self, config: SA3Config, dit, autoencoder, text_encoder, conditioners: Conditioners, source=None):
+
+def _component(name: str) -> property:
+    def get(self):
+        if self._parts[name] is None and name in self._loaders:
+            self._parts[name] = self._loaders[name]()
+        return self._parts[name]
+
+    def set(self, value):
+        self._parts[name] = value
+
+    return property(get, set, doc=f"The {name} network (loaded on first access when it has a loader).")
+
+
+class SA3Model:
+    """Every component of one SA3 checkpoint, with the official conditioning and sampling semantics.
+
+    ``loaders`` (name -> zero-argument function) make a component lazy: a network passed as None is loaded when
+    first used, and :meth:`release` drops it again (it is reloaded if used afterwards). This is how one-shot use
+    keeps only one stage's network resident (``load_model(..., lazy=True)``; ``StableAudio3(keep_loaded=False)``).
+    """
+
+    dit = _component("dit")
+    autoencoder = _component("autoencoder")
+    text_encoder = _component("text_encoder")
+
+    def __init__(
+        self,
+        config: SA3Config,
+        dit,
+        autoencoder,
+        text_encoder,
+        conditioners: Conditioners,
+        source=None,
+        loaders: dict[str, Callable] | None = None,
+    ):
         self.config = config
-        self.dit = dit
-        self.autoencoder = autoencoder
-        self.text_encoder = text_encoder
+        self._loaders = dict(loaders or {})
+        self._parts = {"dit": dit, "autoencoder": autoencoder, "text_encoder": text_encoder}
         self.conditioners = conditioners
         self.source = source
+
+    @property
+    def loaded(self) -> list[str]:
+        """Names of the networks resident now."""
+        return [name for name in COMPONENTS if self._parts[name] is not None]
+
+    def release(self, *names: str) -> None:
+        """Free the named networks (all with no names) that can be loaded again, and MLX's buffer cache.
+
+        Networks without a loader (passed in built) are kept: dropping them could not be undone.
+        """
+        for name in names or COMPONENTS:
+            if name not in COMPONENTS:
+                raise ValueError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+            if name in self._loaders:
+                self._parts[name] = None
+        gc.collect()
+        mx.clear_cache()
+
+    @property
+    def downsampling_ratio(self) -> int:
+        """Audio samples per latent, from the loaded autoencoder or (without loading it) the checkpoint config."""
+        if self._parts["autoencoder"] is None and self.source is not None:
+            return checkpoint_config(self.source).same.downsampling_ratio
+        return self.autoencoder.downsampling_ratio
 
     @property
     def sample_rate(self) -> int:
@@ -254,25 +313,34 @@ class SA3Model:
         return lora.at_sigma(self, t)
 
 
-def load_model(src, dtype=None, backend: str = "mlx") -> SA3Model:
+def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3Model:
     """Load a full SA3 checkpoint (Hub repo id, original directory or converted directory).
 
     ``dtype`` applies to the DiT and the text encoder (None: float16 on Metal, float32 on the CPU, where MLX half
     matmuls are slow); the SAME decoder stays float32. ``backend="torch"`` runs the three networks with torch on the
-    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code).
+    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code); ``"auto"`` picks one
+    (:func:`mlx_sa3.backend.choose_backend`).
+
+    With ``lazy`` nothing but the conditioners is loaded now (the DiT's tensors are checked against the model from
+    the file header): each network loads when first used and :meth:`SA3Model.release` frees it. The MLX SAME
+    autoencoder is then loaded decoder first: its encoder half is read only when audio is encoded (never for plain
+    text-to-audio).
     """
-    check_backend(backend)
+    backend, _ = backends.resolve_backend(backend)
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")
     parsed = checkpoint_config(source)
     parsed.check_sampleable()
     config = parsed.sa3
-    return SA3Model(
-        config,
-        dit=backends.load_dit(source, dtype, backend),
-        autoencoder=backends.load_autoencoder(source, backend=backend),
-        text_encoder=backends.load_text_encoder(source, config.prompt_max_length, dtype, backend),
-        conditioners=Conditioners(source.component("conditioners"), config),
-        source=source,
-    )
+    loaders = {
+        "dit": lambda: backends.load_dit(source, dtype, backend),
+        "autoencoder": lambda: backends.load_autoencoder(source, backend=backend, encoder=not lazy),
+        "text_encoder": lambda: backends.load_text_encoder(source, config.prompt_max_length, dtype, backend),
+    }
+    conditioners = Conditioners(source.component("conditioners"), config)
+    if lazy:
+        dit_weights(source, dequantize=False)  # strict check now (headers only), before any network runs
+        return SA3Model(config, None, None, None, conditioners, source, loaders)
+    parts = {name: loaders[name]() for name in ("dit", "autoencoder", "text_encoder")}
+    return SA3Model(config, conditioners=conditioners, source=source, loaders=loaders, **parts)

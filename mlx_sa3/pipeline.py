@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioError, check_duration, format_for, load_audio_input, open_writer
+from .backend import resolve_backend
 from .diagnosis import explain_non_finite
 from .model import SA3Model, load_model
 from .outputs import AtomicFiles, OutputError, batch_targets, is_write_error, os_error_message, resolve_seed
@@ -148,6 +149,11 @@ class Plan:
     inpaint_known: mx.array | None
 
 
+def _is_torch(model: SA3Model) -> bool:
+    parts = [model._parts[name] for name in ("dit", "autoencoder", "text_encoder")]
+    return any(type(p).__module__.startswith("mlx_sa3.torch_backend") for p in parts if p is not None)
+
+
 def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -155,32 +161,57 @@ def _ceil_to(n: int, multiple: int) -> int:
 class StableAudio3:
     """Text-to-audio, audio-to-audio, inpainting and continuation with one loaded SA3 checkpoint."""
 
-    def __init__(self, model: SA3Model):
+    def __init__(self, model: SA3Model, keep_loaded: bool = True):
         self.model = model
+        self.keep_loaded = keep_loaded
+        #: the backend running the networks and why (``from_pretrained`` fills in what ``"auto"`` chose)
+        self.backend, self.backend_reason = "torch" if _is_torch(model) else "mlx", "given model"
 
     @classmethod
-    def from_pretrained(cls, src, dtype=None, backend: str = "mlx", loras=None) -> "StableAudio3":
+    def from_pretrained(
+        cls, src, dtype=None, backend: str = "mlx", loras=None, keep_loaded: bool = True
+    ) -> "StableAudio3":
         """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``.
 
         ``loras``: LoRA files to apply in that order (``lora_index`` 0, 1, ...): bare paths (strength 1),
         ``(path, strength)`` or ``(path, strength, (sigma_lo, sigma_hi))`` (see docs/LORA.md).
+
+        ``keep_loaded`` (default, for apps that load once and generate many times) loads the text encoder, DiT and
+        SAME decoder now and keeps them. ``keep_loaded=False`` (one-shot use; the CLI) loads each network when its
+        stage starts and frees it when the stage ends (text encoder after conditioning, DiT after sampling, decoder
+        after decoding), so peak memory is the largest network plus one stage's activations; a later generation
+        reloads them (LoRAs are re-applied only while the DiT stays loaded: use keep_loaded=True to generate many
+        times with LoRAs). Either way the SAME encoder is read only when audio inputs need it. ``backend="auto"``
+        picks MLX or torch (:func:`mlx_sa3.backend.choose_backend`); ``.backend`` / ``.backend_reason`` say which
+        and why.
         """
+        backend, reason = resolve_backend(backend)
         if str(src) == "demo":
             from .demo import demo_model
 
-            return cls._with_loras(demo_model(dtype=dtype, backend=backend), loras)
-        model = load_model(src, dtype=dtype, backend=backend)
-        if model.source is not None and not model.source.converted:
-            print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
-        return cls._with_loras(model, loras)
-
-    @classmethod
-    def _with_loras(cls, model: SA3Model, loras) -> "StableAudio3":
+            model = demo_model(dtype=dtype, backend=backend)
+        else:
+            model = load_model(src, dtype=dtype, backend=backend, lazy=True)
+            if keep_loaded:
+                for name in ("dit", "text_encoder", "autoencoder"):  # load now: an app pays once, up front
+                    getattr(model, name)
+            if model.source is not None and not model.source.converted:
+                print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
         if loras:
             from .lora import attach
 
             attach(model, loras)
-        return cls(model)
+        return cls._with_backend(cls(model, keep_loaded), backend, reason)
+
+    @staticmethod
+    def _with_backend(pipe: "StableAudio3", backend: str, reason: str) -> "StableAudio3":
+        pipe.backend, pipe.backend_reason = backend, reason
+        return pipe
+
+    def _release(self, *names: str) -> None:
+        """One-shot use: free the networks a stage is done with (a long-lived pipeline keeps them)."""
+        if not self.keep_loaded:
+            self.model.release(*names)
 
     @property
     def sample_rate(self) -> int:
@@ -273,7 +304,7 @@ class StableAudio3:
         DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
         """
         cfg, sr = self.model.config, self.model.config.sample_rate
-        ratio = self.model.autoencoder.downsampling_ratio
+        ratio = self.model.downsampling_ratio
         align = ratio * cfg.latent_align
         canvas = (
             min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
@@ -338,7 +369,7 @@ class StableAudio3:
         The audio-rate mask is sampled at every ``ratio``-th sample (torch nearest interpolation), so latent i is kept
         iff audio sample i * ratio is kept: regenerated latents are [ceil(start / ratio), ceil(end / ratio)).
         """
-        sr, ratio = self.sample_rate, self.model.autoencoder.downsampling_ratio
+        sr, ratio = self.sample_rate, self.model.downsampling_ratio
         positions = np.arange(length) * ratio
         keep = positions < int(duration * sr)
         for start, end in regions:
@@ -348,7 +379,7 @@ class StableAudio3:
     def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
         """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
         audio = load_audio_input(audio, what)  # one validation path for every way audio comes in
-        canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
+        canvas = np.zeros((2, length * self.model.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]
         z = self.model.autoencoder.encode(canvas[None])
@@ -374,6 +405,9 @@ class StableAudio3:
         """
         plan = self._plan(GenerationRequest.of(request, prompt, duration, **kwargs))
         timings = {}
+        if plan.init_latents is not None or plan.inpaint_known is not None:
+            mx.eval([a for a in (plan.init_latents, plan.inpaint_known) if a is not None])
+            self._release("autoencoder")  # the encoder's stage is over; the decoder comes back after sampling
 
         def emit(event):
             if callback is not None and callback(event) is False:
@@ -390,6 +424,7 @@ class StableAudio3:
             negative_prompts=plan.negative_prompts,
         )
         mx.eval(cond)
+        self._release("text_encoder")
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -417,10 +452,12 @@ class StableAudio3:
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
+        latents = latents.astype(mx.float32)
+        mx.eval(latents)
+        self._release("dit")
         timings["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        latents = latents.astype(mx.float32)
         offset = 0
         # Only the first num_samples are kept: stopping early skips decoding most of the 6 s headroom.
         for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
@@ -433,6 +470,7 @@ class StableAudio3:
             audio = np.clip(audio, -1.0, 1.0)
             yield emit(AudioEvent(audio, offset, plan.num_samples))
             offset += take
+        self._release("autoencoder")
         timings["decoding"] = time.perf_counter() - start
         yield emit(DoneEvent(latents, plan.seed, timings))
 

@@ -6,6 +6,11 @@ first ``import mlx`` makes every MLX GEMM use OpenBLAS instead (about 150 GFLOP/
 
 Set ``MLX_SA3_NO_OPENBLAS=1`` to keep the bundled BLAS (for comparisons), or ``MLX_SA3_BLAS=/path/lib.so`` to
 choose the library. This module must not import mlx at import time.
+
+Kernel set: unless the user set ``OPENBLAS_CORETYPE``, the preload sets it from the CPU flags
+(:func:`mlx_sa3.cpu_kernels.choose_openblas_coretype`) only while the library loads (OpenBLAS reads it once, at
+load), so other OpenBLAS copies such as numpy's keep their own choice. ``MLX_SA3_OPENBLAS_CORETYPE=0`` leaves the
+choice to OpenBLAS. ``python -m mlx_sa3.info`` names the kernel set in use.
 """
 
 from __future__ import annotations
@@ -30,6 +35,33 @@ _CANDIDATES = (
 loaded_blas: str | None = None
 #: why no optimized BLAS was loaded (empty when one was)
 skipped_reason: str = ""
+#: the OPENBLAS_CORETYPE mlx_sa3 set while loading the library (None: the user's or OpenBLAS's own choice)
+chosen_coretype: str | None = None
+
+
+def _coretype_for(path: str) -> str | None:
+    """The core type to request for the OpenBLAS at ``path``, or None to leave it (user's variable, opt-out)."""
+    if "OPENBLAS_CORETYPE" in os.environ or os.environ.get("MLX_SA3_OPENBLAS_CORETYPE", "") == "0":
+        return None
+    from .cpu_kernels import choose_openblas_coretype, cpu_flags, openblas_version_from_path
+
+    if "openblas" not in os.path.basename(os.path.realpath(path)).lower():
+        return None
+    return choose_openblas_coretype(cpu_flags(), openblas_version_from_path(path))
+
+
+def _load_global(path: str) -> None:
+    """``dlopen(path, RTLD_GLOBAL)`` with OPENBLAS_CORETYPE set from the CPU flags for the duration of the load."""
+    global chosen_coretype
+    coretype = _coretype_for(path)
+    if coretype is not None:
+        os.environ["OPENBLAS_CORETYPE"] = coretype
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if coretype is not None:
+            del os.environ["OPENBLAS_CORETYPE"]
+    chosen_coretype = coretype
 
 
 def preload() -> str | None:
@@ -53,7 +85,7 @@ def preload() -> str | None:
     for path in [wanted] if wanted else _CANDIDATES:
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _load_global(path)
             except OSError as err:  # a broken library must not stop the import: fall back to the bundled BLAS
                 skipped_reason = f"could not load {path}: {err}"
                 continue
@@ -105,6 +137,18 @@ def gemm_gflops(n: int = 2048, dtype=None, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def openblas_corename() -> str | None:
+    """The kernel set the loaded OpenBLAS runs (``openblas_get_corename``), None without an OpenBLAS."""
+    if loaded_blas is None:
+        return None
+    try:
+        get = ctypes.CDLL(loaded_blas).openblas_get_corename
+    except (OSError, AttributeError):  # not an OpenBLAS (e.g. MKL through MLX_SA3_BLAS)
+        return None
+    get.restype = ctypes.c_char_p
+    return get().decode()
+
+
 def describe() -> dict:
     import mlx.core as mx
 
@@ -114,10 +158,27 @@ def describe() -> dict:
         "metal": bool(mx.metal.is_available()),
         "platform": platform.platform(),
         "blas": loaded_blas or f"MLX default ({skipped_reason or 'bundled'})",
+        "kernels": _kernels_line(),
     }
 
 
-def main(argv=None, more=None) -> None:
+def _kernels_line() -> str:
+    name = openblas_corename()
+    if name is None:
+        return "-"
+    how = (
+        f"OPENBLAS_CORETYPE={chosen_coretype} set by mlx_sa3 from the CPU flags"
+        if chosen_coretype
+        else (
+            f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} (user)"
+            if "OPENBLAS_CORETYPE" in os.environ
+            else "OpenBLAS's own choice"
+        )
+    )
+    return f"{name} ({how})"
+
+
+def main(argv=None, more=None) -> argparse.Namespace:
     """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's)."""
     parser = argparse.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
@@ -129,3 +190,4 @@ def main(argv=None, more=None) -> None:
     for key, value in {**describe(), **(more() if more else {})}.items():
         print(f"{key:>9}: {value}")
     print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")
+    return args

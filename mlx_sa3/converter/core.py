@@ -17,6 +17,10 @@ Output layout::
     OUT/conditioners.safetensors        (SA3 only) prompt padding + seconds embedder, float32
     OUT/autoencoder.safetensors         SAME autoencoder, float32
     OUT/text_encoder/encoder.safetensors (SA3 only) T5Gemma encoder, in --dtype, next to its config and tokenizer
+
+With ``--quantize 8|4 [--group-size 64]`` the DiT's fitting linear layers are stored MLX-affine quantized (packed
+``weight`` + ``scales`` + ``biases``, see :mod:`mlx_sa3.quantize`) and config.json records it under ``"quantization"``
+(bits, group_size, mode, layers); the loaders rebuild that structure before the strict check.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from ..outputs import (
     temp_name,
     write_conversion_marker,
 )
+from ..quantize import DEFAULT_GROUP_SIZE, QuantizationConfig, check_settings, quantizable_layers, quantize_weights
 from .diffusers import (
     DIFFUSERS_WEIGHTS,
     DiffusersCheckpoint,
@@ -293,6 +298,14 @@ def _copy_text_encoder_files(text_dirs: list[Path], target: Path) -> list[str]:
     return copied
 
 
+def quantize_component(component: Component, model_config: dict, bits: int, group_size: int) -> QuantizationConfig:
+    """Quantize the (still lazy) tensors of the DiT component in place; returns the record for config.json."""
+    module = dit.DiT(_parse("DiT", lambda: dit.DiTConfig.from_model_config(model_config)))
+    config = QuantizationConfig(bits, group_size, layers=quantizable_layers(module, group_size))
+    component.tensors = quantize_weights(component.tensors, config)
+    return config
+
+
 def convert(
     src,
     out,
@@ -300,6 +313,8 @@ def convert(
     force: bool = False,
     log: Callable[[str], None] | None = None,
     loras=None,
+    quantize: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Path:
     """Convert ``src`` (Hub repo id or directory: full SA3 repo, SAME repo or diffusers Stable Audio 3 pipeline
     folder) into the mlx_sa3 layout at ``out``.
@@ -311,8 +326,12 @@ def convert(
     ``loras``: ``[(path, strength), ...]`` (or bare paths, strength 1) merged into the DiT and the seconds
     conditioner in that order, exactly as loading them at run time would (see docs/LORA.md); config.json then
     lists them under ``loras``.
+
+    ``quantize`` (8 or 4 bits, groups of ``group_size`` input columns) stores the DiT's linear layers quantized.
     """
     log = log or (lambda message: None)
+    if quantize is not None:
+        check_settings(int(quantize), int(group_size))
     out = Path(out).expanduser().absolute()
     target_dtype = parse_dtype(dtype or "float32")
     dtype_name = next(name for name, value in DTYPES.items() if value == target_dtype)
@@ -324,11 +343,21 @@ def convert(
     if out.resolve() == source.root.resolve() or source.root.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out} is inside the source checkpoint {source.root}; choose another output")
     kind = "same" if source.layout == "same" else "sa3"
+    if quantize is not None and kind == "same":
+        raise CheckpointError(f"{source.root} is a SAME autoencoder: --quantize applies to a Stable Audio 3 DiT only")
     described = {"same": "SAME autoencoder", "sa3": "Stable Audio 3", "diffusers": "diffusers Stable Audio 3"}
     log(f"source: {source.root} ({described[source.layout]} checkpoint)")
 
     components = plan_source(source, target_dtype)
     lora_record = _merge_loras(components, loras, source, log) if loras else []
+    quantization = None
+    if quantize is not None:
+        dit_part = next(c for c in components if c.name == "dit")
+        quantization = quantize_component(dit_part, source.model_config, int(quantize), int(group_size))
+        log(
+            f"quantizing {len(quantization.layers)} DiT linear layers to int{quantization.bits} "
+            f"(groups of {quantization.group_size})"
+        )
     dropped = [name for c in components for name in c.dropped]
     _log_dropped(log, dropped)
     notes = source.notes if source.layout == "diffusers" else []
@@ -358,6 +387,8 @@ def convert(
         }
         if lora_record:  # which LoRAs are baked into dit/conditioners, in order
             meta["loras"] = lora_record
+        if quantization is not None:
+            meta["quantization"] = quantization.to_dict()
         if notes:  # what the source layout did not record, and was assumed
             meta["notes"] = notes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -496,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a LoRA .safetensors into the DiT and the seconds conditioner (strength default 1); repeatable, "
         "applied in order; config.json records file, sha256, type, rank, alpha and strength (see docs/LORA.md)",
     )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        help="store the DiT's linear layers MLX-affine quantized to 8 or 4 bits (SAME and the conditioners never are; "
+        "on the CPU they are dequantized to float32 at load time, GPUs run them quantized)",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="quantization group (32, 64 or 128; default 64)"
+    )
     return parser
 
 
@@ -506,7 +547,16 @@ def main(argv=None) -> int:
         from ..lora import parse_lora_spec
 
         loras = [parse_lora_spec(spec) for spec in args.lora]
-        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, log=print, loras=loras)
+        out = convert(
+            args.src,
+            args.out,
+            dtype=args.dtype,
+            force=args.force,
+            log=print,
+            loras=loras,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

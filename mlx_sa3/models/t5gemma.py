@@ -198,7 +198,7 @@ class T5GemmaEncoder(nn.Module):
 
     def __call__(self, input_ids: mx.array, mask: mx.array) -> mx.array:
         """input_ids (B, T) int, mask (B, T) bool (True = real token) -> last hidden state (B, T, hidden)."""
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.norm.weight.dtype  # every weight has the model dtype (the embedding may have no array)
         # transformers multiplies by sqrt(hidden) rounded to the model dtype (27.75 in bf16): do the same.
         normalizer = mx.array(math.sqrt(self.config.hidden_size), dtype=dtype)
         x = self.embed_tokens(input_ids) * normalizer

@@ -83,3 +83,18 @@ def _load_state(module, state: dict, computed: tuple = ()) -> None:
 def reorder_rows(weight, permutation):
     """``weight`` (torch) with its rows permuted (a numpy permutation from :mod:`mlx_sa3.models.keymaps`)."""
     return weight[require_torch().from_numpy(permutation)]
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 n x n x n matmul rate of torch, with the torch backend's thread policy."""
+    import time
+
+    torch = require_torch()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up (thread pools)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

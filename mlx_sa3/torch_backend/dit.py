@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..checkpoint import checkpoint_config
-from ..loading import Source, component_weights, open_source, parse_dtype
+from ..checkpoint import checkpoint_config, dit_weights
+from ..loading import Source, open_source, parse_dtype
 from ..models import dit as mlx_dit
 from ..models import keymaps
 from ..models.diffusion import DiffusionStep
@@ -164,9 +164,9 @@ def load_torch_dit(source, dtype=None) -> TorchDiT:
     """DiT on torch from a full SA3 checkpoint (directory, repo id or Source); float32 only."""
     _check_float32(dtype)
     source = source if isinstance(source, Source) else open_source(source)
-    config = checkpoint_config(source).dit
-    weights = component_weights(source, "dit", mlx_dit.sanitize, mlx_dit.DiT(config), "DiT checkpoint")
-    return TorchDiT(config, weights)
+    # a quantized checkpoint (convert.py --quantize) is dequantized to float32: torch has no affine int kernels here
+    _, weights = dit_weights(source, dequantize=True)
+    return TorchDiT(checkpoint_config(source).dit, weights)
 
 
 def torch_dit_from_mlx(module: mlx_dit.DiT) -> TorchDiT:

@@ -1,0 +1,61 @@
+"""Peak resident memory of one CLI generation (``python -m mlx_sa3.generate``) in a fresh process.
+
+    flock /tmp/heavy.lock python benchmarks/bench_cli_memory.py /tmp/sa3rand/small --seconds 10 120 [--json out.json]
+
+Each run is a child process; its peak RSS is ``ru_maxrss`` of the children (read in a fresh wrapper process per run,
+so one run's peak never hides another's). Use ``benchmarks/random_checkpoint.py`` for a full-size checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+WRAPPER = (
+    "import resource, subprocess, sys, json, time; t = time.perf_counter(); "
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+    "print(json.dumps({'rc': rc.returncode, 'wall_s': time.perf_counter() - t, "
+    "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'stderr': rc.stderr[-400:]}))"
+)
+
+
+def run_cli(model: str, seconds: float, steps: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cli_memory_") as tmp:
+        cmd = [sys.executable, "-m", "mlx_sa3.generate", "--model", model, "-p", "a warm analog synth pad"]
+        cmd += ["--duration", f"{seconds:g}", "--steps", str(steps), "--seed", "0", "--quiet"]
+        cmd += ["-o", os.path.join(tmp, "out.wav"), *extra]
+        proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], check=True, capture_output=True, text=True)
+    return {"seconds": seconds, "steps": steps, "extra": extra, **json.loads(proc.stdout)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 120.0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags (last)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    rows = []
+    for seconds in args.seconds:
+        start = time.perf_counter()
+        rows.append(run_cli(args.model, seconds, args.steps, args.extra))
+        r = rows[-1]
+        status = "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}: {r['stderr']}"
+        print(
+            f"{seconds:6g} s x {args.steps} steps: peak RSS {r['peak_rss_mb']:7.0f} MB, wall {r['wall_s']:6.1f} s "
+            f"({time.perf_counter() - start:.0f} s) {status}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``--backend auto``: MLX where it has a GPU, torch on an x86-64 CPU with the torch extra installed, MLX otherwise;
+the CLI summary says which ran and why."""
+
+import importlib.util
+
+import pytest
+
+from mlx_sa3 import backend
+from mlx_sa3.pipeline import StableAudio3
+
+from .conftest import REF
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(backend.mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(backend.mx, "default_device", lambda: backend.mx.cpu)
+    return monkeypatch
+
+
+def test_x86_cpu_with_torch_picks_torch(cpu_only):
+    cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
+    cpu_only.setattr(importlib.util, "find_spec", lambda name: object())
+    assert backend.choose_backend()[0] == "torch"
+
+
+def test_x86_cpu_without_torch_picks_mlx_and_says_what_is_missing(cpu_only):
+    cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
+    cpu_only.setattr(importlib.util, "find_spec", lambda name: None if name == "diffusers" else object())
+    name, reason = backend.choose_backend()
+    assert name == "mlx" and "diffusers" in reason
+
+
+def test_arm_cpu_and_gpus_pick_mlx(cpu_only):
+    cpu_only.setattr(backend.platform, "machine", lambda: "aarch64")
+    assert backend.choose_backend()[0] == "mlx"
+    cpu_only.setattr(backend.mx.metal, "is_available", lambda: True)
+    cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
+    assert backend.choose_backend() == ("mlx", "MLX has a GPU here")
+
+
+def test_explicit_backends_pass_and_unknown_ones_fail():
+    assert backend.resolve_backend("mlx") == ("mlx", "requested")
+    with pytest.raises(ValueError, match="unknown backend"):
+        backend.resolve_backend("cuda")
+
+
+def test_pipeline_reports_the_backend_it_runs():
+    chosen, reason = backend.choose_backend()
+    if chosen == "torch":
+        pytest.importorskip("torch")
+    pipe = StableAudio3.from_pretrained(REF / "sa3_small_tiny_s0", backend="auto", keep_loaded=False)
+    assert (pipe.backend, pipe.backend_reason) == (chosen, reason)
+    module = type(pipe.model.dit).__module__
+    assert module.startswith("mlx_sa3.torch_backend") == (chosen == "torch")
+    assert StableAudio3.from_pretrained("demo", backend="mlx").backend == "mlx"

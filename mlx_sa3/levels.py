@@ -64,7 +64,7 @@ class LevelReport:
         return (f"{peak}, {_fmt_db(self.lufs, sign=False)} LUFS, {100 * self.clipped_fraction:.2f} % clipped, "
                 f"gain {self.gain_db:+.1f} dB")
 
-    def with_gain(self, gain_db: float) -> "LevelReport":
+    def with_gain(self, gain_db: float) -> LevelReport:
         return LevelReport(self.peak_dbfs, self.lufs, self.clipped_fraction, float(gain_db), self.true_peak_dbfs,
                            self.samples)
 
@@ -185,7 +185,7 @@ class LevelMeter:
         if frames < _BLOCK_SECONDS * rate:  # pyloudnorm refuses these; no gating block fits
             return -math.inf
         step = 1.0 - _OVERLAP
-        blocks = int(np.round(((frames / rate - _BLOCK_SECONDS) / (_BLOCK_SECONDS * step)))) + 1
+        blocks = int(np.round((frames / rate - _BLOCK_SECONDS) / (_BLOCK_SECONDS * step))) + 1
         starts = np.asarray(self._segment_starts)
         cumulative = np.concatenate([np.zeros((1, self.channels)), np.cumsum(self._segment_sums, axis=0)])
         z = np.zeros((self.channels, blocks))
@@ -302,6 +302,20 @@ def copy_with_gain(source, writer, gain_db: float = 0.0, clamp: bool = True,
     return frames
 
 
-__all__ = ["LevelReport", "LevelMeter", "measure", "measure_file", "clipping_warning", "normalization_gain",
-           "validate_normalization", "apply_gain", "copy_with_gain", "to_db", "db_to_gain", "DEFAULT_CEILING_DBFS",
-           "DEFAULT_TARGET_LUFS", "CLIP_WARNING_FRACTION", "NORMALIZE_MODES"]
+__all__ = [
+    "CLIP_WARNING_FRACTION",
+    "DEFAULT_CEILING_DBFS",
+    "DEFAULT_TARGET_LUFS",
+    "NORMALIZE_MODES",
+    "LevelMeter",
+    "LevelReport",
+    "apply_gain",
+    "clipping_warning",
+    "copy_with_gain",
+    "db_to_gain",
+    "measure",
+    "measure_file",
+    "normalization_gain",
+    "to_db",
+    "validate_normalization",
+]

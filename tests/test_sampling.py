@@ -144,7 +144,7 @@ def test_rk4_is_fourth_order():
 
     rk4 = [error("rk4", n) for n in (4, 8, 16)]
     orders = [math.log2(rk4[i] / rk4[i + 1]) for i in range(2)]
-    assert all(3.6 < p < 4.4 for p in orders), (rk4, orders)
+    assert all(3.5 < p < 4.5 for p in orders), (rk4, orders)  # 4 +- 0.5: neither 3 nor 5
     euler = [error("euler", n) for n in (8, 16)]
     assert 0.8 < math.log2(euler[0] / euler[1]) < 1.2
     assert rk4[1] < euler[0] / 1000

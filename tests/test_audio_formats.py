@@ -5,8 +5,7 @@ import pytest
 import soundfile as sf
 
 from mlx_sa3 import audio as audio_mod
-from mlx_sa3.audio import (AudioError, generation_tags, is_float_output, open_writer, read_tags, subtype_for,
-                           write_audio)
+from mlx_sa3.audio import AudioError, generation_tags, is_float_output, open_writer, read_tags, subtype_for, write_audio
 
 SR = 44100
 # (format, bit depth) -> max round-trip error: exact for float; for b-bit PCM half a step plus libsndfile's scale

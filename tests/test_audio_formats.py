@@ -60,10 +60,8 @@ def test_every_lossy_format_is_available_here():
     assert all(available(f) for f in LOSSY), sf.__libsndfile_version__
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "opus", "mp3"])
+@pytest.mark.parametrize("fmt", ["wav", "flac"] + [f for f in LOSSY if available(f)])
 def test_tags_read_back(tmp_path, fmt):
-    if fmt in LOSSY and not available(fmt):
-        pytest.skip(f"this libsndfile has no {fmt} encoder")
     tags = generation_tags(prompt="warm analog pad, café ♪", seed=1234, model="stabilityai/stable-audio-3-small-music",
                            steps=8)
     write_audio(tmp_path / f"t.{fmt}", signal(0.5), tags=tags)

@@ -113,15 +113,19 @@ def subtype_for(fmt: str, bit_depth: int | None = None) -> tuple[str, str]:
     if bit_depth is not None:
         depths = BIT_DEPTHS.get(fmt)
         if depths is None:
-            raise AudioError(f"{fmt} is a lossy format without a bit depth; --bit-depth applies to wav (16, 24, 32) "
-                             "and flac (16, 24)")
+            raise AudioError(
+                f"{fmt} is a lossy format without a bit depth; --bit-depth applies to wav (16, 24, 32) "
+                "and flac (16, 24)"
+            )
         depth = int(bit_depth) if isinstance(bit_depth, (int, float, str)) and str(bit_depth).isdigit() else None
         if depth not in depths:
             raise AudioError(f"{fmt} bit depth must be {', '.join(map(str, depths))}, got {bit_depth}")
         subtype = depths[depth]
     if container not in sf.available_formats() or subtype not in sf.available_subtypes(container):
-        raise AudioError(f"cannot write {fmt}: this libsndfile ({sf.__libsndfile_version__}) has no "
-                         f"{container}/{subtype} encoder (mp3 and opus need libsndfile 1.1.0 or later)")
+        raise AudioError(
+            f"cannot write {fmt}: this libsndfile ({sf.__libsndfile_version__}) has no "
+            f"{container}/{subtype} encoder (mp3 and opus need libsndfile 1.1.0 or later)"
+        )
     return container, subtype
 
 
@@ -218,8 +222,15 @@ class _ResamplingWriter:
         self.close()
 
 
-def open_writer(path: str | os.PathLike, channels: int = 2, sample_rate: int = SAMPLE_RATE, fmt: str | None = None,
-                *, bit_depth: int | None = None, tags: dict | None = None):
+def open_writer(
+    path: str | os.PathLike,
+    channels: int = 2,
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str | None = None,
+    *,
+    bit_depth: int | None = None,
+    tags: dict | None = None,
+):
     """A writer for ``path`` in ``fmt`` (default: from the suffix); write (N, C) float blocks to it, then close it.
 
     wav defaults to 32-bit float, flac to 24-bit; ``bit_depth`` picks 16/24/32 (see :data:`BIT_DEPTHS`). ``tags``
@@ -237,8 +248,15 @@ def open_writer(path: str | os.PathLike, channels: int = 2, sample_rate: int = S
     return _ResamplingWriter(f, sample_rate, channels) if rate != sample_rate else f
 
 
-def write_audio(path: str | os.PathLike, audio, sample_rate: int = SAMPLE_RATE, fmt: str | None = None, *,
-                bit_depth: int | None = None, tags: dict | None = None) -> Path:
+def write_audio(
+    path: str | os.PathLike,
+    audio,
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str | None = None,
+    *,
+    bit_depth: int | None = None,
+    tags: dict | None = None,
+) -> Path:
     """Write (C, N) audio in any of :data:`WRITE_FORMATS` (format from ``fmt`` or the file suffix)."""
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:

@@ -61,12 +61,15 @@ class LevelReport:
         peak = f"peak {_fmt_db(self.peak_dbfs)} dBFS"
         if self.true_peak_dbfs is not None:
             peak += f" (true peak {_fmt_db(self.true_peak_dbfs)} dBTP)"
-        return (f"{peak}, {_fmt_db(self.lufs, sign=False)} LUFS, {100 * self.clipped_fraction:.2f} % clipped, "
-                f"gain {self.gain_db:+.1f} dB")
+        return (
+            f"{peak}, {_fmt_db(self.lufs, sign=False)} LUFS, {100 * self.clipped_fraction:.2f} % clipped, "
+            f"gain {self.gain_db:+.1f} dB"
+        )
 
     def with_gain(self, gain_db: float) -> LevelReport:
-        return LevelReport(self.peak_dbfs, self.lufs, self.clipped_fraction, float(gain_db), self.true_peak_dbfs,
-                           self.samples)
+        return LevelReport(
+            self.peak_dbfs, self.lufs, self.clipped_fraction, float(gain_db), self.true_peak_dbfs, self.samples
+        )
 
 
 def _fmt_db(value: float, sign: bool = True) -> str:
@@ -79,8 +82,10 @@ def clipping_warning(report: LevelReport, threshold: float = CLIP_WARNING_FRACTI
     """A one-line warning when more than ``threshold`` of the samples exceed full scale, else None."""
     if report.clipped_fraction <= threshold:
         return None
-    return (f"{100 * report.clipped_fraction:.2f} % of the samples exceed full scale and are clipped "
-            f"(peak {_fmt_db(report.peak_dbfs)} dBFS); try --normalize peak or --normalize loudness")
+    return (
+        f"{100 * report.clipped_fraction:.2f} % of the samples exceed full scale and are clipped "
+        f"(peak {_fmt_db(report.peak_dbfs)} dBFS); try --normalize peak or --normalize loudness"
+    )
 
 
 class LevelMeter:
@@ -116,8 +121,9 @@ class LevelMeter:
             if factor > 1:
                 import soxr
 
-                self._oversampler = soxr.ResampleStream(self.sample_rate, factor * self.sample_rate, self.channels,
-                                                        dtype="float32", quality="HQ")
+                self._oversampler = soxr.ResampleStream(
+                    self.sample_rate, factor * self.sample_rate, self.channels, dtype="float32", quality="HQ"
+                )
         self._true_peak_enabled = true_peak
         self._report = None
 
@@ -222,8 +228,9 @@ class LevelMeter:
                 # the oversampled signal's peak, never below the sample peak
                 true_peak = to_db(max(self._true_peak, self._peak))
             total = self._frames * self.channels
-            self._report = LevelReport(to_db(self._peak), self._loudness(), self._over / total if total else 0.0,
-                                       0.0, true_peak, self._frames)
+            self._report = LevelReport(
+                to_db(self._peak), self._loudness(), self._over / total if total else 0.0, 0.0, true_peak, self._frames
+            )
         return self._report.with_gain(gain_db)
 
 
@@ -248,8 +255,9 @@ def measure_file(path, chunk_frames: int = COPY_CHUNK_FRAMES, true_peak: bool = 
     return meter.report()
 
 
-def validate_normalization(mode: str | None, ceiling_dbfs: float = DEFAULT_CEILING_DBFS,
-                           target_lufs: float = DEFAULT_TARGET_LUFS) -> None:
+def validate_normalization(
+    mode: str | None, ceiling_dbfs: float = DEFAULT_CEILING_DBFS, target_lufs: float = DEFAULT_TARGET_LUFS
+) -> None:
     """Refuse unusable normalisation settings (ValueError, one line, before any work)."""
     if mode is not None and mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
@@ -260,8 +268,12 @@ def validate_normalization(mode: str | None, ceiling_dbfs: float = DEFAULT_CEILI
         raise ValueError(f"the loudness target (--target-lufs) must be in (-70, 0] LUFS, got {target_lufs:g}")
 
 
-def normalization_gain(report: LevelReport, mode: str | None, ceiling_dbfs: float = DEFAULT_CEILING_DBFS,
-                       target_lufs: float = DEFAULT_TARGET_LUFS) -> float:
+def normalization_gain(
+    report: LevelReport,
+    mode: str | None,
+    ceiling_dbfs: float = DEFAULT_CEILING_DBFS,
+    target_lufs: float = DEFAULT_TARGET_LUFS,
+) -> float:
     """The gain in dB that a normalisation applies to the measured audio (0 for ``mode=None`` and for silence).
 
     ``peak``: the sample peak goes to ``ceiling_dbfs``. ``loudness``: the integrated loudness goes to
@@ -288,8 +300,9 @@ def apply_gain(audio: np.ndarray, gain_db: float = 0.0, clamp: bool = True) -> n
     return np.clip(out, -1.0, 1.0) if clamp else out
 
 
-def copy_with_gain(source, writer, gain_db: float = 0.0, clamp: bool = True,
-                   chunk_frames: int = COPY_CHUNK_FRAMES) -> int:
+def copy_with_gain(
+    source, writer, gain_db: float = 0.0, clamp: bool = True, chunk_frames: int = COPY_CHUNK_FRAMES
+) -> int:
     """Copy the (raw, float) audio file ``source`` into ``writer`` (anything with ``write((n, channels))``, e.g. an
     :func:`mlx_sa3.audio.open_writer`), applying ``gain_db`` and the clamp chunk by chunk. Returns the frames copied."""
     import soundfile as sf

@@ -88,8 +88,9 @@ def validate_scale_phi(value=DEFAULT_SCALE_PHI) -> float:
 
 def validate_cfg_norm_threshold(value=DEFAULT_CFG_NORM_THRESHOLD) -> float:
     """>= 0; 0 is the official "off" and inf is accepted as "no cap" too (both leave the guidance unchanged)."""
-    number = _number(DEFAULT_CFG_NORM_THRESHOLD if value is None else value, "cfg_norm_threshold",
-                     "--cfg-norm-threshold")
+    number = _number(
+        DEFAULT_CFG_NORM_THRESHOLD if value is None else value, "cfg_norm_threshold", "--cfg-norm-threshold"
+    )
     if number < 0:
         raise OptionError(f"cfg_norm_threshold (--cfg-norm-threshold) must be >= 0 (0 = off), got {number:g}")
     return number
@@ -166,13 +167,18 @@ def validate_dist_shift(value=None) -> dict | None:
             number = int(number)
         out[key] = number
     if out.get("min_length", 1) > out.get("max_length", math.inf):
-        raise OptionError(f"dist_shift (--dist-shift) needs min_length <= max_length, got "
-                          f"{out['min_length']} > {out['max_length']}")
+        raise OptionError(
+            f"dist_shift (--dist-shift) needs min_length <= max_length, got {out['min_length']} > {out['max_length']}"
+        )
     return out
 
 
-def validate_guidance(cfg_interval=DEFAULT_CFG_INTERVAL, scale_phi=DEFAULT_SCALE_PHI,
-                      cfg_norm_threshold=DEFAULT_CFG_NORM_THRESHOLD, apg_scale=DEFAULT_APG_SCALE) -> dict:
+def validate_guidance(
+    cfg_interval=DEFAULT_CFG_INTERVAL,
+    scale_phi=DEFAULT_SCALE_PHI,
+    cfg_norm_threshold=DEFAULT_CFG_NORM_THRESHOLD,
+    apg_scale=DEFAULT_APG_SCALE,
+) -> dict:
     """All the guidance options at once, normalised, as keyword arguments of ``DiT.step``."""
     return {
         "cfg_interval": validate_cfg_interval(cfg_interval),

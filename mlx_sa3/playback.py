@@ -32,8 +32,10 @@ def load_sounddevice():
     except ImportError:
         raise PlaybackError("--play needs the sounddevice package: pip install 'mlx_sa3[play]'") from None
     except OSError as err:  # sounddevice imports but cannot load the PortAudio library
-        raise PlaybackError(f"--play cannot reach an audio output: {err} (install PortAudio, e.g. "
-                            "`apt install libportaudio2` on Debian/Ubuntu)") from None
+        raise PlaybackError(
+            f"--play cannot reach an audio output: {err} (install PortAudio, e.g. "
+            "`apt install libportaudio2` on Debian/Ubuntu)"
+        ) from None
 
 
 def check_playback(sample_rate: int = 44100, channels: int = 2):
@@ -52,8 +54,9 @@ def play(audio, sample_rate: int = 44100, block_frames: int = PLAY_BLOCK_FRAMES)
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[None]
-    _play_blocks((audio[:, i:i + block_frames].T for i in range(0, audio.shape[1], block_frames)), sample_rate,
-                 audio.shape[0])
+    _play_blocks(
+        (audio[:, i : i + block_frames].T for i in range(0, audio.shape[1], block_frames)), sample_rate, audio.shape[0]
+    )
 
 
 def play_file(path: str | os.PathLike, block_frames: int = PLAY_BLOCK_FRAMES) -> None:

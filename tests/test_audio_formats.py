@@ -11,8 +11,13 @@ SR = 44100
 # (format, bit depth) -> max round-trip error: exact for float; for b-bit PCM half a step plus libsndfile's scale
 # asymmetry (it writes x (2^(b-1) - 1) and reads back / 2^(b-1)), together at most 1 / 2^(b-1) for |x| <= 1
 LOSSLESS = {
-    ("wav", None): 0.0, ("wav", 32): 0.0, ("wav", 24): 1 / 2**23, ("wav", 16): 1 / 2**15,
-    ("flac", None): 1 / 2**23, ("flac", 24): 1 / 2**23, ("flac", 16): 1 / 2**15,
+    ("wav", None): 0.0,
+    ("wav", 32): 0.0,
+    ("wav", 24): 1 / 2**23,
+    ("wav", 16): 1 / 2**15,
+    ("flac", None): 1 / 2**23,
+    ("flac", 24): 1 / 2**23,
+    ("flac", 16): 1 / 2**15,
 }
 LOSSY = ["ogg", "opus", "mp3"]
 
@@ -51,7 +56,7 @@ def test_lossy_round_trip(tmp_path, fmt, channels):
     else:
         assert sr == SR and back.shape[0] == audio.shape[1]
     # a lossy codec keeps the tone: compare the RMS level (within 1 dB) rather than samples
-    rms = np.sqrt(np.mean(back[len(back) // 4: -len(back) // 4] ** 2, axis=0))
+    rms = np.sqrt(np.mean(back[len(back) // 4 : -len(back) // 4] ** 2, axis=0))
     np.testing.assert_allclose(20 * np.log10(rms), 20 * np.log10(np.sqrt(np.mean(audio**2, axis=1))), atol=1.0)
 
 
@@ -62,8 +67,9 @@ def test_every_lossy_format_is_available_here():
 
 @pytest.mark.parametrize("fmt", ["wav", "flac"] + [f for f in LOSSY if available(f)])
 def test_tags_read_back(tmp_path, fmt):
-    tags = generation_tags(prompt="warm analog pad, café ♪", seed=1234, model="stabilityai/stable-audio-3-small-music",
-                           steps=8)
+    tags = generation_tags(
+        prompt="warm analog pad, café ♪", seed=1234, model="stabilityai/stable-audio-3-small-music", steps=8
+    )
     write_audio(tmp_path / f"t.{fmt}", signal(0.5), tags=tags)
     back = read_tags(tmp_path / f"t.{fmt}")
     assert back["prompt"] == "warm analog pad, café ♪"
@@ -75,14 +81,15 @@ def test_streamed_writer_equals_one_shot(tmp_path):
     audio = signal(2.0)
     with open_writer(tmp_path / "s.opus", 2, SR) as w:  # the resampling writer, fed in uneven blocks
         for start in range(0, audio.shape[1], 10000):
-            w.write(audio[:, start:start + 10000].T)
+            w.write(audio[:, start : start + 10000].T)
     write_audio(tmp_path / "o.opus", audio)
     assert sf.info(str(tmp_path / "s.opus")).frames == sf.info(str(tmp_path / "o.opus")).frames
     with open_writer(tmp_path / "s.wav", 2, SR, bit_depth=24) as w:
         for start in range(0, audio.shape[1], 7000):
-            w.write(audio[:, start:start + 7000].T)
-    np.testing.assert_array_equal(sf.read(tmp_path / "s.wav")[0], sf.read(write_audio(tmp_path / "o.wav", audio,
-                                                                                       bit_depth=24))[0])
+            w.write(audio[:, start : start + 7000].T)
+    np.testing.assert_array_equal(
+        sf.read(tmp_path / "s.wav")[0], sf.read(write_audio(tmp_path / "o.wav", audio, bit_depth=24))[0]
+    )
 
 
 def test_format_from_suffix_or_fmt(tmp_path):
@@ -94,10 +101,16 @@ def test_format_from_suffix_or_fmt(tmp_path):
     assert not is_float_output("wav", 24) and not is_float_output("flac") and not is_float_output("mp3")
 
 
-@pytest.mark.parametrize("fmt, depth, message", [
-    ("wav", 12, "wav bit depth must be 16, 24, 32, got 12"), ("flac", 32, "flac bit depth must be 16, 24, got 32"),
-    ("mp3", 16, "lossy format without a bit depth"), ("wav", "x", "got x"), ("aiff", None, "cannot write 'aiff'"),
-])
+@pytest.mark.parametrize(
+    "fmt, depth, message",
+    [
+        ("wav", 12, "wav bit depth must be 16, 24, 32, got 12"),
+        ("flac", 32, "flac bit depth must be 16, 24, got 32"),
+        ("mp3", 16, "lossy format without a bit depth"),
+        ("wav", "x", "got x"),
+        ("aiff", None, "cannot write 'aiff'"),
+    ],
+)
 def test_refused_before_writing(tmp_path, fmt, depth, message):
     target = tmp_path / f"r.{fmt}"
     with pytest.raises(AudioError, match=message) as err:

@@ -25,6 +25,7 @@ TOL = 64 * np.finfo(np.float32).eps
 
 # ------------------------------------------------------------------------------------------------- validation
 
+
 def test_official_defaults():
     assert options.DEFAULT_CFG_INTERVAL == (0.0, 1.0)
     assert options.DEFAULT_SCALE_PHI == 0.0
@@ -32,8 +33,12 @@ def test_official_defaults():
     assert options.DEFAULT_APG_SCALE == 1.0
     assert options.DEFAULT_SIGMA_MAX == 1.0
     assert options.DEFAULT_DURATION_PADDING_SEC == 6.0
-    assert options.validate_guidance() == {"cfg_interval": (0.0, 1.0), "scale_phi": 0.0, "cfg_norm_threshold": 0.0,
-                                           "apg_scale": 1.0}
+    assert options.validate_guidance() == {
+        "cfg_interval": (0.0, 1.0),
+        "scale_phi": 0.0,
+        "cfg_norm_threshold": 0.0,
+        "apg_scale": 1.0,
+    }
     # the checkpoints' default shift (config without sampling_distribution_shift_options) is LogSNR rate 0
     from mlx_sa3.sampling import DEFAULT_SHIFT
 
@@ -41,30 +46,48 @@ def test_official_defaults():
     assert {k: logsnr[k] for k in DEFAULT_SHIFT} == DEFAULT_SHIFT
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("0.2,0.8", (0.2, 0.8)), ((0, 1), (0.0, 1.0)), ([0.5, 0.5], (0.5, 0.5)), (" 0 , 0.3 ", (0.0, 0.3)), (None, (0, 1)),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("0.2,0.8", (0.2, 0.8)),
+        ((0, 1), (0.0, 1.0)),
+        ([0.5, 0.5], (0.5, 0.5)),
+        (" 0 , 0.3 ", (0.0, 0.3)),
+        (None, (0, 1)),
+    ],
+)
 def test_cfg_interval_accepted(value, expected):
     assert options.validate_cfg_interval(value) == expected
 
 
-@pytest.mark.parametrize("value, message", [
-    ("0.8,0.2", "lo <= hi"), ((-0.1, 0.5), "0 <= lo"), ((0.2, 1.5), "hi <= 1"), ("0.5", "two numbers"),
-    ("a,b", "must be a number"), ((0.1, 0.2, 0.3), "two numbers"), ("nan,1", "got nan"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.8,0.2", "lo <= hi"),
+        ((-0.1, 0.5), "0 <= lo"),
+        ((0.2, 1.5), "hi <= 1"),
+        ("0.5", "two numbers"),
+        ("a,b", "must be a number"),
+        ((0.1, 0.2, 0.3), "two numbers"),
+        ("nan,1", "got nan"),
+    ],
+)
 def test_cfg_interval_refused(value, message):
     with pytest.raises(OptionError, match=message) as err:
         options.validate_cfg_interval(value)
     assert "--cfg-interval" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("check, flag, good, bad", [
-    (options.validate_scale_phi, "--cfg-rescale", [0, 0.7, 1], [-0.01, 1.01, math.inf]),
-    (options.validate_apg_scale, "--apg-scale", [0, 0.3, 1], [-1, 2]),
-    (options.validate_cfg_norm_threshold, "--cfg-norm-threshold", [0, 2.5, math.inf], [-0.5, -math.inf]),
-    (options.validate_sigma_max, "--sigma-max", [1e-3, 0.5, 1], [0, -0.2, 1.1]),
-    (options.validate_duration_padding_sec, "--headroom", [0, 0.5, 6, 30], [-1, math.inf]),
-])
+@pytest.mark.parametrize(
+    "check, flag, good, bad",
+    [
+        (options.validate_scale_phi, "--cfg-rescale", [0, 0.7, 1], [-0.01, 1.01, math.inf]),
+        (options.validate_apg_scale, "--apg-scale", [0, 0.3, 1], [-1, 2]),
+        (options.validate_cfg_norm_threshold, "--cfg-norm-threshold", [0, 2.5, math.inf], [-0.5, -math.inf]),
+        (options.validate_sigma_max, "--sigma-max", [1e-3, 0.5, 1], [0, -0.2, 1.1]),
+        (options.validate_duration_padding_sec, "--headroom", [0, 0.5, 6, 30], [-1, math.inf]),
+    ],
+)
 def test_ranges(check, flag, good, bad):
     for value in good:
         assert check(value) == float(value)
@@ -86,7 +109,10 @@ def test_dist_shift_forms_and_schedules():
     flux = options.validate_dist_shift("flux:alpha_min=3,alpha_max=5")
     assert flux == {"type": "flux", "min_length": 256, "max_length": 4096, "alpha_min": 3.0, "alpha_max": 5.0}
     assert options.validate_dist_shift({"type": "Full", "max_shift": 2}) == {"type": "full", "max_shift": 2.0}
-    assert options.validate_dist_shift({"base_shift": 1}) == {"type": "full", "base_shift": 1.0}  # official default type
+    assert options.validate_dist_shift({"base_shift": 1}) == {
+        "type": "full",
+        "base_shift": 1.0,
+    }  # official default type
     assert options.validate_dist_shift("none") == {"type": "none"}
     # each validated form is something build_schedule runs: flux with alpha a gives a t / (1 + (a - 1) t)
     t = np.linspace(1, 0, 5, dtype=np.float32).astype(np.float64)
@@ -98,17 +124,26 @@ def test_dist_shift_forms_and_schedules():
         assert schedule[0] == 1.0 and schedule[-1] == 0.0 and np.all(np.diff(schedule) < 0)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("cosine", "type must be one of"), ("flux:alpha=2", "no parameter 'alpha'"), ("flux:alpha_min", "key=value"),
-    ("logsnr:rate=inf", "finite"), ("full:min_length=2.5", "whole number"), ({"type": "none", "rate": 1}, "no parameter"),
-    ("flux:min_length=500,max_length=300", "min_length <= max_length"), (3, "type name or dict"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("cosine", "type must be one of"),
+        ("flux:alpha=2", "no parameter 'alpha'"),
+        ("flux:alpha_min", "key=value"),
+        ("logsnr:rate=inf", "finite"),
+        ("full:min_length=2.5", "whole number"),
+        ({"type": "none", "rate": 1}, "no parameter"),
+        ("flux:min_length=500,max_length=300", "min_length <= max_length"),
+        (3, "type name or dict"),
+    ],
+)
 def test_dist_shift_refused(value, message):
     with pytest.raises(OptionError, match=message):
         options.validate_dist_shift(value)
 
 
 # ----------------------------------------------------------------------------------------- guidance formulas
+
 
 def official_guide(x, vc, vu, sigma, cfg_scale, apg_scale, scale_phi, threshold):
     """Numpy float64 transcription of the official CFG branch for rectified flow (no padding mask)."""
@@ -137,8 +172,17 @@ def tensors():
 
 def _guide(tensors, cfg_scale=4.0, apg_scale=1.0, scale_phi=0.0, threshold=0.0):
     x, vc, vu, sigma = tensors
-    out = guide(mx.array(x), mx.array(vc), mx.array(vu), mx.array(sigma), None, cfg_scale, apg_scale,
-                scale_phi=scale_phi, cfg_norm_threshold=threshold)
+    out = guide(
+        mx.array(x),
+        mx.array(vc),
+        mx.array(vu),
+        mx.array(sigma),
+        None,
+        cfg_scale,
+        apg_scale,
+        scale_phi=scale_phi,
+        cfg_norm_threshold=threshold,
+    )
     return np.array(out)
 
 
@@ -190,6 +234,7 @@ def test_full_rescale_matches_the_conditional_std(tensors):
 
 # ------------------------------------------------------------------------------------------ on the real DiT
 
+
 @pytest.fixture(scope="module")
 def tiny_dit():
     name = "sa3_small_tiny_s0"
@@ -224,8 +269,9 @@ def test_interval_outside_the_schedule_is_no_guidance(tiny_dit):
     assert not np.any((sigmas >= 0.999) & (sigmas <= 1.0))
     batch = x.shape[0]
     plain = list(sample_iter(_velocity(dit, prepared, batch), x, sigmas, "euler"))[-1].x
-    outside = list(sample_iter(_velocity(dit, prepared, batch, cfg_scale=7.0, cfg_interval=(0.999, 1.0)), x, sigmas,
-                               "euler"))[-1].x
+    outside = list(
+        sample_iter(_velocity(dit, prepared, batch, cfg_scale=7.0, cfg_interval=(0.999, 1.0)), x, sigmas, "euler")
+    )[-1].x
     inside = list(sample_iter(_velocity(dit, prepared, batch, cfg_scale=7.0), x, sigmas, "euler"))[-1].x
     np.testing.assert_array_equal(np.array(outside), np.array(plain))
     assert rel_err(np.array(inside), np.array(plain)) > 1e-3
@@ -240,7 +286,17 @@ def test_step_options_reach_the_formula(tiny_dit):
     null = dit.prepare(np.zeros_like(io["cross_attn_cond"]), io["global_cond"])
     vc = np.array(dit.step(x, mx.full((batch,), t), unprepared))
     vu = np.array(dit.step(x, mx.full((batch,), t), null))
-    out = np.array(dit.step(x, mx.full((batch,), t), prepared, cfg_scale=3.0, apg_scale=0.5, scale_phi=0.7,
-                            cfg_norm_threshold=0.8, cfg_interval=(0.5, 0.9)))
+    out = np.array(
+        dit.step(
+            x,
+            mx.full((batch,), t),
+            prepared,
+            cfg_scale=3.0,
+            apg_scale=0.5,
+            scale_phi=0.7,
+            cfg_norm_threshold=0.8,
+            cfg_interval=(0.5, 0.9),
+        )
+    )
     ref = official_guide(io["x"], vc, vu, np.full(batch, t), 3.0, 0.5, 0.7, 0.8)
     assert rel_err(out, ref) <= 1e-4  # the DiT's own float32 parity tolerance (tests/test_dit.py)

@@ -44,7 +44,7 @@ def pyloudnorm_lufs(audio):
 def streamed(audio, piece):
     meter = LevelMeter(SR, audio.shape[0])
     for start in range(0, audio.shape[1], piece):
-        meter.add(audio[:, start:start + piece])
+        meter.add(audio[:, start : start + piece])
     return meter.report()
 
 
@@ -80,7 +80,7 @@ def test_streamed_loudness_equals_pyloudnorm(piece):
     n = int(4.37 * SR)
     audio = rng.standard_normal((2, n)) * 0.2
     audio[:, : n // 4] *= 0.01  # a quiet stretch below the relative gate, so both gates act
-    audio[:, n // 2: n // 2 + SR // 2] = 0.0  # and silence below the absolute one
+    audio[:, n // 2 : n // 2 + SR // 2] = 0.0  # and silence below the absolute one
     audio[1] *= 0.5
     assert abs(streamed(audio, piece).lufs - pyloudnorm_lufs(audio)) <= LOUDNESS_TOL
 
@@ -135,11 +135,16 @@ def test_normalisation_gains():
     assert measure(apply_gain(audio, gain)).lufs == pytest.approx(-18.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("louder",), "normalize must be one of peak, loudness"), (("peak", 0.5), "--ceiling"),
-    (("loudness", -1.0, -80.0), "--target-lufs"), (("loudness", -1.0, 3.0), "--target-lufs"),
-    (("peak", math.nan), "--ceiling"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("louder",), "normalize must be one of peak, loudness"),
+        (("peak", 0.5), "--ceiling"),
+        (("loudness", -1.0, -80.0), "--target-lufs"),
+        (("loudness", -1.0, 3.0), "--target-lufs"),
+        (("peak", math.nan), "--ceiling"),
+    ],
+)
 def test_bad_normalisation_settings(args, message):
     with pytest.raises(ValueError, match=message):
         validate_normalization(*args)
@@ -147,8 +152,8 @@ def test_bad_normalisation_settings(args, message):
 
 def test_apply_gain_clamps_unless_asked():
     block = np.array([[0.6, -0.9, 0.2]], np.float32)
-    np.testing.assert_allclose(apply_gain(block, 6.0), [[1.0, -1.0, 0.2 * 10 ** 0.3]], rtol=1e-6)
-    np.testing.assert_allclose(apply_gain(block, 6.0, clamp=False), block * 10 ** 0.3, rtol=1e-6)
+    np.testing.assert_allclose(apply_gain(block, 6.0), [[1.0, -1.0, 0.2 * 10**0.3]], rtol=1e-6)
+    np.testing.assert_allclose(apply_gain(block, 6.0, clamp=False), block * 10**0.3, rtol=1e-6)
     assert apply_gain(block, 0.0).dtype == np.float32
 
 

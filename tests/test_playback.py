@@ -72,8 +72,11 @@ def test_missing_extra_portaudio_or_device_is_one_line(monkeypatch):
     def no_portaudio():
         raise OSError("PortAudio library not found")
 
-    for loader, message in ((missing, "pip install 'mlx_sa3\\[play\\]'"), (no_portaudio, "PortAudio library not found"),
-                            (lambda: FakeSoundDevice(device_ok=False), "no usable audio output device")):
+    for loader, message in (
+        (missing, "pip install 'mlx_sa3\\[play\\]'"),
+        (no_portaudio, "PortAudio library not found"),
+        (lambda: FakeSoundDevice(device_ok=False), "no usable audio output device"),
+    ):
         monkeypatch.setattr(playback, "_import_sounddevice", loader)
         with pytest.raises(PlaybackError, match=message) as err:
             playback.check_playback()

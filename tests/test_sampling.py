@@ -114,8 +114,9 @@ def test_rk4_steps_by_hand():
         x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     np.testing.assert_allclose(np.asarray(steps[-1].x)[0, 0], x, rtol=1e-6)
     assert len(calls) == 4 * 3 and calls[-1] == 1e-5
-    np.testing.assert_allclose(np.asarray(steps[0].denoised)[0, 0], [0.6, -1.2] - 1.0 * f(np.array([0.6, -1.2]), 1.0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(steps[0].denoised)[0, 0], [0.6, -1.2] - 1.0 * f(np.array([0.6, -1.2]), 1.0), rtol=1e-6
+    )
 
 
 def test_rk4_exact_when_the_velocity_is_a_cubic_in_t():

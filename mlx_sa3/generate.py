@@ -7,6 +7,8 @@ import sys
 import time
 import warnings
 
+from .audio import WRITE_FORMATS
+
 EXAMPLES = """examples:
   # try the whole path offline with a tiny random model (its output is noise)
   python -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 -o pad.wav
@@ -44,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
-    p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
+    p.add_argument("--sampler", help="pingpong, euler, dpmpp or rk4 (default: the checkpoint's official default)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG")
+    p.add_argument(
+        "--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend"
+    )
     p.add_argument("--seed", type=int, help="random seed (default: random, printed at the end)")
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
@@ -61,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable"
     )
-    p.add_argument("-o", "--output", default="output.wav", help="output file (default output.wav)")
-    p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the file suffix)")
+    p.add_argument("-o", "--output", help="output file (default output.wav; with --play and no -o nothing is written)")
+    p.add_argument("--format", choices=tuple(WRITE_FORMATS), help="output format (default: from the file suffix)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
@@ -73,7 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_controls(p)
     return p
+
+
+def _add_controls(p: argparse.ArgumentParser) -> None:
+    """The guidance, schedule, level, format and playback controls (official defaults in the help)."""
+    g = p.add_argument_group("guidance and schedule (official defaults)")
+    g.add_argument("--cfg-interval", metavar="LO,HI", help="guide only at noise levels LO <= t <= HI (default 0,1)")
+    g.add_argument("--cfg-rescale", type=float, default=0.0, metavar="PHI", help="CFG rescale in [0, 1] (default 0)")
+    g.add_argument(
+        "--cfg-norm-threshold", type=float, default=0.0, metavar="T", help="cap on the guidance norm (default 0: off)"
+    )
+    g.add_argument(
+        "--sigma-max",
+        type=float,
+        metavar="S",
+        help="starting noise level in (0, 1] (default 1; a2a: --init-noise-level)",
+    )
+    g.add_argument(
+        "--headroom", type=float, default=6.0, metavar="SECONDS", help="seconds generated past the end (default 6)"
+    )
+    g.add_argument(
+        "--dist-shift",
+        metavar="TYPE[:k=v,...]",
+        help="schedule shift: logsnr, flux, full or none (default: checkpoint's)",
+    )
+    lv = p.add_argument_group("levels (default: the official clamp to [-1, 1], no gain)")
+    lv.add_argument("--normalize", choices=("peak", "loudness"), help="peak: to --ceiling; loudness: to --target-lufs")
+    lv.add_argument("--ceiling", type=float, default=-1.0, metavar="DBFS", help="peak ceiling (default -1 dBFS)")
+    lv.add_argument("--target-lufs", type=float, default=-14.0, metavar="LUFS", help="loudness target (default -14)")
+    lv.add_argument("--no-clamp", action="store_true", help="write the raw decoder output (float wav only)")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--bit-depth", type=int, metavar="16|24|32", help="wav 16/24/32 (default 32 float), flac 16/24 (24)"
+    )
+    out.add_argument("--play", action="store_true", help="play the result on the default output device at the end")
 
 
 def _progress(quiet: bool):
@@ -108,6 +147,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.inpaint_start) != len(args.inpaint_end):
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+    if args.output is None and not args.play:
+        args.output = "output.wav"
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -119,14 +160,10 @@ def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
     from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
+    from .playback import PlaybackError
     from .sampling import NonFiniteError
 
     try:
-        start = time.perf_counter()
-        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-        load_time = time.perf_counter() - start
-        if args.model == "demo":
-            print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
         request = GenerationRequest(
             args.prompt,
             args.duration,
@@ -141,17 +178,82 @@ def _run(args) -> int:
             inpaint_audio=args.inpaint_audio,
             inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
             batch_size=args.batch,
+            cfg_interval=args.cfg_interval,
+            scale_phi=args.cfg_rescale,
+            cfg_norm_threshold=args.cfg_norm_threshold,
+            sigma_max=args.sigma_max,
+            duration_padding_sec=args.headroom,
+            dist_shift=args.dist_shift,
+            normalize=args.normalize,
+            ceiling_dbfs=args.ceiling,
+            target_lufs=args.target_lufs,
+            clamp=not args.no_clamp,
         )
-        out = pipe.generate_to_file(args.output, fmt=args.format, callback=_progress(args.quiet), request=request)
+        _check_before_loading(args, request)
+        start = time.perf_counter()
+        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+        load_time = time.perf_counter() - start
+        if args.model == "demo":
+            print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
+        if args.output is None:  # --play only: nothing touches the disk
+            out = pipe.generate(callback=_progress(args.quiet), request=request)
+        else:
+            out = pipe.generate_to_file(
+                args.output, fmt=args.format, callback=_progress(args.quiet), request=request, bit_depth=args.bit_depth
+            )
+        _summary(out, load_time)
+        if args.play:
+            _play(out)
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
     except GenerationCancelled as err:
         return _fail(str(err))
     except (ValueError, AudioError, CheckpointError, NonFiniteError, FileNotFoundError, PermissionError) as err:
         return _fail(str(err))
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
-    print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    except PlaybackError as err:
+        return _fail(str(err))
     return 0
+
+
+def _check_before_loading(args, request) -> None:
+    """Every model-independent check, so a bad value is refused before the (slow) model load."""
+    from .audio import format_for, is_float_output, subtype_for
+    from .playback import check_playback
+
+    request.validate()
+    if args.output is not None:
+        fmt = format_for(args.output, args.format)
+        subtype_for(fmt, args.bit_depth)
+        if args.no_clamp and not is_float_output(fmt, args.bit_depth):
+            raise ValueError(
+                f"--no-clamp needs a float format (32-bit wav); {fmt} cannot hold samples beyond full scale"
+            )
+    elif args.bit_depth is not None or args.format is not None:
+        raise ValueError("--format and --bit-depth need an output file (-o)")
+    if args.play:
+        check_playback()
+
+
+def _summary(out, load_time: float) -> None:
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
+    if hasattr(out, "paths"):
+        print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    else:
+        print(f"generated {out.audio.shape[-1] / out.sample_rate:.2f} s (seed {out.seed}; {stages})")
+    for i, report in enumerate(out.levels):
+        prefix = f"levels {i + 1}" if len(out.levels) > 1 else "levels"
+        print(f"{prefix}: {report.summary()}")
+
+
+def _play(out) -> None:
+    from . import playback
+
+    if hasattr(out, "paths"):
+        for path in out.paths:
+            playback.play_file(path)
+    else:
+        for audio in out.audio:
+            playback.play(audio, out.sample_rate)
 
 
 def _fail(message: str, status: int = 2) -> int:

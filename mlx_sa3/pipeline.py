@@ -445,9 +445,9 @@ class StableAudio3:
         :class:`DoneEvent`'s ``levels[i].gain_db`` is that gain (``generate`` and ``generate_to_file`` apply it).
         """
         plan = self._plan(GenerationRequest.of(request, prompt, duration, **kwargs))
-        yield from self._events(plan, chunk_latents, callback)
+        yield from self._events(plan, chunk_latents=chunk_latents, callback=callback)
 
-    def _events(self, plan: Plan, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
+    def _events(self, plan: Plan, *, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
         """The events of :meth:`stream` for a plan; ``raw=True`` yields the decoder output without the clamp."""
         timings = {}
 

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="pingpong, euler, dpmpp or rk4 (default: the checkpoint's official default)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
     p.add_argument(
-        "--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend"
+        "--apg-scale",
+        type=float,
+        default=1.0,
+        help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend (default 1)",
     )
     p.add_argument("--seed", type=int, help="random seed (default: random, printed at the end)")
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")

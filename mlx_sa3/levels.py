@@ -57,7 +57,7 @@ class LevelReport:
     samples: int = 0  # frames measured (per channel)
 
     def summary(self) -> str:
-        """One line for the CLI, e.g. ``peak -0.4 dBFS (true peak +0.3 dBTP), -13.9 LUFS, 0.00 % clipped, gain +0.0 dB``."""
+        """One line for the CLI: ``peak -0.4 dBFS (true peak +0.3 dBTP), -13.9 LUFS, 0.00 % clipped, gain +0.0 dB``."""
         peak = f"peak {_fmt_db(self.peak_dbfs)} dBFS"
         if self.true_peak_dbfs is not None:
             peak += f" (true peak {_fmt_db(self.true_peak_dbfs)} dBTP)"

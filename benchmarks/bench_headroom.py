@@ -41,9 +41,12 @@ def main(argv=None) -> None:
         run(pipe, 1.0, 1, 0.0, Path(tmp) / "warm.wav")  # first-call costs out of the measurement
         for seconds in args.durations:
             times = {6.0: [], 0.0: []}
+            sampling = {6.0: [], 0.0: []}
             for r in range(args.repeats):
                 for headroom in (6.0, 0.0) if r % 2 == 0 else (0.0, 6.0):
-                    times[headroom].append(run(pipe, seconds, args.steps, headroom, Path(tmp) / "out.wav")["total_s"])
+                    result = run(pipe, seconds, args.steps, headroom, Path(tmp) / "out.wav")
+                    times[headroom].append(result["total_s"])
+                    sampling[headroom].append(result["sampling"])
             lengths = {h: pipe.plan("x", seconds, duration_padding_sec=h).length for h in times}
             row = {
                 "seconds": seconds,
@@ -51,11 +54,13 @@ def main(argv=None) -> None:
                 "latents_headroom_6": lengths[6.0],
                 "latents_headroom_0": lengths[0.0],
                 "ratio_6_over_0": statistics.median(times[6.0]) / statistics.median(times[0.0]),
+                "sampling_ratio_6_over_0": statistics.median(sampling[6.0]) / statistics.median(sampling[0.0]),
             }
             rows.append(row)
             print(
                 f"{seconds:g} s, {args.steps} steps: DiT length {row['latents_headroom_6']} -> "
-                f"{row['latents_headroom_0']} latents, time ratio headroom 6 / 0 = {row['ratio_6_over_0']:.2f}",
+                f"{row['latents_headroom_0']} latents, time ratio headroom 6 / 0 = {row['ratio_6_over_0']:.2f} "
+                f"(sampling alone {row['sampling_ratio_6_over_0']:.2f})",
                 flush=True,
             )
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -23,6 +24,10 @@ EXAMPLES = """examples:
   # inpaint two regions of a clip, keep the rest
   python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
       --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
+
+  # with a LoRA at strength 0.8, active only in the first (noisiest) part of sampling
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "808 trap beat" --lora trap.safetensors \\
+      --lora-strength 0.8 --lora-interval 0.5,1 -o trap.wav
 
   # continue a clip past its end (no regions: everything after the clip is generated)
   python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav \\
@@ -54,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend (default 1)",
     )
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed at the end)")
+    p.add_argument(
+        "--seed", type=int, help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed)"
+    )
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
     p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
@@ -80,8 +87,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    _add_lora_arguments(p)
     _add_controls(p)
     return p
+
+
+def _add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA adapters (see docs/LORA.md)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH", help="LoRA .safetensors file; repeatable")
+    g.add_argument(
+        "--lora-strength",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="strength of the n-th --lora (by position; the rest default to 1)",
+    )
+    g.add_argument(
+        "--lora-interval",
+        action="append",
+        default=[],
+        metavar="LO,HI",
+        help="sigma interval in which a LoRA acts (0,1 = always): one for every --lora, or one per --lora",
+    )
+
+
+def _parse_interval(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"--lora-interval {text}: expected LO,HI (two numbers)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"--lora-interval {text}: expected finite LO <= HI")
+    return lo, hi
+
+
+def lora_entries(args) -> list[tuple]:
+    """``--lora`` / ``--lora-strength`` / ``--lora-interval`` -> ``[(path, strength, interval), ...]`` for
+    ``StableAudio3.from_pretrained(loras=...)``, checked before any model loads (raises ValueError/CheckpointError)."""
+    from .converter.safetensors_io import read_safetensors_header
+    from .lora import check_lora_file
+
+    paths, strengths, intervals = args.lora, args.lora_strength, args.lora_interval
+    if not paths and (strengths or intervals):
+        raise ValueError("--lora-strength / --lora-interval given without --lora")
+    if len(strengths) > len(paths):
+        raise ValueError(f"{len(strengths)} --lora-strength for {len(paths)} --lora")
+    if len(intervals) not in (0, 1, len(paths)):
+        raise ValueError(f"{len(intervals)} --lora-interval for {len(paths)} --lora: give one for all or one each")
+    for s in strengths:
+        if not math.isfinite(s):
+            raise ValueError(f"--lora-strength {s}: not a finite number")
+    strengths = strengths + [1.0] * (len(paths) - len(strengths))
+    intervals = [_parse_interval(v) for v in intervals] * (len(paths) if len(intervals) == 1 else 1)
+    intervals = intervals or [None] * len(paths)
+    checked = [check_lora_file(p) for p in paths]
+    for path in checked:
+        read_safetensors_header(path)  # complete file: a truncated download fails here, not after loading
+    return list(zip(checked, strengths, intervals))
 
 
 def _add_controls(p: argparse.ArgumentParser) -> None:
@@ -152,6 +217,16 @@ def main(argv=None) -> int:
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
     if args.output is None and not args.play:
         args.output = "output.wav"
+    from .loading import CheckpointError
+
+    try:
+        args.loras = lora_entries(args)
+    except (ValueError, CheckpointError) as err:
+        return _fail(str(err))
+    from .platform import blas_warning
+
+    if blas_warning():
+        print(f"warning: {blas_warning()}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -159,63 +234,142 @@ def main(argv=None) -> int:
         return _run(args)
 
 
+def _max_samples(model: str) -> int | None:
+    """The checkpoint's canvas (``sample_size``) from its config alone, without loading weights (None: unknown)."""
+    from .checkpoint import SA3Config
+    from .loading import open_source
+
+    if model == "demo":
+        from .demo import DEMO_CONFIG
+
+        return SA3Config.from_dict(DEMO_CONFIG).sample_size
+    source = open_source(model, allow_patterns=["model_config.json", "config.json"])  # configs only
+    return SA3Config.from_dict(source.model_config).sample_size if source.layout != "same" else None
+
+
+def _preflight(args):
+    """Check every argument and input before a model loads; returns the seed and the audio inputs as arrays."""
+    from .audio import SAMPLE_RATE, check_duration, format_for, load_audio_input
+    from .outputs import batch_targets, check_output_targets, resolve_seed
+    from .pipeline import StableAudio3
+    from .sampling import SAMPLERS
+
+    seed = resolve_seed(args.seed)
+    if args.batch < 1:
+        raise ValueError(f"batch size must be at least 1, got {args.batch}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {args.steps}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 < args.init_noise_level <= 1.0:
+        raise ValueError(f"init noise level must be in (0, 1], got {args.init_noise_level}")
+    for start, end in zip(args.inpaint_start, args.inpaint_end):
+        if not 0 <= start < end:
+            raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
+    if args.inpaint_start and args.inpaint_audio is None:
+        raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
+    has_audio = args.init_audio is not None or args.inpaint_audio is not None
+    StableAudio3._prompts(args.prompt, args.batch, required=not has_audio)
+    if args.output is not None:  # --play alone writes nothing
+        format_for(args.output, args.format)
+        check_output_targets(batch_targets(args.output, args.batch), args.overwrite)
+    check_duration(args.duration, SAMPLE_RATE, _max_samples(args.model))
+    init = load_audio_input(args.init_audio, "--init-audio") if args.init_audio is not None else None
+    inpaint = load_audio_input(args.inpaint_audio, "--inpaint-audio") if args.inpaint_audio is not None else None
+    return seed, init, inpaint
+
+
 def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
+    from .outputs import Terminated, handle_signals, os_error_message
     from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
     from .playback import PlaybackError
     from .sampling import NonFiniteError
 
     try:
-        request = GenerationRequest(
-            args.prompt,
-            args.duration,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            sampler=args.sampler,
-            cfg_scale=args.cfg_scale,
-            apg_scale=args.apg_scale,
-            seed=args.seed,
-            init_audio=args.init_audio,
-            init_noise_level=args.init_noise_level,
-            inpaint_audio=args.inpaint_audio,
-            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
-            batch_size=args.batch,
-            cfg_interval=args.cfg_interval,
-            scale_phi=args.cfg_rescale,
-            cfg_norm_threshold=args.cfg_norm_threshold,
-            sigma_max=args.sigma_max,
-            duration_padding_sec=args.headroom,
-            dist_shift=args.dist_shift,
-            normalize=args.normalize,
-            ceiling_dbfs=args.ceiling,
-            target_lufs=args.target_lufs,
-            clamp=not args.no_clamp,
-        )
-        _check_before_loading(args, request)
-        start = time.perf_counter()
-        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-        load_time = time.perf_counter() - start
-        if args.model == "demo":
-            print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
-        if args.output is None:  # --play only: nothing touches the disk
-            out = pipe.generate(callback=_progress(args.quiet), request=request)
-        else:
-            out = pipe.generate_to_file(
-                args.output, fmt=args.format, callback=_progress(args.quiet), request=request, bit_depth=args.bit_depth
+        with handle_signals():
+            seed, init_audio, inpaint_audio = _preflight(args)
+            _check_before_loading(args, _controls_request(args, GenerationRequest))
+            start = time.perf_counter()
+            pipe = StableAudio3.from_pretrained(
+                args.model, dtype=args.dtype, backend=args.backend, loras=getattr(args, "loras", None)
             )
-        _summary(out, load_time)
-        if args.play:
-            _play(out)
+            load_time = time.perf_counter() - start
+            if args.model == "demo":
+                print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
+            request = GenerationRequest(
+                args.prompt,
+                args.duration,
+                negative_prompt=args.negative_prompt,
+                steps=args.steps,
+                sampler=args.sampler,
+                cfg_scale=args.cfg_scale,
+                apg_scale=args.apg_scale,
+                seed=seed,
+                init_audio=init_audio,
+                init_noise_level=args.init_noise_level,
+                inpaint_audio=inpaint_audio,
+                inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
+                batch_size=args.batch,
+                cfg_interval=args.cfg_interval,
+                scale_phi=args.cfg_rescale,
+                cfg_norm_threshold=args.cfg_norm_threshold,
+                sigma_max=args.sigma_max,
+                duration_padding_sec=args.headroom,
+                dist_shift=args.dist_shift,
+                normalize=args.normalize,
+                ceiling_dbfs=args.ceiling,
+                target_lufs=args.target_lufs,
+                clamp=not args.no_clamp,
+            )
+            if args.output is None:  # --play only: nothing touches the disk
+                out = pipe.generate(callback=_progress(args.quiet), request=request)
+            else:
+                out = pipe.generate_to_file(
+                    args.output,
+                    fmt=args.format,
+                    callback=_progress(args.quiet),
+                    request=request,
+                    overwrite=args.overwrite,
+                    bit_depth=args.bit_depth,
+                )
+            _summary(out, load_time)
+            if args.play:
+                _play(out)
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
+    except Terminated as err:
+        return _fail(f"{err}; no output written", err.status)
     except GenerationCancelled as err:
         return _fail(str(err))
-    except (ValueError, AudioError, CheckpointError, NonFiniteError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, AudioError, CheckpointError, NonFiniteError) as err:
         return _fail(str(err))
     except PlaybackError as err:
         return _fail(str(err))
+    except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
+        return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
     return 0
+
+
+def _controls_request(args, request_class):
+    """A request holding just the controls, to check them before a model loads."""
+    return request_class(
+        "x",
+        init_audio=args.init_audio,
+        init_noise_level=args.init_noise_level,
+        apg_scale=args.apg_scale,
+        cfg_interval=args.cfg_interval,
+        scale_phi=args.cfg_rescale,
+        cfg_norm_threshold=args.cfg_norm_threshold,
+        sigma_max=args.sigma_max,
+        duration_padding_sec=args.headroom,
+        dist_shift=args.dist_shift,
+        normalize=args.normalize,
+        ceiling_dbfs=args.ceiling,
+        target_lufs=args.target_lufs,
+        clamp=not args.no_clamp,
+    )
 
 
 def _check_before_loading(args, request) -> None:

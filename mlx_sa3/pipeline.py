@@ -8,9 +8,9 @@ Lengths, masks and schedules follow the official ``StableAudioModel.generate`` (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -25,6 +25,7 @@ import numpy as np
 from . import options as opts
 from .audio import (
     AudioError,
+    check_duration,
     format_for,
     generation_tags,
     is_float_output,
@@ -32,6 +33,7 @@ from .audio import (
     open_writer,
     output_sample_rate,
 )
+from .diagnosis import explain_non_finite
 from .levels import (
     DEFAULT_CEILING_DBFS,
     DEFAULT_TARGET_LUFS,
@@ -44,7 +46,8 @@ from .levels import (
     validate_normalization,
 )
 from .model import SA3Model, load_model
-from .sampling import SAMPLERS
+from .outputs import AtomicFiles, OutputError, batch_targets, is_write_error, os_error_message, resolve_seed
+from .sampling import SAMPLERS, NonFiniteError
 
 HEADROOM_SECONDS = opts.DEFAULT_DURATION_PADDING_SEC  # the official default of duration_padding_sec
 DEFAULT_STEPS = 8
@@ -237,16 +240,28 @@ class StableAudio3:
         self.name = name or (str(model.source.root) if model.source is not None else None)
 
     @classmethod
-    def from_pretrained(cls, src, dtype=None, backend: str = "mlx") -> "StableAudio3":
-        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``."""
+    def from_pretrained(cls, src, dtype=None, backend: str = "mlx", loras=None) -> "StableAudio3":
+        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``.
+
+        ``loras``: LoRA files to apply in that order (``lora_index`` 0, 1, ...): bare paths (strength 1),
+        ``(path, strength)`` or ``(path, strength, (sigma_lo, sigma_hi))`` (see docs/LORA.md).
+        """
         if str(src) == "demo":
             from .demo import demo_model
 
-            return cls(demo_model(dtype=dtype, backend=backend), "demo")
+            return cls._with_loras(demo_model(dtype=dtype, backend=backend), loras, "demo")
         model = load_model(src, dtype=dtype, backend=backend)
         if model.source is not None and not model.source.converted:
             print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
-        return cls(model, str(src))
+        return cls._with_loras(model, loras, str(src))
+
+    @classmethod
+    def _with_loras(cls, model: SA3Model, loras, name: str | None = None) -> "StableAudio3":
+        if loras:
+            from .lora import attach
+
+            attach(model, loras)
+        return cls(model, name)
 
     @property
     def sample_rate(self) -> int:
@@ -277,7 +292,7 @@ class StableAudio3:
         prompts = self._prompts(r.prompt, r.batch_size, required=r.init_audio is None and r.inpaint_audio is None)
         negative_prompts = self._negative_prompts(r, cfg_scale)
         num_samples, length, effective = self._lengths(duration, checked["duration_padding_sec"])
-        seed = secrets.randbelow(2**31) if r.seed is None else int(r.seed)
+        seed = resolve_seed(r.seed)  # None or negative: random; 0 .. 2**63-1 as given
         noise = self._noise(r.noise, seed, (r.batch_size, self.model.config.io_channels, length))
         init_latents = None
         if r.init_audio is not None:
@@ -304,12 +319,9 @@ class StableAudio3:
         )
 
     def _check_duration(self, duration) -> float:
-        duration = float(duration)
-        if not math.isfinite(duration) or duration <= 0:
-            raise ValueError(f"duration must be a positive number of seconds, got {duration}")
-        if duration > self.max_duration + 1e-9:
-            raise ValueError(f"duration {duration:g} s exceeds this model's maximum of {self.max_duration:.1f} s")
-        return duration
+        """At least one sample, at most the canvas (messages with the real limits: :func:`audio.check_duration`)."""
+        check_duration(duration, self.sample_rate, self.model.config.sample_size)
+        return float(duration)
 
     def _sampling_options(self, r: GenerationRequest) -> tuple[int, str, float]:
         """Steps, sampler and guidance scale with their defaults, validated."""
@@ -417,7 +429,7 @@ class StableAudio3:
 
     def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
         """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
-        audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
+        audio = load_audio_input(audio, what)  # one validation path for every way audio comes in
         canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]
@@ -471,7 +483,7 @@ class StableAudio3:
         start = time.perf_counter()
         _, step_key = mx.random.split(mx.random.key(plan.seed))
         latents = None
-        for step in self.model.sample_iter(
+        steps = self.model.sample_iter(
             plan.noise,
             cond,
             plan.steps,
@@ -487,7 +499,14 @@ class StableAudio3:
             cfg_norm_threshold=plan.cfg_norm_threshold,
             sigma_max=plan.sigma_max,
             dist_shift=plan.dist_shift,
-        ):
+        )
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration:
+                break
+            except NonFiniteError:  # say where it came from: the checkpoint's weights or the sampling itself
+                raise NonFiniteError(self._explain_non_finite("sampling")) from None
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
@@ -503,6 +522,8 @@ class StableAudio3:
             if take <= 0:
                 break
             audio = np.asarray(piece[:, :, :take], dtype=np.float32)
+            if not np.isfinite(audio).all():  # checked before the clamp, which would turn inf into full scale
+                raise NonFiniteError(self._explain_non_finite("decoding"))
             for meter, item in zip(meters, audio):  # the raw decoder output, before the clamp
                 meter.add(item)
             yield emit(AudioEvent(audio if raw else apply_gain(audio, 0.0, plan.clamp), offset, plan.num_samples))
@@ -516,6 +537,10 @@ class StableAudio3:
                     item = f"item {i + 1}: " if len(levels) > 1 else ""
                     warnings.warn(item + message, stacklevel=3)
         yield emit(DoneEvent(latents, plan.seed, timings, levels=levels))
+
+    def _explain_non_finite(self, where: str) -> str:
+        source = self.model.source.root if self.model.source is not None else None
+        return explain_non_finite(self.model, where, source=source, dtype=getattr(self.model.dit, "dtype", None))
 
     def generate(
         self, prompt=None, duration: float = 30.0, *, callback=None, request: GenerationRequest | None = None, **options
@@ -546,70 +571,81 @@ class StableAudio3:
         callback=None,
         request: GenerationRequest | None = None,
         bit_depth: int | None = None,
+        overwrite: bool = False,
         **kwargs,
     ) -> FileOutput:
         """Stream the generation to ``path``; with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
 
         The format comes from ``fmt`` or the suffix (wav, flac, ogg, opus, mp3; see :mod:`mlx_sa3.audio`), with
-        ``bit_depth`` for wav/flac; every file is tagged with the prompt, seed, model and steps. Audio goes to a hidden
-        temporary file beside each target and is renamed into place only when complete, so an error, a cancel or
-        Ctrl-C leaves no partial file at the output path (the temporary file is removed). With ``normalize`` the
-        temporary file holds the raw float output and is copied with the gain into the target format at the end
-        (memory flat). Returns the written paths with the seed, the seconds per stage and the levels.
+        ``bit_depth`` for wav/flac; every file is tagged with the prompt, seed, model and steps. With ``normalize``
+        the raw float output goes to a hidden temporary file first and is copied with the gain into the target format
+        at the end (memory flat).
+
+        The targets are checked before any work (:func:`mlx_sa3.outputs.check_output_target`): each must be a
+        regular file or absent, and an existing file is replaced only with ``overwrite=True``. Audio goes to short
+        hidden temporary files beside the targets (permissions from the umask) that are moved into place together
+        only when the whole batch is complete, so an error, a cancel, Ctrl-C or SIGTERM leaves nothing at the output
+        paths. Write errors raise a one-line :class:`~mlx_sa3.outputs.OutputError` ("no space left on device" ...).
+        Returns the written paths (as given, symlinks not resolved) with the seed, the seconds per stage and the
+        levels.
         """
         path = Path(path)
         fmt = format_for(path, fmt)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"output directory {path.parent} does not exist")
-        stream_options = {
-            k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs
-        }  # the decoder's, not the request's
+        stream_options = {k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs}  # the decoder's option
         request = GenerationRequest.of(request, prompt, duration, **kwargs)
         if not request.clamp and not is_float_output(fmt, bit_depth):
             raise ValueError(f"clamp=False (--no-clamp) needs a float format (wav, 32-bit); {fmt} cannot hold it")
         plan = self._plan(request)  # before the writers: the tags carry the seed
         tags = generation_tags(_tag_prompt(plan.prompts), plan.seed, self.name, plan.steps)
         normalize = plan.normalize is not None
-        batch = len(plan.prompts)
-        targets = [path] if batch == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(batch)]
-        temps, writers = [], []
-        try:
-            for target in targets:
-                temps.append(_temp_beside(target))
-                if normalize:
-                    writers.append(open_writer(temps[-1], 2, self.sample_rate, "wav"))
-                else:
-                    writers.append(open_writer(temps[-1], 2, self.sample_rate, fmt, bit_depth=bit_depth, tags=tags))
-            for event in self._events(plan, callback=callback, raw=normalize, **stream_options):
-                if isinstance(event, AudioEvent):
-                    for writer, audio in zip(writers, event.audio):
-                        writer.write(audio.T)
-                elif isinstance(event, DoneEvent):
-                    done = event
-            for writer in writers:
-                writer.close()
-            if normalize:  # copy each raw float file with its gain into the target format
-                for i, (raw_tmp, report) in enumerate(zip(list(temps), done.levels)):
-                    temps.append(_temp_beside(targets[i]))
-                    writers.append(open_writer(temps[-1], 2, self.sample_rate, fmt, bit_depth=bit_depth, tags=tags))
-                    copy_with_gain(raw_tmp, writers[-1], report.gain_db, plan.clamp)
-                    writers[-1].close()
-                    raw_tmp.unlink()
-                temps = temps[batch:]
-            for tmp, target in zip(temps, targets):
-                os.replace(tmp, target)
-            temps = []
-            return FileOutput(targets, output_sample_rate(fmt, self.sample_rate), done.seed, done.timings, done.levels)
-        finally:
-            for writer in writers:
-                if not writer.closed:
-                    writer.close()
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
+        names = batch_targets(path, len(plan.prompts))
+        sr = self.sample_rate
+        with AtomicFiles(names, overwrite=overwrite) as files:
+            writers, raws = [], []
+            try:
+                for temp, name in zip(files.temps, names):
+                    if normalize:  # the raw float output first; the target format once the gain is known
+                        raws.append(_temp_beside(Path(temp)))
+                        writers.append(_written(name, lambda t=raws[-1]: open_writer(t, 2, sr, "wav")))
+                    else:
+                        opener = lambda t=temp: open_writer(t, 2, sr, fmt, bit_depth=bit_depth, tags=tags)  # noqa: E731
+                        writers.append(_written(name, opener))
+                for event in self._events(plan, callback=callback, raw=normalize, **stream_options):
+                    if isinstance(event, AudioEvent):
+                        for writer, audio, name in zip(writers, event.audio, names):
+                            _written(name, lambda w=writer, a=audio: w.write(a.T))
+                    elif isinstance(event, DoneEvent):
+                        done = event
+                for writer, name in zip(writers, names):
+                    _written(name, writer.close)
+                for raw_file, temp, name, report in zip(raws, files.temps, names, done.levels):
+                    writer = _written(name, lambda t=temp: open_writer(t, 2, sr, fmt, bit_depth=bit_depth, tags=tags))
+                    writers.append(writer)
+                    _written(name, lambda w=writer, r=raw_file, g=report.gain_db: copy_with_gain(r, w, g, plan.clamp))
+                    _written(name, writer.close)
+            finally:
+                for writer in writers:
+                    if not writer.closed:
+                        with contextlib.suppress(Exception):  # the temporary file is discarded anyway
+                            writer.close()
+                for raw_file in raws:
+                    raw_file.unlink(missing_ok=True)
+            files.commit()
+        return FileOutput(names, output_sample_rate(fmt, sr), done.seed, done.timings, done.levels)
 
 
-def _temp_beside(target: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+def _written(name, write: Callable):
+    """Run one write to output ``name``; an OS or libsndfile error becomes a one-line OutputError naming it."""
+    try:
+        return write()
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        raise OutputError(os_error_message(err, name)) from None
+
+
+def _temp_beside(temp: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f"{temp.name}.", suffix=".raw.wav", dir=temp.parent)
     os.close(fd)
     return Path(tmp)
 

@@ -10,7 +10,14 @@ import numpy as np
 import soundfile as sf
 
 SAMPLE_RATE = 44100
-WRITE_FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}
+# Output formats by name: (libsndfile container, default subtype). See the writer section at the end of this file.
+WRITE_FORMATS = {
+    "wav": ("WAV", "FLOAT"),
+    "flac": ("FLAC", "PCM_24"),
+    "ogg": ("OGG", "VORBIS"),
+    "opus": ("OGG", "OPUS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+}
 
 
 class AudioError(ValueError):
@@ -179,24 +186,188 @@ def check_duration(duration, sample_rate: int = SAMPLE_RATE, max_samples: int | 
     return samples
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Writing. Bit depth applies to the PCM formats only: wav 16/24-bit integer or 32-bit float (the default), flac
+# 16/24-bit (default 24). ogg (Vorbis), opus and mp3 are lossy codecs without a bit depth; they need a libsndfile with
+# their encoders (mp3 and opus from libsndfile 1.1.0), checked at run time. Opus only codes 8/12/16/24/48 kHz, so
+# opus output is always 48 kHz: the writer resamples (soxr VHQ, streamed) rather than refusing 44.1 kHz audio.
+
+BIT_DEPTHS = {"wav": {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}, "flac": {16: "PCM_16", 24: "PCM_24"}}
+FORMAT_ALIASES = {"vorbis": "ogg", "wave": "wav"}
+OPUS_SAMPLE_RATE = 48000
+# soundfile's string fields that the formats above can carry (libsndfile drops the ones a format lacks, e.g.
+# ``software`` in mp3)
+TAG_NAMES = ("title", "artist", "album", "comment", "software", "date", "copyright", "license", "genre")
+_GENERATION_FIELDS = ("seed", "steps", "model")
+
+
 def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The output format name for ``path``: ``fmt`` if given, else the file suffix (wav when there is none)."""
     fmt = (fmt or Path(path).suffix.lstrip(".") or "wav").lower()
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt not in WRITE_FORMATS:
         raise AudioError(f"cannot write {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
     return fmt
 
 
-def open_writer(path: str | os.PathLike, channels: int = 2, sample_rate: int = SAMPLE_RATE, fmt: str | None = None):
-    """A soundfile writer for wav (32-bit float) or flac (24-bit); write (N, C) blocks to it."""
-    container, subtype = WRITE_FORMATS[format_for(path, fmt)]
-    return sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=channels, format=container, subtype=subtype)
+def subtype_for(fmt: str, bit_depth: int | None = None) -> tuple[str, str]:
+    """(container, subtype) for a format name and optional bit depth, checked against this libsndfile.
+
+    Raises AudioError with one line naming the format (and the libsndfile version when it lacks the encoder).
+    """
+    fmt = format_for("", fmt)
+    container, subtype = WRITE_FORMATS[fmt]
+    if bit_depth is not None:
+        depths = BIT_DEPTHS.get(fmt)
+        if depths is None:
+            raise AudioError(
+                f"{fmt} is a lossy format without a bit depth; --bit-depth applies to wav (16, 24, 32) "
+                "and flac (16, 24)"
+            )
+        depth = int(bit_depth) if isinstance(bit_depth, (int, float, str)) and str(bit_depth).isdigit() else None
+        if depth not in depths:
+            raise AudioError(f"{fmt} bit depth must be {', '.join(map(str, depths))}, got {bit_depth}")
+        subtype = depths[depth]
+    if container not in sf.available_formats() or subtype not in sf.available_subtypes(container):
+        raise AudioError(
+            f"cannot write {fmt}: this libsndfile ({sf.__libsndfile_version__}) has no "
+            f"{container}/{subtype} encoder (mp3 and opus need libsndfile 1.1.0 or later)"
+        )
+    return container, subtype
 
 
-def write_audio(path: str | os.PathLike, audio, sample_rate: int = SAMPLE_RATE, fmt: str | None = None) -> Path:
-    """Write (C, N) audio to wav or flac (format from ``fmt`` or the file suffix)."""
+def is_float_output(fmt: str, bit_depth: int | None = None) -> bool:
+    """Whether the format keeps samples beyond [-1, 1] (32-bit float wav), i.e. where --no-clamp is meaningful."""
+    return subtype_for(fmt, bit_depth)[1] == "FLOAT"
+
+
+def output_sample_rate(fmt: str, sample_rate: int = SAMPLE_RATE) -> int:
+    """The rate a file of this format is written at (opus: always 48 kHz)."""
+    return OPUS_SAMPLE_RATE if format_for("", fmt) == "opus" else int(sample_rate)
+
+
+def generation_tags(prompt=None, seed=None, model=None, steps=None, **extra) -> dict:
+    """String tags describing a generation: the prompt as ``title``, ``seed=...; steps=...; model=...`` (and any
+    ``extra`` key=value pairs) as ``comment``, and ``software``. :func:`read_tags` parses them back."""
+    from . import __version__
+
+    fields = {"seed": seed, "steps": steps, "model": model, **extra}
+    comment = "; ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    tags = {"software": f"mlx_sa3 {__version__}"}
+    if prompt:
+        tags["title"] = str(prompt)
+    if comment:
+        tags["comment"] = comment
+    return tags
+
+
+def read_tags(path: str | os.PathLike) -> dict:
+    """The string tags of an audio file, plus ``prompt``, ``seed``, ``steps``, ``model`` parsed from the tags that
+    :func:`generation_tags` writes (seed and steps as int)."""
+    with sf.SoundFile(str(path)) as f:
+        tags = {k: v for k, v in f.copy_metadata().items() if v}
+        if f.format == "MP3":
+            tags = {k: _utf8_from_latin1(v) for k, v in tags.items()}
+    if "title" in tags:
+        tags["prompt"] = tags["title"]
+    for item in tags.get("comment", "").split("; "):
+        key, sep, value = item.partition("=")
+        if sep and key not in tags:
+            tags[key] = int(value) if key in ("seed", "steps") and value.lstrip("-").isdigit() else value
+    return tags
+
+
+def _utf8_from_latin1(text: str) -> str:
+    """libsndfile hands mp3 (ID3) text back as Latin-1 although it stored our UTF-8 bytes: undo that when it fits."""
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
+
+
+def _set_tags(f, tags: dict | None) -> None:
+    for key, value in (tags or {}).items():
+        if key not in TAG_NAMES:
+            raise AudioError(f"unknown audio tag {key!r}; use one of {', '.join(TAG_NAMES)}")
+        if value is not None and str(value):
+            setattr(f, key, str(value))
+
+
+class _ResamplingWriter:
+    """A soundfile writer behind a streaming resampler (for opus, which cannot store 44.1 kHz)."""
+
+    def __init__(self, inner, sample_rate: int, channels: int):
+        import soxr
+
+        self.inner = inner
+        self.samplerate = inner.samplerate
+        self.channels = channels
+        self._stream = soxr.ResampleStream(sample_rate, inner.samplerate, channels, dtype="float32", quality="VHQ")
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    def write(self, block) -> None:
+        out = self._stream.resample_chunk(np.ascontiguousarray(block, dtype=np.float32).reshape(-1, self.channels))
+        if len(out):
+            self.inner.write(out)
+
+    def close(self) -> None:
+        if not self.inner.closed:
+            try:
+                tail = self._stream.resample_chunk(np.zeros((0, self.channels), np.float32), last=True)
+                if len(tail):
+                    self.inner.write(tail)
+            finally:
+                self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_writer(
+    path: str | os.PathLike,
+    channels: int = 2,
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str | None = None,
+    *,
+    bit_depth: int | None = None,
+    tags: dict | None = None,
+):
+    """A writer for ``path`` in ``fmt`` (default: from the suffix); write (N, C) float blocks to it, then close it.
+
+    wav defaults to 32-bit float, flac to 24-bit; ``bit_depth`` picks 16/24/32 (see :data:`BIT_DEPTHS`). ``tags``
+    (see :func:`generation_tags`) are written where the format has string fields. Opus is resampled to 48 kHz.
+    """
+    fmt = format_for(path, fmt)
+    container, subtype = subtype_for(fmt, bit_depth)
+    rate = output_sample_rate(fmt, sample_rate)
+    f = sf.SoundFile(str(path), "w", samplerate=rate, channels=channels, format=container, subtype=subtype)
+    try:
+        _set_tags(f, tags)  # before the first write: flac, ogg and mp3 write their tags with the header
+    except BaseException:
+        f.close()
+        raise
+    return _ResamplingWriter(f, sample_rate, channels) if rate != sample_rate else f
+
+
+def write_audio(
+    path: str | os.PathLike,
+    audio,
+    sample_rate: int = SAMPLE_RATE,
+    fmt: str | None = None,
+    *,
+    bit_depth: int | None = None,
+    tags: dict | None = None,
+) -> Path:
+    """Write (C, N) audio in any of :data:`WRITE_FORMATS` (format from ``fmt`` or the file suffix)."""
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[None]
-    with open_writer(path, audio.shape[0], sample_rate, fmt) as f:
+    with open_writer(path, audio.shape[0], sample_rate, fmt, bit_depth=bit_depth, tags=tags) as f:
         f.write(audio.T)
     return Path(path)

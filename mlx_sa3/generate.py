@@ -8,6 +8,8 @@ import sys
 import time
 import warnings
 
+from .audio import WRITE_FORMATS
+
 EXAMPLES = """examples:
   # try the whole path offline with a tiny random model (its output is noise)
   python -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 -o pad.wav
@@ -49,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
-    p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
+    p.add_argument("--sampler", help="pingpong, euler, dpmpp or rk4 (default: the checkpoint's official default)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG")
+    p.add_argument(
+        "--apg-scale",
+        type=float,
+        default=1.0,
+        help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend (default 1)",
+    )
     p.add_argument(
         "--seed", type=int, help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed)"
     )
@@ -68,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable"
     )
-    p.add_argument("-o", "--output", default="output.wav", help="output file (default output.wav)")
-    p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the file suffix)")
+    p.add_argument("-o", "--output", help="output file (default output.wav; with --play and no -o nothing is written)")
+    p.add_argument("--format", choices=tuple(WRITE_FORMATS), help="output format (default: from the file suffix)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     _add_lora_arguments(p)
+    _add_controls(p)
     return p
 
 
@@ -147,6 +155,40 @@ def lora_entries(args) -> list[tuple]:
     return list(zip(checked, strengths, intervals))
 
 
+def _add_controls(p: argparse.ArgumentParser) -> None:
+    """The guidance, schedule, level, format and playback controls (official defaults in the help)."""
+    g = p.add_argument_group("guidance and schedule (official defaults)")
+    g.add_argument("--cfg-interval", metavar="LO,HI", help="guide only at noise levels LO <= t <= HI (default 0,1)")
+    g.add_argument("--cfg-rescale", type=float, default=0.0, metavar="PHI", help="CFG rescale in [0, 1] (default 0)")
+    g.add_argument(
+        "--cfg-norm-threshold", type=float, default=0.0, metavar="T", help="cap on the guidance norm (default 0: off)"
+    )
+    g.add_argument(
+        "--sigma-max",
+        type=float,
+        metavar="S",
+        help="starting noise level in (0, 1] (default 1; a2a: --init-noise-level)",
+    )
+    g.add_argument(
+        "--headroom", type=float, default=6.0, metavar="SECONDS", help="seconds generated past the end (default 6)"
+    )
+    g.add_argument(
+        "--dist-shift",
+        metavar="TYPE[:k=v,...]",
+        help="schedule shift: logsnr, flux, full or none (default: checkpoint's)",
+    )
+    lv = p.add_argument_group("levels (default: the official clamp to [-1, 1], no gain)")
+    lv.add_argument("--normalize", choices=("peak", "loudness"), help="peak: to --ceiling; loudness: to --target-lufs")
+    lv.add_argument("--ceiling", type=float, default=-1.0, metavar="DBFS", help="peak ceiling (default -1 dBFS)")
+    lv.add_argument("--target-lufs", type=float, default=-14.0, metavar="LUFS", help="loudness target (default -14)")
+    lv.add_argument("--no-clamp", action="store_true", help="write the raw decoder output (float wav only)")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--bit-depth", type=int, metavar="16|24|32", help="wav 16/24/32 (default 32 float), flac 16/24 (24)"
+    )
+    out.add_argument("--play", action="store_true", help="play the result on the default output device at the end")
+
+
 def _progress(quiet: bool):
     """A callback that draws one bar for the sampling steps and one for decoding."""
     from tqdm import tqdm
@@ -179,6 +221,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.inpaint_start) != len(args.inpaint_end):
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+    if args.output is None and not args.play:
+        args.output = "output.wav"
     from .loading import CheckpointError
 
     try:
@@ -232,8 +276,9 @@ def _preflight(args):
         raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
     has_audio = args.init_audio is not None or args.inpaint_audio is not None
     StableAudio3._prompts(args.prompt, args.batch, required=not has_audio)
-    format_for(args.output, args.format)
-    check_output_targets(batch_targets(args.output, args.batch), args.overwrite)
+    if args.output is not None:  # --play alone writes nothing
+        format_for(args.output, args.format)
+        check_output_targets(batch_targets(args.output, args.batch), args.overwrite)
     check_duration(args.duration, SAMPLE_RATE, _max_samples(args.model))
     init = load_audio_input(args.init_audio, "--init-audio") if args.init_audio is not None else None
     inpaint = load_audio_input(args.inpaint_audio, "--inpaint-audio") if args.inpaint_audio is not None else None
@@ -245,11 +290,13 @@ def _run(args) -> int:
     from .loading import CheckpointError
     from .outputs import Terminated, handle_signals, os_error_message
     from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
+    from .playback import PlaybackError
     from .sampling import NonFiniteError
 
     try:
         with handle_signals():
             seed, init_audio, inpaint_audio = _preflight(args)
+            _check_before_loading(args, _controls_request(args, GenerationRequest))
             start = time.perf_counter()
             # one generation: each network is loaded for its stage and freed after it (one network at a time)
             pipe = StableAudio3.from_pretrained(
@@ -276,14 +323,32 @@ def _run(args) -> int:
                 inpaint_audio=inpaint_audio,
                 inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
                 batch_size=args.batch,
+                cfg_interval=args.cfg_interval,
+                scale_phi=args.cfg_rescale,
+                cfg_norm_threshold=args.cfg_norm_threshold,
+                sigma_max=args.sigma_max,
+                duration_padding_sec=args.headroom,
+                dist_shift=args.dist_shift,
+                normalize=args.normalize,
+                ceiling_dbfs=args.ceiling,
+                target_lufs=args.target_lufs,
+                clamp=not args.no_clamp,
             )
-            out = pipe.generate_to_file(
-                args.output,
-                fmt=args.format,
-                callback=_progress(args.quiet),
-                request=request,
-                overwrite=args.overwrite,
-            )
+            if args.output is None:  # --play only: nothing touches the disk
+                out = pipe.generate(callback=_progress(args.quiet), request=request)
+            else:
+                out = pipe.generate_to_file(
+                    args.output,
+                    fmt=args.format,
+                    callback=_progress(args.quiet),
+                    request=request,
+                    overwrite=args.overwrite,
+                    bit_depth=args.bit_depth,
+                )
+            _summary(out, load_time)
+            print(f"backend: {pipe.backend} ({pipe.backend_reason}); each stage's time includes loading its network")
+            if args.play:
+                _play(out)
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
     except Terminated as err:
@@ -292,12 +357,72 @@ def _run(args) -> int:
         return _fail(str(err))
     except (ValueError, AudioError, CheckpointError, NonFiniteError) as err:
         return _fail(str(err))
+    except PlaybackError as err:
+        return _fail(str(err))
     except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
         return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
-    print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
-    print(f"backend: {pipe.backend} ({pipe.backend_reason}); each stage's time includes loading its network")
     return 0
+
+
+def _controls_request(args, request_class):
+    """A request holding just the controls, to check them before a model loads."""
+    return request_class(
+        "x",
+        init_audio=args.init_audio,
+        init_noise_level=args.init_noise_level,
+        apg_scale=args.apg_scale,
+        cfg_interval=args.cfg_interval,
+        scale_phi=args.cfg_rescale,
+        cfg_norm_threshold=args.cfg_norm_threshold,
+        sigma_max=args.sigma_max,
+        duration_padding_sec=args.headroom,
+        dist_shift=args.dist_shift,
+        normalize=args.normalize,
+        ceiling_dbfs=args.ceiling,
+        target_lufs=args.target_lufs,
+        clamp=not args.no_clamp,
+    )
+
+
+def _check_before_loading(args, request) -> None:
+    """Every model-independent check, so a bad value is refused before the (slow) model load."""
+    from .audio import format_for, is_float_output, subtype_for
+    from .playback import check_playback
+
+    request.validate()
+    if args.output is not None:
+        fmt = format_for(args.output, args.format)
+        subtype_for(fmt, args.bit_depth)
+        if args.no_clamp and not is_float_output(fmt, args.bit_depth):
+            raise ValueError(
+                f"--no-clamp needs a float format (32-bit wav); {fmt} cannot hold samples beyond full scale"
+            )
+    elif args.bit_depth is not None or args.format is not None:
+        raise ValueError("--format and --bit-depth need an output file (-o)")
+    if args.play:
+        check_playback()
+
+
+def _summary(out, load_time: float) -> None:
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
+    if hasattr(out, "paths"):
+        print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    else:
+        print(f"generated {out.audio.shape[-1] / out.sample_rate:.2f} s (seed {out.seed}; {stages})")
+    for i, report in enumerate(out.levels):
+        prefix = f"levels {i + 1}" if len(out.levels) > 1 else "levels"
+        print(f"{prefix}: {report.summary()}")
+
+
+def _play(out) -> None:
+    from . import playback
+
+    if hasattr(out, "paths"):
+        for path in out.paths:
+            playback.play_file(path)
+    else:
+        for audio in out.audio:
+            playback.play(audio, out.sample_rate)
 
 
 def _fail(message: str, status: int = 2) -> int:

@@ -83,6 +83,9 @@ class SA3Model:
         for name in names or COMPONENTS:
             if name not in COMPONENTS:
                 raise ValueError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
+            stack = getattr(self, "_lora_stack", None)
+            if name == "dit" and stack is not None and stack.adapters:
+                continue  # LoRA-adapted weights are not in the checkpoint: reloading would silently drop them
             if name in self._loaders:
                 self._parts[name] = None
         gc.collect()
@@ -170,9 +173,15 @@ class SA3Model:
 
     # -- sampling ------------------------------------------------------------------------------------------------
 
-    def schedule(self, steps: int, sigma_max: float = 1.0, length: int = 1) -> np.ndarray:
-        """The official inference schedule (``steps + 1`` float32 values; LogSNR shift unless the config says so)."""
-        return build_schedule(steps, sigma_max, length, self.config.sampling_shift)
+    def schedule(
+        self, steps: int, sigma_max: float = 1.0, length: int = 1, dist_shift: dict | None = None
+    ) -> np.ndarray:
+        """The official inference schedule (``steps + 1`` float32 values; LogSNR shift unless the config says so).
+
+        ``dist_shift`` replaces the checkpoint's ``sampling_distribution_shift_options`` (None: the checkpoint's).
+        """
+        shift = self.config.sampling_shift if dist_shift is None else dist_shift
+        return build_schedule(steps, sigma_max, length, shift)
 
     def sample_iter(
         self,
@@ -187,8 +196,18 @@ class SA3Model:
         noise_fn=None,
         key: mx.array | None = None,
         schedule_length: int | None = None,
+        cfg_interval=(0.0, 1.0),
+        scale_phi: float = 0.0,
+        cfg_norm_threshold: float = 0.0,
+        sigma_max: float = 1.0,
+        dist_shift: dict | None = None,
     ) -> Iterator[Step]:
-        """Generator over sampling steps; see :meth:`sample`. Yields a :class:`~mlx_sa3.sampling.Step` per step."""
+        """Generator over sampling steps; see :meth:`sample`. Yields a :class:`~mlx_sa3.sampling.Step` per step.
+
+        ``cfg_interval``, ``scale_phi`` and ``cfg_norm_threshold`` go to every ``DiT.step`` (official guidance).
+        ``sigma_max`` starts a text-to-audio schedule below 1 (the noise is used as given); with ``init_latents`` the
+        start level is ``init_noise_level``. ``dist_shift`` replaces the checkpoint's schedule shift.
+        """
         if self.config.diffusion_objective not in RF_OBJECTIVES:
             raise ValueError(
                 f"diffusion_objective {self.config.diffusion_objective!r} is not supported: the samplers "
@@ -197,8 +216,8 @@ class SA3Model:
         sampler = sampler or self.config.default_sampler
         x = to_mx(noise)
         batch, _, length = x.shape
-        sigma_max = float(init_noise_level) if init_latents is not None else 1.0
-        sigmas = self.schedule(steps, sigma_max, schedule_length or length)
+        sigma_max = float(init_noise_level) if init_latents is not None else float(sigma_max)
+        sigmas = self.schedule(steps, sigma_max, schedule_length or length, dist_shift)
         if init_latents is not None:
             x = to_mx(init_latents) * (1 - sigma_max) + x * sigma_max
         guided = cfg_scale != 1.0
@@ -223,7 +242,14 @@ class SA3Model:
             if self._lora_at(t):  # a LoRA's sigma interval switched it: the prepared conditioning is stale
                 prepared = prepare()
             return self.dit.step(
-                x, mx.full((batch,), t, dtype=mx.float32), prepared, cfg_scale=cfg_scale, apg_scale=apg_scale
+                x,
+                mx.full((batch,), t, dtype=mx.float32),
+                prepared,
+                cfg_scale=cfg_scale,
+                apg_scale=apg_scale,
+                cfg_interval=cfg_interval,
+                scale_phi=scale_phi,
+                cfg_norm_threshold=cfg_norm_threshold,
             )
 
         if noise_fn is None and sampler == "pingpong":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,14 +22,35 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .audio import AudioError, check_duration, format_for, load_audio_input, open_writer
+from . import options as opts
+from .audio import (
+    AudioError,
+    check_duration,
+    format_for,
+    generation_tags,
+    is_float_output,
+    load_audio_input,
+    open_writer,
+    output_sample_rate,
+)
 from .backend import resolve_backend
 from .diagnosis import explain_non_finite
+from .levels import (
+    DEFAULT_CEILING_DBFS,
+    DEFAULT_TARGET_LUFS,
+    LevelMeter,
+    LevelReport,
+    apply_gain,
+    clipping_warning,
+    copy_with_gain,
+    normalization_gain,
+    validate_normalization,
+)
 from .model import SA3Model, load_model
 from .outputs import AtomicFiles, OutputError, batch_targets, is_write_error, os_error_message, resolve_seed
 from .sampling import SAMPLERS, NonFiniteError
 
-HEADROOM_SECONDS = 6.0  # the official duration_padding_sec: extra latents generated past the requested end
+HEADROOM_SECONDS = opts.DEFAULT_DURATION_PADDING_SEC  # the official default of duration_padding_sec
 DEFAULT_STEPS = 8
 
 
@@ -67,23 +90,26 @@ class DoneEvent:
     seed: int
     timings: dict
     stage: str = "done"
+    levels: list = field(default_factory=list)  # LevelReport per item, gain_db = the requested normalisation's
 
 
 @dataclass
 class GenerationOutput:
-    audio: np.ndarray  # (B, 2, N) float32 in [-1, 1]
+    audio: np.ndarray  # (B, 2, N) float32 in [-1, 1] (beyond with clamp=False)
     sample_rate: int
     latents: mx.array  # (B, C, L) float32: the sampled latents of the valid region
     seed: int
     timings: dict = field(default_factory=dict)
+    levels: list = field(default_factory=list)  # LevelReport per item: the raw decoder output, gain applied
 
 
 @dataclass
 class FileOutput:
     paths: list  # one file per batch item
-    sample_rate: int
+    sample_rate: int  # of the files (opus: 48 kHz)
     seed: int
     timings: dict = field(default_factory=dict)
+    levels: list = field(default_factory=list)  # LevelReport per item: the raw decoder output, gain applied
 
 
 # -- request planning -----------------------------------------------------------------------------------------------
@@ -100,6 +126,12 @@ class GenerationRequest:
     ``seed`` (default random), ``noise`` (explicit (B, C, L) start noise). ``init_audio`` + ``init_noise_level``:
     audio-to-audio. ``inpaint_audio`` + ``inpaint_regions`` ((start, end) seconds; none: continue the clip).
     ``batch_size``: variations at once. Audio inputs are file paths, (audio, sample_rate) pairs or arrays.
+
+    Official guidance and schedule options (see :mod:`mlx_sa3.options`): ``cfg_interval`` (0, 1), ``scale_phi`` 0,
+    ``cfg_norm_threshold`` 0, ``apg_scale`` in [0, 1], ``sigma_max`` (None: 1 for text-to-audio; audio-to-audio
+    starts at ``init_noise_level``), ``duration_padding_sec`` 6, ``dist_shift`` (None: the checkpoint's).
+    Levels (see :mod:`mlx_sa3.levels`): ``normalize`` None / "peak" (to ``ceiling_dbfs``, -1) / "loudness" (to
+    ``target_lufs``, -14, true peak kept under the ceiling); ``clamp=False`` keeps the raw decoder output.
     """
 
     prompt: object = None
@@ -116,6 +148,39 @@ class GenerationRequest:
     inpaint_audio: object = None
     inpaint_regions: object = None
     batch_size: int = 1
+    cfg_interval: object = opts.DEFAULT_CFG_INTERVAL
+    scale_phi: float = opts.DEFAULT_SCALE_PHI
+    cfg_norm_threshold: float = opts.DEFAULT_CFG_NORM_THRESHOLD
+    sigma_max: float | None = None
+    duration_padding_sec: float = opts.DEFAULT_DURATION_PADDING_SEC
+    dist_shift: object = None
+    normalize: str | None = None
+    ceiling_dbfs: float = DEFAULT_CEILING_DBFS
+    target_lufs: float = DEFAULT_TARGET_LUFS
+    clamp: bool = True
+
+    def validate(self) -> dict:
+        """Check every option that needs no model (raises ValueError, one line) and return them normalised.
+
+        The CLI calls this before loading a model; planning calls it again.
+        """
+        validate_normalization(self.normalize, self.ceiling_dbfs, self.target_lufs)
+        sigma_max = None if self.sigma_max is None else opts.validate_sigma_max(self.sigma_max)
+        if sigma_max is not None and self.init_audio is not None and sigma_max != float(self.init_noise_level):
+            raise ValueError(
+                f"with init audio the schedule starts at init_noise_level (--init-noise-level) "
+                f"{float(self.init_noise_level):g}; sigma_max (--sigma-max) {sigma_max:g} differs: give one of them"
+            )
+        return {
+            **opts.validate_guidance(self.cfg_interval, self.scale_phi, self.cfg_norm_threshold, self.apg_scale),
+            "sigma_max": opts.DEFAULT_SIGMA_MAX if sigma_max is None else sigma_max,
+            "duration_padding_sec": opts.validate_duration_padding_sec(self.duration_padding_sec),
+            "dist_shift": opts.validate_dist_shift(self.dist_shift),
+            "normalize": self.normalize,
+            "ceiling_dbfs": float(self.ceiling_dbfs),
+            "target_lufs": float(self.target_lufs),
+            "clamp": bool(self.clamp),
+        }
 
     @classmethod
     def of(cls, request: "GenerationRequest | None", prompt=None, duration: float = 30.0, **options):
@@ -147,6 +212,20 @@ class Plan:
     init_noise_level: float
     inpaint_mask: mx.array | None
     inpaint_known: mx.array | None
+    cfg_interval: tuple = opts.DEFAULT_CFG_INTERVAL
+    scale_phi: float = opts.DEFAULT_SCALE_PHI
+    cfg_norm_threshold: float = opts.DEFAULT_CFG_NORM_THRESHOLD
+    sigma_max: float = opts.DEFAULT_SIGMA_MAX
+    duration_padding_sec: float = opts.DEFAULT_DURATION_PADDING_SEC
+    dist_shift: dict | None = None
+    normalize: str | None = None
+    ceiling_dbfs: float = DEFAULT_CEILING_DBFS
+    target_lufs: float = DEFAULT_TARGET_LUFS
+    clamp: bool = True
+
+    def gain_db(self, report: LevelReport) -> float:
+        """The requested normalisation's gain for one item's measured levels."""
+        return normalization_gain(report, self.normalize, self.ceiling_dbfs, self.target_lufs)
 
 
 def _is_torch(model: SA3Model) -> bool:
@@ -161,11 +240,13 @@ def _ceil_to(n: int, multiple: int) -> int:
 class StableAudio3:
     """Text-to-audio, audio-to-audio, inpainting and continuation with one loaded SA3 checkpoint."""
 
-    def __init__(self, model: SA3Model, keep_loaded: bool = True):
+    def __init__(self, model: SA3Model, keep_loaded: bool = True, name: str | None = None):
         self.model = model
         self.keep_loaded = keep_loaded
         #: the backend running the networks and why (``from_pretrained`` fills in what ``"auto"`` chose)
         self.backend, self.backend_reason = "torch" if _is_torch(model) else "mlx", "given model"
+        # what the files' ``model`` tag says: the name it was loaded by, else the checkpoint directory
+        self.name = name or (str(model.source.root) if model.source is not None else None)
 
     @classmethod
     def from_pretrained(
@@ -201,7 +282,7 @@ class StableAudio3:
             from .lora import attach
 
             attach(model, loras)
-        return cls._with_backend(cls(model, keep_loaded), backend, reason)
+        return cls._with_backend(cls(model, keep_loaded, name=str(src)), backend, reason)
 
     @staticmethod
     def _with_backend(pipe: "StableAudio3", backend: str, reason: str) -> "StableAudio3":
@@ -232,6 +313,7 @@ class StableAudio3:
         return self._plan(GenerationRequest.of(request, prompt, duration, **options))
 
     def _plan(self, r: GenerationRequest) -> Plan:
+        checked = r.validate()
         duration = self._check_duration(r.duration)
         if r.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {r.batch_size}")
@@ -240,7 +322,7 @@ class StableAudio3:
             raise ValueError(f"init noise level must be in (0, 1], got {r.init_noise_level}")
         prompts = self._prompts(r.prompt, r.batch_size, required=r.init_audio is None and r.inpaint_audio is None)
         negative_prompts = self._negative_prompts(r, cfg_scale)
-        num_samples, length, effective = self._lengths(duration)
+        num_samples, length, effective = self._lengths(duration, checked["duration_padding_sec"])
         seed = resolve_seed(r.seed)  # None or negative: random; 0 .. 2**63-1 as given
         noise = self._noise(r.noise, seed, (r.batch_size, self.model.config.io_channels, length))
         init_latents = None
@@ -257,13 +339,14 @@ class StableAudio3:
             steps,
             sampler,
             cfg_scale,
-            float(r.apg_scale),
+            checked.pop("apg_scale"),
             seed,
             noise,
             init_latents,
             float(r.init_noise_level),
             inpaint_mask,
             inpaint_known,
+            **checked,
         )
 
     def _check_duration(self, duration) -> float:
@@ -297,20 +380,19 @@ class StableAudio3:
             return None
         return self._prompts(r.negative_prompt, r.batch_size, required=False)
 
-    def _lengths(self, duration: float) -> tuple[int, int, int]:
+    def _lengths(self, duration: float, headroom: float = HEADROOM_SECONDS) -> tuple[int, int, int]:
         """(output samples, latents the DiT runs on, latents of the requested duration).
 
-        Official canvas: (duration + 6 s) rounded up to the autoencoder's alignment and capped by sample_size; the
-        DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
+        Official canvas: (duration + headroom) rounded up to the autoencoder's alignment and capped by sample_size;
+        the DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + the headroom
+        (``duration_padding_sec``, official 6 s; 0: the official MLX runtime's canvas without headroom).
         """
         cfg, sr = self.model.config, self.model.config.sample_rate
         ratio = self.model.downsampling_ratio
         align = ratio * cfg.latent_align
-        canvas = (
-            min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
-        )
+        canvas = min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + headroom) * sr), ratio), align)) // ratio
         effective = math.ceil(int(duration * sr) / ratio)
-        return round(duration * sr), min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio)), effective
+        return round(duration * sr), min(canvas, effective + opts.headroom_latents(headroom, sr, ratio)), effective
 
     @staticmethod
     def _noise(noise, seed: int, shape: tuple) -> mx.array:
@@ -401,9 +483,15 @@ class StableAudio3:
 
         Takes the arguments of :meth:`generate`. ``callback(event)`` sees every event first; returning ``False``
         cancels with :class:`GenerationCancelled`. ``chunk_latents`` sets the decoder's piece size (None: the
-        autoencoder's default, chosen so streaming costs a few percent over a whole decode).
+        autoencoder's default, chosen so streaming costs a few percent over a whole decode). Audio pieces are clamped
+        (unless ``clamp=False``) but carry no normalisation gain, which needs the whole signal: the
+        :class:`DoneEvent`'s ``levels[i].gain_db`` is that gain (``generate`` and ``generate_to_file`` apply it).
         """
         plan = self._plan(GenerationRequest.of(request, prompt, duration, **kwargs))
+        yield from self._events(plan, chunk_latents=chunk_latents, callback=callback)
+
+    def _events(self, plan: Plan, *, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
+        """The events of :meth:`stream` for a plan; ``raw=True`` yields the decoder output without the clamp."""
         timings = {}
         if plan.init_latents is not None or plan.inpaint_known is not None:
             mx.eval([a for a in (plan.init_latents, plan.inpaint_known) if a is not None])
@@ -441,6 +529,11 @@ class StableAudio3:
             plan.init_noise_level,
             key=step_key,
             schedule_length=plan.schedule_length,
+            cfg_interval=plan.cfg_interval,
+            scale_phi=plan.scale_phi,
+            cfg_norm_threshold=plan.cfg_norm_threshold,
+            sigma_max=plan.sigma_max,
+            dist_shift=plan.dist_shift,
         )
         while True:
             try:
@@ -458,6 +551,7 @@ class StableAudio3:
         timings["sampling"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        meters = [LevelMeter(self.sample_rate, 2) for _ in range(latents.shape[0])]
         offset = 0
         # Only the first num_samples are kept: stopping early skips decoding most of the 6 s headroom.
         for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
@@ -467,12 +561,20 @@ class StableAudio3:
             audio = np.asarray(piece[:, :, :take], dtype=np.float32)
             if not np.isfinite(audio).all():  # checked before the clamp, which would turn inf into full scale
                 raise NonFiniteError(self._explain_non_finite("decoding"))
-            audio = np.clip(audio, -1.0, 1.0)
-            yield emit(AudioEvent(audio, offset, plan.num_samples))
+            for meter, item in zip(meters, audio):  # the raw decoder output, before the clamp
+                meter.add(item)
+            yield emit(AudioEvent(audio if raw else apply_gain(audio, 0.0, plan.clamp), offset, plan.num_samples))
             offset += take
         self._release("autoencoder")
         timings["decoding"] = time.perf_counter() - start
-        yield emit(DoneEvent(latents, plan.seed, timings))
+        levels = [meter.report(plan.gain_db(meter.report())) for meter in meters]
+        if plan.clamp and plan.normalize is None:  # only then does the clamp cut anything
+            for i, report in enumerate(levels):
+                message = clipping_warning(report)
+                if message:
+                    item = f"item {i + 1}: " if len(levels) > 1 else ""
+                    warnings.warn(item + message, stacklevel=3)
+        yield emit(DoneEvent(latents, plan.seed, timings, levels=levels))
 
     def _explain_non_finite(self, where: str) -> str:
         source = self.model.source.root if self.model.source is not None else None
@@ -486,15 +588,17 @@ class StableAudio3:
         Takes a :class:`GenerationRequest` or its fields as keyword arguments.
         """
         pieces, done = [], None
-        request = GenerationRequest.of(request, prompt, duration, **options)
-        for event in self.stream(request=request, callback=callback):
+        plan = self._plan(GenerationRequest.of(request, prompt, duration, **options))
+        raw = plan.normalize is not None  # the gain is known at the end: keep the raw pieces until then
+        for event in self._events(plan, callback=callback, raw=raw):
             if isinstance(event, AudioEvent):
                 pieces.append(event.audio)
             elif isinstance(event, DoneEvent):
                 done = event
-        return GenerationOutput(
-            np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed, done.timings
-        )
+        audio = np.concatenate(pieces, axis=-1)
+        if raw:
+            audio = np.stack([apply_gain(a, r.gain_db, plan.clamp) for a, r in zip(audio, done.levels)])
+        return GenerationOutput(audio, self.sample_rate, done.latents, done.seed, done.timings, done.levels)
 
     def generate_to_file(
         self,
@@ -504,29 +608,47 @@ class StableAudio3:
         fmt: str | None = None,
         callback=None,
         request: GenerationRequest | None = None,
+        bit_depth: int | None = None,
         overwrite: bool = False,
         **kwargs,
     ) -> FileOutput:
-        """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
+        """Stream the generation to ``path``; with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
+
+        The format comes from ``fmt`` or the suffix (wav, flac, ogg, opus, mp3; see :mod:`mlx_sa3.audio`), with
+        ``bit_depth`` for wav/flac; every file is tagged with the prompt, seed, model and steps. With ``normalize``
+        the raw float output goes to a hidden temporary file first and is copied with the gain into the target format
+        at the end (memory flat).
 
         The targets are checked before any work (:func:`mlx_sa3.outputs.check_output_target`): each must be a
         regular file or absent, and an existing file is replaced only with ``overwrite=True``. Audio goes to short
         hidden temporary files beside the targets (permissions from the umask) that are moved into place together
         only when the whole batch is complete, so an error, a cancel, Ctrl-C or SIGTERM leaves nothing at the output
         paths. Write errors raise a one-line :class:`~mlx_sa3.outputs.OutputError` ("no space left on device" ...).
-        Returns the written paths (as given, symlinks not resolved) with the seed and the seconds per stage.
+        Returns the written paths (as given, symlinks not resolved) with the seed, the seconds per stage and the
+        levels.
         """
         path = Path(path)
         fmt = format_for(path, fmt)
         stream_options = {k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs}  # the decoder's option
         request = GenerationRequest.of(request, prompt, duration, **kwargs)
-        names = batch_targets(path, int(request.batch_size))
+        if not request.clamp and not is_float_output(fmt, bit_depth):
+            raise ValueError(f"clamp=False (--no-clamp) needs a float format (wav, 32-bit); {fmt} cannot hold it")
+        plan = self._plan(request)  # before the writers: the tags carry the seed
+        tags = generation_tags(_tag_prompt(plan.prompts), plan.seed, self.name, plan.steps)
+        normalize = plan.normalize is not None
+        names = batch_targets(path, len(plan.prompts))
+        sr = self.sample_rate
         with AtomicFiles(names, overwrite=overwrite) as files:
-            writers = []
+            writers, raws = [], []
             try:
                 for temp, name in zip(files.temps, names):
-                    writers.append(_written(name, lambda t=temp: open_writer(t, 2, self.sample_rate, fmt)))
-                for event in self.stream(request=request, callback=callback, **stream_options):
+                    if normalize:  # the raw float output first; the target format once the gain is known
+                        raws.append(_temp_beside(Path(temp)))
+                        writers.append(_written(name, lambda t=raws[-1]: open_writer(t, 2, sr, "wav")))
+                    else:
+                        opener = lambda t=temp: open_writer(t, 2, sr, fmt, bit_depth=bit_depth, tags=tags)  # noqa: E731
+                        writers.append(_written(name, opener))
+                for event in self._events(plan, callback=callback, raw=normalize, **stream_options):
                     if isinstance(event, AudioEvent):
                         for writer, audio, name in zip(writers, event.audio, names):
                             _written(name, lambda w=writer, a=audio: w.write(a.T))
@@ -534,13 +656,20 @@ class StableAudio3:
                         done = event
                 for writer, name in zip(writers, names):
                     _written(name, writer.close)
+                for raw_file, temp, name, report in zip(raws, files.temps, names, done.levels):
+                    writer = _written(name, lambda t=temp: open_writer(t, 2, sr, fmt, bit_depth=bit_depth, tags=tags))
+                    writers.append(writer)
+                    _written(name, lambda w=writer, r=raw_file, g=report.gain_db: copy_with_gain(r, w, g, plan.clamp))
+                    _written(name, writer.close)
             finally:
                 for writer in writers:
                     if not writer.closed:
                         with contextlib.suppress(Exception):  # the temporary file is discarded anyway
                             writer.close()
+                for raw_file in raws:
+                    raw_file.unlink(missing_ok=True)
             files.commit()
-        return FileOutput(names, self.sample_rate, done.seed, done.timings)
+        return FileOutput(names, output_sample_rate(fmt, sr), done.seed, done.timings, done.levels)
 
 
 def _written(name, write: Callable):
@@ -551,6 +680,18 @@ def _written(name, write: Callable):
         if not is_write_error(err):
             raise
         raise OutputError(os_error_message(err, name)) from None
+
+
+def _temp_beside(temp: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f"{temp.name}.", suffix=".raw.wav", dir=temp.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _tag_prompt(prompts: list) -> str | None:
+    """The prompt tag: the batch's prompt, or all of them when they differ."""
+    unique = list(dict.fromkeys(prompts))
+    return unique[0] if len(unique) == 1 else " | ".join(unique)
 
 
 __all__ = [

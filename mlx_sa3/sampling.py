@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-SAMPLERS = ("pingpong", "euler", "dpmpp")
+SAMPLERS = ("pingpong", "euler", "dpmpp", "rk4")
 
 
 class NonFiniteError(FloatingPointError):
@@ -138,6 +138,18 @@ def _lambda(t: float) -> float:
     return math.log(max(1 - t, 1e-10) / max(t, 1e-10))
 
 
+RK4_MIN_T = 1e-5  # the last stage is evaluated at max(t_next, 1e-5): the model is not trained at t = 0
+
+
+def rk4_update(velocity: Velocity, x, v, t, t_next):
+    """Classic 4-stage Runge-Kutta on dx/dt = v from t to t_next, given ``v = velocity(x, t)`` (official rk4)."""
+    dt = t_next - t
+    k2 = velocity(x + dt / 2 * v, t + dt / 2)
+    k3 = velocity(x + dt / 2 * k2, t + dt / 2)
+    k4 = velocity(x + dt * k3, max(t_next, RK4_MIN_T))
+    return x + dt / 6 * (v + 2 * k2 + 2 * k3 + k4)
+
+
 def sample_iter(
     velocity: Velocity, x: mx.array, sigmas, sampler: str = "euler", noise_fn: NoiseFn | None = None
 ) -> Iterator[Step]:
@@ -162,6 +174,8 @@ def sample_iter(
             x = euler_update(x, v, t, t_next)
         elif sampler == "pingpong":
             x = pingpong_update(denoised, t_next, noise_fn(i, x.shape).astype(x.dtype))
+        elif sampler == "rk4":
+            x = rk4_update(velocity, x, v, t, t_next)
         else:
             x = dpmpp_update(x, denoised, t, t_next, sigmas[i - 1] if i else None, old_denoised)
             old_denoised = denoised

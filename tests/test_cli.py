@@ -195,7 +195,8 @@ def test_interrupt_mid_stream_leaves_no_file(tmp_path, capsys, monkeypatch):
             self.inner.close()
 
     monkeypatch.setattr("mlx_sa3.pipeline.open_writer", InterruptingWriter)
-    monkeypatch.setattr("mlx_sa3.pipeline.StableAudio3.stream.__kwdefaults__", {"chunk_latents": 8, "callback": None})
+    kwdefaults = {"chunk_latents": 8, "callback": None, "raw": False}
+    monkeypatch.setattr("mlx_sa3.pipeline.StableAudio3._events.__kwdefaults__", kwdefaults)
     out = tmp_path / "i.wav"
     assert run("-p", "x", "--duration", 4, "-o", out) == 130
     assert len(writes) == 2

@@ -152,3 +152,15 @@ def test_export_refuses_lora_for_another_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "lora_r4.safetensors: tensor model.transformer." in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_release_keeps_a_lora_adapted_dit(ref_dir):
+    """One-shot release must not drop LoRA weights: a reloaded DiT would be the base model without a word."""
+    model = mlx_sa3.load_model(ref_dir / "sa3_small_tiny_s0", lazy=True)
+    model.load_lora([ref_dir / "sa3_small_tiny_s0" / "lora" / "lora_r4.safetensors"])
+    adapted = model.dit
+    model.release("dit")
+    assert model.dit is adapted
+    model.unload_lora()
+    model.release("dit")
+    assert "dit" not in model.loaded

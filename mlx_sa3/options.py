@@ -1,0 +1,210 @@
+"""The official guidance and schedule options: their defaults, ranges and validation (pure functions).
+
+Names and defaults are those of the official ``StableAudio3.generate`` / ``DiffusionTransformer.forward`` and the
+official gradio (``stable_audio_3/interface/diffusion_cond.py``):
+
+========================  =========  ==========================================================================
+option                    default    meaning
+========================  =========  ==========================================================================
+``cfg_interval``          (0, 1)     guidance only at steps with ``lo <= t <= hi`` (0 <= lo <= hi <= 1)
+``scale_phi``             0          CFG rescale towards the conditional prediction's per-frame std, in [0, 1]
+``cfg_norm_threshold``    0          cap on the L2 norm of the guidance difference; 0 (or inf) = no cap
+``apg_scale``             1          1 = adaptive projected guidance, 0 = plain CFG, in between a blend
+``sigma_max``             1          starting noise level of the schedule, in (0, 1]
+``duration_padding_sec``  6          seconds of headroom generated past the requested duration, >= 0
+``dist_shift``            None       schedule shift; None = the checkpoint's ``sampling_distribution_shift_options``
+========================  =========  ==========================================================================
+
+Every validator returns the normalised value or raises :class:`OptionError` (a ValueError) with a one-line message
+that names the library argument and the CLI flag, so the CLI can refuse bad values before loading a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+DEFAULT_CFG_INTERVAL = (0.0, 1.0)
+DEFAULT_SCALE_PHI = 0.0
+DEFAULT_CFG_NORM_THRESHOLD = 0.0
+DEFAULT_APG_SCALE = 1.0
+DEFAULT_SIGMA_MAX = 1.0
+DEFAULT_DURATION_PADDING_SEC = 6.0
+
+# The shift types of ``sampling_distribution_shift_options`` (official diffusion.py ``_create_dist_shift``) with the
+# parameters the official gradio starts from for each ("LogSNR", "Flux", "Full", "None" in its dropdown). The
+# checkpoints' default (no options in the config) is LogSNR with rate 0, the first entry.
+DIST_SHIFT_DEFAULTS = {
+    "logsnr": {"anchor_length": 2000, "anchor_logsnr": -6.2, "rate": 0.0, "logsnr_end": 2.0},
+    "flux": {"min_length": 256, "max_length": 4096, "alpha_min": 6.93, "alpha_max": 6.93},
+    "full": {"base_shift": 0.5, "max_shift": 1.15, "min_length": 256, "max_length": 4096},
+    "none": {},
+}
+DIST_SHIFT_TYPES = tuple(DIST_SHIFT_DEFAULTS)
+_INTEGER_PARAMS = ("anchor_length", "min_length", "max_length")
+
+
+class OptionError(ValueError):
+    """A generation option outside its official range."""
+
+
+def _number(value, name: str, flag: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} ({flag}) must be a number, got {value!r}") from None
+    if math.isnan(number):
+        raise OptionError(f"{name} ({flag}) must be a number, got nan")
+    return number
+
+
+def _in_unit_interval(value, name: str, flag: str) -> float:
+    number = _number(value, name, flag)
+    if not 0.0 <= number <= 1.0:
+        raise OptionError(f"{name} ({flag}) must be in [0, 1], got {number:g}")
+    return number
+
+
+def validate_cfg_interval(value=DEFAULT_CFG_INTERVAL) -> tuple[float, float]:
+    """``(lo, hi)`` or the CLI text ``"LO,HI"``, with 0 <= lo <= hi <= 1."""
+    if value is None:
+        return DEFAULT_CFG_INTERVAL
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        lo, hi = parts
+    except (TypeError, ValueError):
+        raise OptionError(f"cfg_interval (--cfg-interval) must be two numbers LO,HI, got {value!r}") from None
+    lo = _number(lo, "cfg_interval", "--cfg-interval")
+    hi = _number(hi, "cfg_interval", "--cfg-interval")
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise OptionError(f"cfg_interval (--cfg-interval) must satisfy 0 <= lo <= hi <= 1, got {lo:g},{hi:g}")
+    return lo, hi
+
+
+def validate_scale_phi(value=DEFAULT_SCALE_PHI) -> float:
+    """CFG rescale amount in [0, 1] (the gradio slider's range; 0 = off)."""
+    return _in_unit_interval(DEFAULT_SCALE_PHI if value is None else value, "scale_phi", "--cfg-rescale")
+
+
+def validate_cfg_norm_threshold(value=DEFAULT_CFG_NORM_THRESHOLD) -> float:
+    """>= 0; 0 is the official "off" and inf is accepted as "no cap" too (both leave the guidance unchanged)."""
+    number = _number(
+        DEFAULT_CFG_NORM_THRESHOLD if value is None else value, "cfg_norm_threshold", "--cfg-norm-threshold"
+    )
+    if number < 0:
+        raise OptionError(f"cfg_norm_threshold (--cfg-norm-threshold) must be >= 0 (0 = off), got {number:g}")
+    return number
+
+
+def validate_apg_scale(value=DEFAULT_APG_SCALE) -> float:
+    """Blend between plain CFG (0) and adaptive projected guidance (1)."""
+    return _in_unit_interval(DEFAULT_APG_SCALE if value is None else value, "apg_scale", "--apg-scale")
+
+
+def validate_sigma_max(value=DEFAULT_SIGMA_MAX) -> float:
+    """The schedule's starting noise level, in (0, 1] (as ``build_schedule``)."""
+    number = _number(DEFAULT_SIGMA_MAX if value is None else value, "sigma_max", "--sigma-max")
+    if not 0.0 < number <= 1.0:
+        raise OptionError(f"sigma_max (--sigma-max) must be in (0, 1], got {number:g}")
+    return number
+
+
+def validate_duration_padding_sec(value=DEFAULT_DURATION_PADDING_SEC) -> float:
+    """Headroom in seconds, finite and >= 0 (0 gives the official MLX runtime's canvas without headroom)."""
+    number = _number(DEFAULT_DURATION_PADDING_SEC if value is None else value, "duration_padding_sec", "--headroom")
+    if not (math.isfinite(number) and number >= 0):
+        raise OptionError(f"duration_padding_sec (--headroom) must be a finite number of seconds >= 0, got {number:g}")
+    return number
+
+
+def headroom_latents(duration_padding_sec: float, sample_rate: int = 44100, downsampling_ratio: int = 4096) -> int:
+    """Latent frames of headroom past the requested end, ``int(sec * sr / ratio)`` as the official padding mask."""
+    return int(validate_duration_padding_sec(duration_padding_sec) * sample_rate / downsampling_ratio)
+
+
+def validate_dist_shift(value=None) -> dict | None:
+    """A schedule shift as ``mlx_sa3.sampling.build_schedule`` takes it (``{"type": ..., params}``), or None.
+
+    Accepts None (the checkpoint's own shift), a dict in the ``sampling_distribution_shift_options`` format, a type
+    name (``"logsnr"``, ``"flux"``, ``"full"``, ``"none"``; parameters from the official gradio defaults) or the CLI
+    text ``"TYPE"`` / ``"TYPE:key=value,key=value"``. Unknown types or parameters and non-finite values are refused.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        kind, _, rest = value.partition(":")
+        params = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, number = item.partition("=")
+            if not sep:
+                raise OptionError(f"dist_shift (--dist-shift) parameters are key=value, got {item!r}")
+            params[key.strip()] = number
+        kind = kind.strip().lower()
+        value = {"type": kind, **DIST_SHIFT_DEFAULTS.get(kind, {}), **params}
+    if not isinstance(value, dict):
+        raise OptionError(f"dist_shift (--dist-shift) must be a shift type name or dict, got {type(value).__name__}")
+    options = dict(value)
+    kind = str(options.pop("type", "full")).lower()  # the official default type when the key is missing
+    if kind not in DIST_SHIFT_TYPES:
+        raise OptionError(f"dist_shift (--dist-shift) type must be one of {', '.join(DIST_SHIFT_TYPES)}, got {kind!r}")
+    from .sampling import _SHIFTS
+
+    accepted = [p for p in inspect.signature(_SHIFTS[kind]).parameters if p not in ("t", "seq_len")]
+    out = {"type": kind}
+    for key, raw in options.items():
+        if key not in accepted:
+            names = ", ".join(accepted) or "none"
+            raise OptionError(f"dist_shift (--dist-shift) type {kind!r} has no parameter {key!r} (takes: {names})")
+        if key == "use_sine":
+            out[key] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            continue
+        number = _number(raw, f"dist_shift {key}", "--dist-shift")
+        if not math.isfinite(number):
+            raise OptionError(f"dist_shift (--dist-shift) {key} must be finite, got {number:g}")
+        if key in _INTEGER_PARAMS:
+            if number < 1 or number != int(number):
+                raise OptionError(f"dist_shift (--dist-shift) {key} must be a positive whole number, got {number:g}")
+            number = int(number)
+        out[key] = number
+    if out.get("min_length", 1) > out.get("max_length", math.inf):
+        raise OptionError(
+            f"dist_shift (--dist-shift) needs min_length <= max_length, got {out['min_length']} > {out['max_length']}"
+        )
+    return out
+
+
+def validate_guidance(
+    cfg_interval=DEFAULT_CFG_INTERVAL,
+    scale_phi=DEFAULT_SCALE_PHI,
+    cfg_norm_threshold=DEFAULT_CFG_NORM_THRESHOLD,
+    apg_scale=DEFAULT_APG_SCALE,
+) -> dict:
+    """All the guidance options at once, normalised, as keyword arguments of ``DiT.step``."""
+    return {
+        "cfg_interval": validate_cfg_interval(cfg_interval),
+        "scale_phi": validate_scale_phi(scale_phi),
+        "cfg_norm_threshold": validate_cfg_norm_threshold(cfg_norm_threshold),
+        "apg_scale": validate_apg_scale(apg_scale),
+    }
+
+
+__all__ = [
+    "DEFAULT_APG_SCALE",
+    "DEFAULT_CFG_INTERVAL",
+    "DEFAULT_CFG_NORM_THRESHOLD",
+    "DEFAULT_DURATION_PADDING_SEC",
+    "DEFAULT_SCALE_PHI",
+    "DEFAULT_SIGMA_MAX",
+    "DIST_SHIFT_DEFAULTS",
+    "DIST_SHIFT_TYPES",
+    "OptionError",
+    "headroom_latents",
+    "validate_apg_scale",
+    "validate_cfg_interval",
+    "validate_cfg_norm_threshold",
+    "validate_dist_shift",
+    "validate_duration_padding_sec",
+    "validate_guidance",
+    "validate_scale_phi",
+    "validate_sigma_max",
+]

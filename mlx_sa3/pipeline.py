@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioError, format_for, load_audio_input, open_writer
+from .items import collect_items, expand_items, is_per_item, pad_items, stream_items
 from .model import SA3Model, load_model
 from .sampling import SAMPLERS
 
@@ -56,6 +57,7 @@ class AudioEvent:
     offset: int
     total: int
     stage: str = "decoding"
+    item: int | None = None  # per-item requests: the item this (1, 2, n) piece belongs to; None = every item
 
 
 @dataclass
@@ -66,6 +68,7 @@ class DoneEvent:
     seed: int
     timings: dict
     stage: str = "done"
+    seeds: list | None = None  # per-item requests: every item's seed (latents is then a per-item list)
 
 
 @dataclass
@@ -75,6 +78,14 @@ class GenerationOutput:
     latents: mx.array  # (B, C, L) float32: the sampled latents of the valid region
     seed: int
     timings: dict = field(default_factory=dict)
+    items: list | None = None  # item i's audio (2, N_i); per-item requests give each item exactly its own length
+    seeds: list | None = None  # item i's seed
+
+    def __post_init__(self):
+        if self.items is None:
+            self.items = list(self.audio)
+        if self.seeds is None:
+            self.seeds = [self.seed] * len(self.items)
 
 
 @dataclass
@@ -276,6 +287,9 @@ class StableAudio3:
         cancels with :class:`GenerationCancelled`. ``chunk_latents`` sets the decoder's piece size (None: the
         autoencoder's default, chosen so streaming costs a few percent over a whole decode).
         """
+        if _per_item_request(prompt, duration, kwargs):
+            yield from stream_items(self, prompt, duration, chunk_latents=chunk_latents, callback=callback, **kwargs)
+            return
         plan = self.plan(prompt, duration, **kwargs)
         timings = {}
 
@@ -320,13 +334,22 @@ class StableAudio3:
                  cfg_scale=None, apg_scale: float = 1.0, seed=None, noise=None, init_audio=None,
                  init_noise_level: float = 0.9, inpaint_audio=None, inpaint_regions=None, batch_size: int = 1,
                  callback=None) -> GenerationOutput:
-        """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`)."""
+        """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`).
+
+        Per item: a list of prompts with lists (or single values) of ``duration``, ``seed`` and ``negative_prompt``
+        gives every item its own settings (:mod:`mlx_sa3.items`); ``out.items[i]`` has exactly item i's length and
+        ``out.audio`` pads them to the longest.
+        """
+        events = self.stream(prompt, duration, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+                             cfg_scale=cfg_scale, apg_scale=apg_scale, seed=seed, noise=noise,
+                             init_audio=init_audio, init_noise_level=init_noise_level,
+                             inpaint_audio=inpaint_audio, inpaint_regions=inpaint_regions,
+                             batch_size=batch_size, callback=callback)
+        if is_per_item(prompt, duration, seed, negative_prompt, batch_size):
+            return _items_output(self.sample_rate, *collect_items(events, _item_count(prompt, duration, seed,
+                                                                                     negative_prompt)))
         pieces, done = [], None
-        for event in self.stream(prompt, duration, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
-                                 cfg_scale=cfg_scale, apg_scale=apg_scale, seed=seed, noise=noise,
-                                 init_audio=init_audio, init_noise_level=init_noise_level,
-                                 inpaint_audio=inpaint_audio, inpaint_regions=inpaint_regions,
-                                 batch_size=batch_size, callback=callback):
+        for event in events:
             if isinstance(event, AudioEvent):
                 pieces.append(event.audio)
             elif isinstance(event, DoneEvent):
@@ -338,16 +361,17 @@ class StableAudio3:
                          callback=None, **kwargs) -> FileOutput:
         """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
 
+        ``path`` may also be a list with one path per batch or per-item entry (the job runner names files itself).
+
         Audio goes to a hidden temporary file beside each target and is renamed into place only when complete, so
         an error, a cancel or Ctrl-C leaves no partial file at the output path (the temporary file is removed).
         Returns the written paths with the seed and the seconds per stage.
         """
-        path = Path(path)
-        fmt = format_for(path, fmt)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"output directory {path.parent} does not exist")
-        batch = int(kwargs.get("batch_size", 1))
-        targets = [path] if batch == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(batch)]
+        targets = _file_targets(path, prompt, duration, kwargs)
+        fmt = format_for(targets[0], fmt)
+        for parent in {t.parent for t in targets}:
+            if not parent.is_dir():
+                raise FileNotFoundError(f"output directory {parent} does not exist")
         temps, writers = [], []
         try:
             for target in targets:
@@ -356,7 +380,9 @@ class StableAudio3:
                 temps.append(Path(tmp))
                 writers.append(open_writer(tmp, 2, self.sample_rate, fmt))
             for event in self.stream(prompt, duration, callback=callback, **kwargs):
-                if isinstance(event, AudioEvent):
+                if isinstance(event, AudioEvent) and event.item is not None:
+                    writers[event.item].write(event.audio[0].T)
+                elif isinstance(event, AudioEvent):
                     for writer, audio in zip(writers, event.audio):
                         writer.write(audio.T)
                 elif isinstance(event, DoneEvent):
@@ -373,6 +399,38 @@ class StableAudio3:
                     writer.close()
             for tmp in temps:
                 tmp.unlink(missing_ok=True)
+
+
+# -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
+
+
+def _per_item_request(prompt, duration, kwargs: dict) -> bool:
+    return is_per_item(prompt, duration, kwargs.get("seed"), kwargs.get("negative_prompt"),
+                       int(kwargs.get("batch_size", 1)))
+
+
+def _item_count(prompt, duration, seed, negative_prompt) -> int:
+    return len(expand_items(prompt, duration, seed, negative_prompt, batch_size=1)[0]) if any(
+        isinstance(v, (list, tuple)) for v in (prompt, duration, seed, negative_prompt)) else 1
+
+
+def _items_output(sample_rate: int, items: list, done: DoneEvent) -> GenerationOutput:
+    return GenerationOutput(pad_items(items), sample_rate, done.latents, done.seed, done.timings, items=items,
+                            seeds=done.seeds)
+
+
+def _file_targets(path, prompt, duration, kwargs: dict) -> list:
+    """One target per output: the given list, or ``path`` / ``stem-1.ext``, ``stem-2.ext`` ... as for ``--batch``."""
+    if _per_item_request(prompt, duration, kwargs):
+        count = _item_count(prompt, duration, kwargs.get("seed"), kwargs.get("negative_prompt"))
+    else:
+        count = int(kwargs.get("batch_size", 1))
+    if isinstance(path, (list, tuple)):
+        if len(path) != count:
+            raise ValueError(f"got {len(path)} output paths for {count} outputs")
+        return [Path(p) for p in path]
+    path = Path(path)
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
 
 
 __all__ = ["StableAudio3", "GenerationOutput", "FileOutput", "GenerationCancelled", "StepEvent", "AudioEvent", "DoneEvent",

@@ -62,10 +62,11 @@ def _per_item(value, count: int, what: str) -> list:
 def expand_items(prompt, duration, seed, negative_prompt, batch_size: int = 1) -> tuple[list, list, list, list]:
     """Per-item prompts, durations, seeds and negative prompts; a single value applies to every item.
 
-    The item count is the longest list given. ``seed=None`` draws one random seed per item.
+    The item count is the number of prompts when they are a list, else the longest list given. ``seed=None`` draws
+    one random seed per item.
     """
     counts = [len(v) for v in (prompt, duration, seed, negative_prompt) if isinstance(v, (list, tuple))]
-    count = max(counts) if counts else 1
+    count = len(prompt) if isinstance(prompt, (list, tuple)) else max(counts, default=1)
     if batch_size not in (1, count):
         raise ValueError(f"batch size {batch_size} does not match the {count} items of a per-item request")
     prompts = _per_item(prompt, count, "prompts")

@@ -6,8 +6,9 @@ a batch never changes the others, and each item equals the same item generated a
 
 Items whose DiT inputs have the same shape and schedule share one DiT batch; items of other lengths run as separate
 batches, one after the other ("grouping by length"). Sharing one batch across lengths needs attention masking of the
-padded keys in the DiT; on the CPU a batch of two costs as much as two batches of one (measured, docs/BATCH.md), so
-padding would only add work there. The DiT change masking needs is written down in docs/BATCH.md.
+padded keys in the DiT, and pays only where a batch of two costs less than two batches of one (a compute-bound CPU
+step scales with the batch, so padding would only add work there; benchmarks/bench_batch.py --dit-only measures it).
+The DiT change masking needs is written down in docs/BATCH.md.
 
 This module only uses the pipeline's public building blocks (``plan``, ``model.conditioning``, ``model.sample_iter``,
 ``model.autoencoder.decode_stream``), so it works on both backends and carries over unchanged onto a restructured

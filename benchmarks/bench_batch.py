@@ -67,10 +67,17 @@ def dit_only(seconds: float, other_seconds: float, repeats: int) -> dict:
     two = timed(step_fn(2, length), repeats)
     one_other = timed(step_fn(1, other), repeats)
     padded = two if other <= length else timed(step_fn(2, other), repeats)
-    return {"seconds": seconds, "length": length, "step_batch1_s": one, "step_batch2_s": two,
-            "batch2_over_two_batch1": two / (2 * one),
-            "other_seconds": other_seconds, "other_length": other, "step_batch1_other_s": one_other,
-            "padded_batch2_over_solo_pair": padded / (one + one_other)}
+    return {
+        "seconds": seconds,
+        "length": length,
+        "step_batch1_s": one,
+        "step_batch2_s": two,
+        "batch2_over_two_batch1": two / (2 * one),
+        "other_seconds": other_seconds,
+        "other_length": other,
+        "step_batch1_other_s": one_other,
+        "padded_batch2_over_solo_pair": padded / (one + one_other),
+    }
 
 
 def full_pipe(dtype=None) -> StableAudio3:
@@ -78,11 +85,27 @@ def full_pipe(dtype=None) -> StableAudio3:
 
 
 def jobs_for(clips: int, seconds: float, steps: int) -> list:
-    return [batch.Job(i + 1, f"clip{i:03d}", {"prompt": f"sound {i}", "duration": seconds, "seed": i, "steps": steps,
-                                              "negative_prompt": None, "sampler": None, "cfg_scale": 1.0,
-                                              "init_audio": None, "init_noise_level": None, "inpaint_audio": None,
-                                              "inpaint_regions": None}, f"clip{i:03d}.wav")
-            for i in range(clips)]
+    return [
+        batch.Job(
+            i + 1,
+            f"clip{i:03d}",
+            {
+                "prompt": f"sound {i}",
+                "duration": seconds,
+                "seed": i,
+                "steps": steps,
+                "negative_prompt": None,
+                "sampler": None,
+                "cfg_scale": 1.0,
+                "init_audio": None,
+                "init_noise_level": None,
+                "inpaint_audio": None,
+                "inpaint_regions": None,
+            },
+            f"clip{i:03d}.wav",
+        )
+        for i in range(clips)
+    ]
 
 
 def run_jobs(pipe, jobs, max_batch: int, out_dir: Path, rank: int = 0, size: int = 1) -> float:
@@ -90,9 +113,13 @@ def run_jobs(pipe, jobs, max_batch: int, out_dir: Path, rank: int = 0, size: int
     mine = batch.split_batches(batch.group_jobs(jobs, max_batch), size)[rank]
     start = time.perf_counter()
     for group in mine:
-        pipe.generate_to_file([out_dir / j.file for j in group], [j.settings["prompt"] for j in group],
-                              duration=[j.settings["duration"] for j in group], seed=[j.seed for j in group],
-                              steps=group[0].settings["steps"])
+        pipe.generate_to_file(
+            [out_dir / j.file for j in group],
+            [j.settings["prompt"] for j in group],
+            duration=[j.settings["duration"] for j in group],
+            seed=[j.seed for j in group],
+            steps=group[0].settings["steps"],
+        )
     return time.perf_counter() - start
 
 
@@ -107,8 +134,15 @@ def max_batch_table(clips: int, seconds: float, steps: int, sizes: list[int]) ->
             wall = run_jobs(pipe, jobs, size, Path(tmp))
             for f in Path(tmp).iterdir():
                 f.unlink()
-            rows.append({"max_batch": size, "clips": clips, "seconds": wall, "clips_per_hour": clips * 3600 / wall,
-                         "mlx_peak_gb": mx.get_peak_memory() / 1e9})
+            rows.append(
+                {
+                    "max_batch": size,
+                    "clips": clips,
+                    "seconds": wall,
+                    "clips_per_hour": clips * 3600 / wall,
+                    "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+                }
+            )
     base = rows[0]["mlx_peak_gb"]
     for row in rows:
         row["gb_per_extra_item"] = (row["mlx_peak_gb"] - base) / (row["max_batch"] - 1) if row["max_batch"] > 1 else 0.0
@@ -127,17 +161,34 @@ def worker(args) -> None:
         ranks.sum([0.0])  # wait for the slowest rank
         wall = time.perf_counter() - start
     if ranks.rank == 0:
-        print(json.dumps({"ranks": ranks.size, "clips": args.clips, "seconds": wall,
-                          "clips_per_hour": args.clips * 3600 / wall}))
+        print(
+            json.dumps(
+                {"ranks": ranks.size, "clips": args.clips, "seconds": wall, "clips_per_hour": args.clips * 3600 / wall}
+            )
+        )
 
 
 def ranks_row(args, count: int) -> dict:
     launcher = shutil.which("mlx.launch")
-    cmd = [*([launcher] if launcher else [sys.executable, "-m", "mlx._distributed_utils.launch"]), "-n", str(count),
-           "--", sys.executable, __file__, "--worker", "--worker-batch", "1", "--clips", str(args.clips),
-           "--seconds", str(args.seconds), "--steps", str(args.steps)]
+    cmd = [
+        *([launcher] if launcher else [sys.executable, "-m", "mlx._distributed_utils.launch"]),
+        "-n",
+        str(count),
+        "--",
+        sys.executable,
+        __file__,
+        "--worker",
+        "--worker-batch",
+        "1",
+        "--clips",
+        str(args.clips),
+        "--seconds",
+        str(args.seconds),
+        "--steps",
+        str(args.steps),
+    ]
     if count == 1:
-        cmd = cmd[cmd.index("--") + 1:]
+        cmd = cmd[cmd.index("--") + 1 :]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -161,16 +212,24 @@ def main() -> None:
 
     results = {"dit": dit_only(args.seconds, args.other_seconds, args.repeats)}
     d = results["dit"]
-    print(f"DiT step, small, {d['seconds']:g} s ({d['length']} latents): batch 1 {d['step_batch1_s']:.3f} s, "
-          f"batch 2 {d['step_batch2_s']:.3f} s -> batch 2 / (2 x batch 1) = {d['batch2_over_two_batch1']:.2f}")
-    print(f"padded batch 2 ({d['seconds']:g} s + {d['other_seconds']:g} s at {d['length']} latents) / the two alone "
-          f"= {d['padded_batch2_over_solo_pair']:.2f}")
+    print(
+        f"DiT step, small, {d['seconds']:g} s ({d['length']} latents): batch 1 {d['step_batch1_s']:.3f} s, "
+        f"batch 2 {d['step_batch2_s']:.3f} s -> batch 2 / (2 x batch 1) = {d['batch2_over_two_batch1']:.2f}"
+    )
+    print(
+        f"padded batch 2 ({d['seconds']:g} s + {d['other_seconds']:g} s at {d['length']} latents) / the two alone "
+        f"= {d['padded_batch2_over_solo_pair']:.2f}"
+    )
     if not args.dit_only:
         results["max_batch"] = max_batch_table(args.clips, args.seconds, args.steps, args.max_batch)
-        print(f"\n{args.clips} clips of {args.seconds:g} s, {args.steps} steps\n| max-batch | clips/hour | MLX peak GB "
-              "| GB per extra item |\n|---|---|---|---|")
+        print(
+            f"\n{args.clips} clips of {args.seconds:g} s, {args.steps} steps\n| max-batch | clips/hour | MLX peak GB "
+            "| GB per extra item |\n|---|---|---|---|"
+        )
         for r in results["max_batch"]:
-            print(f"| {r['max_batch']} | {r['clips_per_hour']:.0f} | {r['mlx_peak_gb']:.2f} | {r['gb_per_extra_item']:.2f} |")
+            print(
+                f"| {r['max_batch']} | {r['clips_per_hour']:.0f} | {r['mlx_peak_gb']:.2f} | {r['gb_per_extra_item']:.2f} |"
+            )
         if args.ranks > 1:
             results["ranks"] = [ranks_row(args, 1), ranks_row(args, args.ranks)]
             print("\n| ranks | clips/hour |\n|---|---|")

@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.convert import write_safetensors
 from mlx_sa3.info import describe, gemm_gflops
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MLX_SA3_SHARED", REPO.parent / "shared")) / "reference"
@@ -61,8 +61,9 @@ def medium_config(dit_depth: int, same_depth: int) -> dict:
     config = json.loads((TINY / "model_config.json").read_text())
     model = config["model"]
     model["io_channels"] = 256
-    model["diffusion"]["config"].update(io_channels=256, embed_dim=1536, depth=dit_depth, num_heads=24,
-                                        local_add_cond_dim=257, num_memory_tokens=64)
+    model["diffusion"]["config"].update(
+        io_channels=256, embed_dim=1536, depth=dit_depth, num_heads=24, local_add_cond_dim=257, num_memory_tokens=64
+    )
     ae = model["pretransform"]["config"]
     ae["latent_dim"] = 256
     for part in ("encoder", "decoder"):
@@ -152,8 +153,10 @@ def print_table(r: dict) -> None:
         ("converted directory", f"{r['converted_mb']:.0f} MB ({r['dtype']})"),
         ("convert wall time", f"{r['convert_s']:.1f} s ({r['convert_mb_per_s']:.0f} MB/s)"),
         ("convert peak RSS / baseline", f"{r['convert_peak_rss_mb']:.0f} MB / {r['baseline_rss_mb']:.0f} MB"),
-        ("extra RSS / checkpoint size", f"{r['convert_extra_rss_over_size']:.3f}  target <= 0.5: "
-                                        f"{'PASS' if rss_ok else 'FAIL'}"),
+        (
+            "extra RSS / checkpoint size",
+            f"{r['convert_extra_rss_over_size']:.3f}  target <= 0.5: {'PASS' if rss_ok else 'FAIL'}",
+        ),
         ("load_model original", f"{r['load_original_s']:.2f} s, {r['load_original_rss_mb']:.0f} MB RSS"),
         ("load_model converted", f"{r['load_converted_s']:.2f} s, {r['load_converted_rss_mb']:.0f} MB RSS"),
         ("load speedup", f"{r['load_speedup']:.2f}x  target >= 5x: {'PASS' if load_ok else 'FAIL'}"),
@@ -165,13 +168,24 @@ def print_table(r: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"keep {QUICK_DIT_DEPTH} DiT blocks and {QUICK_SAME_DEPTH} SAME block per side")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="--dtype passed to the converter (default float32)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"keep {QUICK_DIT_DEPTH} DiT blocks and {QUICK_SAME_DEPTH} SAME block per side",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="--dtype passed to the converter (default float32)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="load timings: best of this many runs")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx_sa3_bench_convert"),
-                        help="scratch directory (removed first and at the end unless --keep)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/mlx_sa3_bench_convert"),
+        help="scratch directory (removed first and at the end unless --keep)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -183,7 +197,9 @@ def main(argv=None) -> None:
     args.workdir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.workdir.parent).free
     if free < need:
-        sys.exit(f"not enough disk space in {args.workdir.parent}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed")
+        sys.exit(
+            f"not enough disk space in {args.workdir.parent}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
+        )
     try:
         result = bench(args.workdir, full, args.dtype, args.repeats)
     finally:

@@ -19,30 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, step_flops
+
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe, gemm_gflops
 from mlx_sa3.loading import parse_dtype
 
-import mlx.core as mx  # noqa: E402
-
-SAMPLE_RATE, LATENT_HOP, CONTEXT_TOKENS = 44100, 4096, 257
 CONFIGS = {"small": DiTConfig.small, "medium": DiTConfig.medium}
-
-
-def latent_length(seconds: float) -> int:
-    return round(seconds * SAMPLE_RATE / LATENT_HOP)
-
-
-def step_flops(config: DiTConfig, length: int, rows: int, cross_rows: int, context: int = CONTEXT_TOKENS) -> float:
-    """Multiply-add FLOPs (x2) of one forward over ``rows`` sequences, ``cross_rows`` of them cross-attending."""
-    e, n, c = config.embed_dim, config.num_memory_tokens + length, config.io_channels
-    pairs = 2 if config.differential else 1
-    self_attn = 2 * n * e * (5 if config.differential else 3) * e + pairs * 4 * n * n * e + 2 * n * e * e
-    cross = 2 * n * e * pairs * e + pairs * 4 * n * context * e + 2 * n * e * e
-    ff = 2 * n * e * 2 * config.ff_inner + 2 * n * config.ff_inner * e
-    edges = 2 * (2 * length * c * c) + 2 * (2 * length * c * e)
-    return config.depth * (rows * (self_attn + ff) + cross_rows * cross) + rows * edges
 
 
 def timed(fn, repeats: int) -> float:
@@ -78,21 +63,29 @@ def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:
     flops = step_flops(config, length, rows=1, cross_rows=1)
     flops_cfg = step_flops(config, length, rows=2, cross_rows=1)
     result = {
-        "model": name, "seconds": seconds, "latents": length, "dtype": str(dtype),
-        "prepare_s": prepare_s, "prepare_inpaint_s": prepare_inpaint_s,
-        "step_s": step_s, "step_cfg_s": step_cfg_s,
-        "gflop_step": flops / 1e9, "gflop_step_cfg": flops_cfg / 1e9,
-        "gflops_step": flops / step_s / 1e9, "gflops_step_cfg": flops_cfg / step_cfg_s / 1e9,
+        "model": name,
+        "seconds": seconds,
+        "latents": length,
+        "dtype": str(dtype),
+        "prepare_s": prepare_s,
+        "prepare_inpaint_s": prepare_inpaint_s,
+        "step_s": step_s,
+        "step_cfg_s": step_cfg_s,
+        "gflop_step": flops / 1e9,
+        "gflop_step_cfg": flops_cfg / 1e9,
+        "gflops_step": flops / step_s / 1e9,
+        "gflops_step_cfg": flops_cfg / step_cfg_s / 1e9,
     }
     return result
 
 
 def bench_text(dtype, repeats: int) -> list[dict]:
     """The full-size T5Gemma encoder (random weights) on batches of 1 and 2 prompts at max_length 256."""
-    from mlx_sa3.demo import FULL_TEXT_CONFIG, train_tokenizer
+    from mlx_sa3.checkpoint import FULL_SIZE_TEXT_CONFIG
+    from mlx_sa3.demo import train_tokenizer
     from mlx_sa3.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
 
-    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(FULL_TEXT_CONFIG))
+    encoder = T5GemmaEncoder(T5GemmaConfig.from_dict(FULL_SIZE_TEXT_CONFIG))
     encoder.set_dtype(dtype)
     mx.eval(encoder.parameters())
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,14 +97,18 @@ def bench_text(dtype, repeats: int) -> list[dict]:
 
 def print_table(rows: list[dict], gemm: float) -> None:
     print(f"GEMM rate (2048^3, best seen): {gemm:.1f} GFLOP/s")
-    header = (f"{'model':>6} {'sec':>5} {'L':>5} {'prep s':>7} {'prep+inp':>8} {'step s':>7} {'GFLOP':>7} "
-              f"{'GF/s':>6} {'%gemm':>6} {'cfg s':>7} {'GF/s':>6} {'%gemm':>6}")
+    header = (
+        f"{'model':>6} {'sec':>5} {'L':>5} {'prep s':>7} {'prep+inp':>8} {'step s':>7} {'GFLOP':>7} "
+        f"{'GF/s':>6} {'%gemm':>6} {'cfg s':>7} {'GF/s':>6} {'%gemm':>6}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['model']:>6} {r['seconds']:>5g} {r['latents']:>5} {r['prepare_s']:>7.3f} "
-              f"{r['prepare_inpaint_s']:>8.3f} {r['step_s']:>7.3f} {r['gflop_step']:>7.0f} {r['gflops_step']:>6.1f} "
-              f"{100 * r['gemm_fraction']:>5.1f}% {r['step_cfg_s']:>7.3f} {r['gflops_step_cfg']:>6.1f} "
-              f"{100 * r['gemm_fraction_cfg']:>5.1f}%")
+        print(
+            f"{r['model']:>6} {r['seconds']:>5g} {r['latents']:>5} {r['prepare_s']:>7.3f} "
+            f"{r['prepare_inpaint_s']:>8.3f} {r['step_s']:>7.3f} {r['gflop_step']:>7.0f} {r['gflops_step']:>6.1f} "
+            f"{100 * r['gemm_fraction']:>5.1f}% {r['step_cfg_s']:>7.3f} {r['gflops_step_cfg']:>6.1f} "
+            f"{100 * r['gemm_fraction_cfg']:>5.1f}%"
+        )
 
 
 def main(argv=None) -> None:
@@ -139,15 +136,25 @@ def main(argv=None) -> None:
         row["gemm_fraction_cfg"] = row["gflops_step_cfg"] / gemm
     print_table(rows, gemm)
     text = bench_text(dtype, args.repeats)
-    print("T5Gemma encoder (12 x 768), max_length 256: " +
-          ", ".join(f"batch {r['batch']} {r['text_s']:.2f} s" for r in text))
+    print(
+        "T5Gemma encoder (12 x 768), max_length 256: "
+        + ", ".join(f"batch {r['batch']} {r['text_s']:.2f} s" for r in text)
+    )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_rss_mb:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": describe(), "gemm_gflops": gemm, "peak_rss_mb": peak_rss_mb, "results": rows,
-                       "text_encoder": text}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "machine": describe(),
+                    "gemm_gflops": gemm,
+                    "peak_rss_mb": peak_rss_mb,
+                    "results": rows,
+                    "text_encoder": text,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

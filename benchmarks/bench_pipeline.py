@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import decoder_flops, peak_rss_mb, step_flops  # noqa: E402
 
 import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx)
-from bench_dit import step_flops  # noqa: E402
-from bench_same import decoder_flops  # noqa: E402
-from mlx_sa3.demo import full_size_parts, random_model  # noqa: E402
+from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
+from mlx_sa3.demo import random_model  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 HEADROOM_LATENTS = 64
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def text_flops(cfg, tokens: int) -> float:
@@ -51,16 +43,32 @@ def run_one(variant: str, seconds: float, steps: int) -> dict:
     rss_weights = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        out = pipe.generate_to_file(Path(tmp) / "out.wav", "a slow ambient pad with field recordings", seconds,
-                                    steps=steps, seed=0, sampler="pingpong")
+        out = pipe.generate_to_file(
+            Path(tmp) / "out.wav",
+            "a slow ambient pad with field recordings",
+            seconds,
+            steps=steps,
+            seed=0,
+            sampler="pingpong",
+        )
         total = time.perf_counter() - start
     plan = pipe.plan("x", seconds, steps=steps)
-    flops = (text_flops(text_cfg, sa3.prompt_max_length)
-             + steps * step_flops(dit_cfg, plan.length, rows=1, cross_rows=1)
-             + decoder_flops(same_cfg.decoder, -(-plan.num_samples // 4096), same_cfg.latent_dim, same_cfg.frame_dim))
-    return {"model": variant, "seconds": seconds, "steps": steps, "latents": plan.length, **out.timings,
-            "total_s": total, "peak_rss_mb": peak_rss_mb(), "rss_after_weights_mb": rss_weights,
-            "gflop": flops / 1e9}
+    flops = (
+        text_flops(text_cfg, sa3.prompt_max_length)
+        + steps * step_flops(dit_cfg, plan.length, rows=1, cross_rows=1)
+        + decoder_flops(same_cfg.decoder, -(-plan.num_samples // 4096), same_cfg.latent_dim, same_cfg.frame_dim)
+    )
+    return {
+        "model": variant,
+        "seconds": seconds,
+        "steps": steps,
+        "latents": plan.length,
+        **out.timings,
+        "total_s": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_weights_mb": rss_weights,
+        "gflop": flops / 1e9,
+    }
 
 
 def run_subprocess(variant: str, seconds: float, steps: int) -> dict:
@@ -93,14 +101,18 @@ def main(argv=None) -> None:
             rows[-1]["floor_s"] = rows[-1]["gflop"] / gemm
             print(f"  done {variant} {seconds:g} s: {rows[-1]['total_s']:.1f} s", file=sys.stderr)
 
-    header = (f"{'model':6} {'sec':>5} {'L':>5} {'steps':>5} {'text s':>7} {'steps s':>8} {'decode s':>8} "
-              f"{'total s':>8} {'floor s':>8} {'x floor':>7} {'RSS MB':>7}")
+    header = (
+        f"{'model':6} {'sec':>5} {'L':>5} {'steps':>5} {'text s':>7} {'steps s':>8} {'decode s':>8} "
+        f"{'total s':>8} {'floor s':>8} {'x floor':>7} {'RSS MB':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:6} {r['seconds']:>5g} {r['latents']:>5} {r['steps']:>5} {r['text']:>7.2f} "
-              f"{r['sampling']:>8.2f} {r['decoding']:>8.2f} {r['total_s']:>8.2f} {r['floor_s']:>8.2f} "
-              f"{r['total_s'] / r['floor_s']:>7.2f} {r['peak_rss_mb']:>7.0f}")
+        print(
+            f"{r['model']:6} {r['seconds']:>5g} {r['latents']:>5} {r['steps']:>5} {r['text']:>7.2f} "
+            f"{r['sampling']:>8.2f} {r['decoding']:>8.2f} {r['total_s']:>8.2f} {r['floor_s']:>8.2f} "
+            f"{r['total_s'] / r['floor_s']:>7.2f} {r['peak_rss_mb']:>7.0f}"
+        )
     print(f"fp32 GEMM rate (2048^3): {gemm:.1f} GFLOP/s")
     targets = []
     for variant in args.models:
@@ -108,13 +120,16 @@ def main(argv=None) -> None:
         if 30.0 in mine and 120.0 in mine:
             ratio = mine[120.0]["peak_rss_mb"] / mine[30.0]["peak_rss_mb"]
             targets.append(f"{variant}: peak RSS 120 s / 30 s = {ratio:.3f} (target <= 1.15)")
-        targets += [f"{variant} {s:g} s: total / FLOP floor = {r['total_s'] / r['floor_s']:.2f} (target <= 1.5)"
-                    for s, r in mine.items()]
+        targets += [
+            f"{variant} {s:g} s: total / FLOP floor = {r['total_s'] / r['floor_s']:.2f} (target <= 1.5)"
+            for s, r in mine.items()
+        ]
     for line in targets:
         print(line)
     if args.json:
-        args.json.write_text(json.dumps({"machine": describe(), "gemm_gflops": gemm, "rows": rows,
-                                         "targets": targets}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": describe(), "gemm_gflops": gemm, "rows": rows, "targets": targets}, indent=2)
+        )
 
 
 if __name__ == "__main__":

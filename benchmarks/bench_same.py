@@ -13,52 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx  # noqa: E402
+from common import decoder_flops, latents_for, peak_rss_mb  # noqa: E402
 
 import mlx_sa3  # noqa: E402,F401  (loads OpenBLAS before mlx)
-import mlx.core as mx  # noqa: E402
-
-from mlx_sa3.same import ResamplerConfig, SAMEAutoencoder, SAMEConfig  # noqa: E402
+from mlx_sa3.same import SAMEAutoencoder, SAMEConfig  # noqa: E402
 
 SECONDS = {"same-s": [30, 60, 120], "same-l": [30, 60, 120, 380]}
-
-
-def latents_for(seconds: float, config: SAMEConfig) -> int:
-    return round(seconds * config.sample_rate / config.downsampling_ratio)
-
-
-def decoder_flops(cfg: ResamplerConfig, latents: int, latent_dim: int, frame_dim: int,
-                  cuts: tuple[bool, bool] = (False, False)) -> float:
-    """FLOPs (2 per multiply-add) of decoding one window of ``latents`` latents.
-
-    With band attention, a window side that is an artificial cut loses one window of groups after every block.
-    """
-    D, hidden = cfg.width, int(cfg.width * cfg.ff_mult)
-    dropped_per_block = sum(w for w, cut in zip(cfg.sliding_window or (0, 0), cuts) if cut)
-
-    def block(n):
-        tokens = n * cfg.group
-        if cfg.sliding_window is None:
-            keys = cfg.chunk_tokens
-        else:
-            keys = min(tokens, sum(cfg.sliding_window) * cfg.group + 1)  # band width, ignoring the ends
-        projections = 2 * tokens * D * ((5 if cfg.differential else 3) * D + D + 3 * hidden)
-        return projections + 2 * 2 * tokens * keys * D * (2 if cfg.differential else 1)
-
-    blocks = sum(block(latents - i * dropped_per_block) for i in range(cfg.depth))
-    frames = (latents - cfg.depth * dropped_per_block) * cfg.stride
-    return blocks + 2 * latents * latent_dim * D + 2 * frames * D * frame_dim * cfg.mapping_kernel
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def run_one(variant: str, seconds: float, mode: str, chunk: int | None, repeats: int) -> dict:
@@ -96,10 +62,18 @@ def run_one(variant: str, seconds: float, mode: str, chunk: int | None, repeats:
         windows = model.stream_windows(length, chunk)
         executed = sum(flops(b - a, (a > 0, b < padded)) for a, b, _, _ in windows)
     return {
-        "variant": variant, "seconds": seconds, "latents": length, "mode": mode,
-        "chunk": chunk if mode == "stream" else None, "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
-        "rss_after_weights_mb": rss_weights, "gflop": useful / 1e9, "work": executed / useful,
-        "gflops": useful / wall / 1e9, "realtime": seconds / wall,
+        "variant": variant,
+        "seconds": seconds,
+        "latents": length,
+        "mode": mode,
+        "chunk": chunk if mode == "stream" else None,
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_weights_mb": rss_weights,
+        "gflop": useful / 1e9,
+        "work": executed / useful,
+        "gflops": useful / wall / 1e9,
+        "realtime": seconds / wall,
     }
 
 
@@ -124,15 +98,19 @@ def gemm_rate() -> float:
 
 
 def print_table(rows: list[dict], gemm: float) -> None:
-    header = (f"{'variant':8} {'sec':>5} {'lat':>5} {'mode':7} {'chunk':>5} {'wall s':>8} {'x real':>7} "
-              f"{'RSS MB':>8} {'GFLOP':>8} {'work':>5} {'GFLOP/s':>8} {'%GEMM':>6}")
+    header = (
+        f"{'variant':8} {'sec':>5} {'lat':>5} {'mode':7} {'chunk':>5} {'wall s':>8} {'x real':>7} "
+        f"{'RSS MB':>8} {'GFLOP':>8} {'work':>5} {'GFLOP/s':>8} {'%GEMM':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         chunk = "" if r["chunk"] is None else str(r["chunk"])
-        print(f"{r['variant']:8} {r['seconds']:>5g} {r['latents']:>5} {r['mode']:7} {chunk:>5} {r['wall_s']:>8.2f} "
-              f"{r['realtime']:>7.2f} {r['peak_rss_mb']:>8.0f} {r['gflop']:>8.0f} {r['work']:>5.2f} "
-              f"{r['gflops']:>8.1f} {100 * r['gflops'] / gemm:>6.1f}")
+        print(
+            f"{r['variant']:8} {r['seconds']:>5g} {r['latents']:>5} {r['mode']:7} {chunk:>5} {r['wall_s']:>8.2f} "
+            f"{r['realtime']:>7.2f} {r['peak_rss_mb']:>8.0f} {r['gflop']:>8.0f} {r['work']:>5.2f} "
+            f"{r['gflops']:>8.1f} {100 * r['gflops'] / gemm:>6.1f}"
+        )
     print(f"fp32 GEMM rate (2048^3): {gemm:.1f} GFLOP/s")
 
 

@@ -43,18 +43,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx unless MLX_SA3_NO_OPENBLAS is set)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, latents_for, peak_rss_mb  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from bench_dit import CONTEXT_TOKENS, latent_length  # noqa: E402
-from bench_pipeline import peak_rss_mb  # noqa: E402
-from bench_same import latents_for  # noqa: E402
-from mlx_sa3.demo import full_size_parts, random_model, to_torch_backend, train_tokenizer  # noqa: E402
+import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx unless MLX_SA3_NO_OPENBLAS is set)
+from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
+from mlx_sa3.demo import random_model, to_torch_backend, train_tokenizer  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 IMPLS = {
@@ -85,16 +81,21 @@ class Workload:
 
 
 TORCH = ("torch", "torch-noob", "diffusers")
-FULL = [(Workload("decode", 30.0), ("mlx", *TORCH)),
-        (Workload("dit_step", 30.0), ("mlx", "mlx-refblas", *TORCH)),
-        (Workload("dit_step", 120.0), ("mlx", *TORCH)),
-        (Workload("e2e", 30.0, 8), ("mlx", *TORCH))]
-QUICK = [(Workload("decode", 10.0), ("mlx", *TORCH)),
-         (Workload("dit_step", 10.0), ("mlx", "mlx-refblas", *TORCH)),
-         (Workload("e2e", 10.0, 2), ("mlx", *TORCH))]
+FULL = [
+    (Workload("decode", 30.0), ("mlx", *TORCH)),
+    (Workload("dit_step", 30.0), ("mlx", "mlx-refblas", *TORCH)),
+    (Workload("dit_step", 120.0), ("mlx", *TORCH)),
+    (Workload("e2e", 30.0, 8), ("mlx", *TORCH)),
+]
+QUICK = [
+    (Workload("decode", 10.0), ("mlx", *TORCH)),
+    (Workload("dit_step", 10.0), ("mlx", "mlx-refblas", *TORCH)),
+    (Workload("e2e", 10.0, 2), ("mlx", *TORCH)),
+]
 
 
 # ---------------------------------------------------------------------------------------------- memory accounting
+
 
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -118,6 +119,7 @@ def release(*_dropped) -> None:
 
 # -------------------------------------------------------------------------------------------------- the inputs
 
+
 def dit_inputs(config, seconds: float, length: int | None = None) -> dict:
     """Seeded channels-first DiT inputs as numpy: latents, context (prompt + seconds tokens), global and local cond."""
     rng = np.random.default_rng(0)
@@ -137,6 +139,7 @@ def decode_latents(same_config, seconds: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ mlx_sa3 (MLX or torch backend)
+
 
 def mlx_sa3_job(model, work: Workload, refblas: bool):
     """(warm-up, timed) callables for an SA3Model on either backend; the model's unused networks are dropped."""
@@ -165,6 +168,7 @@ def mlx_sa3_job(model, work: Workload, refblas: bool):
 
 # ----------------------------------------------------------------------------------------------------- diffusers
 
+
 def diffusers_dit(model):
     """Stock ``StableAudio3DiTModel`` holding the mlx_sa3 DiT's weights (and the conditioner's padding embedding)."""
     import torch
@@ -173,11 +177,19 @@ def diffusers_dit(model):
     from mlx_sa3.torch_backend import _dit_state
 
     c = model.dit.config
-    net = StableAudio3DiTModel(io_channels=c.io_channels, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
-                               cond_token_dim=c.cond_token_dim, global_cond_dim=c.global_cond_dim,
-                               local_add_cond_dim=c.local_add_cond_dim, timestep_features_dim=c.timestep_features_dim,
-                               ff_mult=c.ff_mult, num_memory_tokens=c.num_memory_tokens,
-                               use_differential_attention=c.differential)
+    net = StableAudio3DiTModel(
+        io_channels=c.io_channels,
+        embed_dim=c.embed_dim,
+        depth=c.depth,
+        num_heads=c.num_heads,
+        cond_token_dim=c.cond_token_dim,
+        global_cond_dim=c.global_cond_dim,
+        local_add_cond_dim=c.local_add_cond_dim,
+        timestep_features_dim=c.timestep_features_dim,
+        ff_mult=c.ff_mult,
+        num_memory_tokens=c.num_memory_tokens,
+        use_differential_attention=c.differential,
+    )
     state = _dit_state(dict(tree_flatten(model.dit.parameters())))
     state["prompt_padding_embedding"] = torch.from_numpy(np.array(model.conditioners.padding_embedding))
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -191,11 +203,20 @@ def diffusers_same(same_config):
     from diffusers import AutoencoderSAME
 
     d = same_config.decoder
-    vae = AutoencoderSAME(audio_channels=same_config.io_channels, patch_size=same_config.patch_size,
-                          encoder_channels=d.width, encoder_c_mults=(1,), encoder_strides=(d.stride,),
-                          encoder_transformer_depths=(d.depth,), latent_dim=same_config.latent_dim,
-                          use_differential_attention=d.differential, dim_heads=d.head_dim, ff_mult=int(d.ff_mult),
-                          sliding_window=1, sampling_rate=same_config.sample_rate)
+    vae = AutoencoderSAME(
+        audio_channels=same_config.io_channels,
+        patch_size=same_config.patch_size,
+        encoder_channels=d.width,
+        encoder_c_mults=(1,),
+        encoder_strides=(d.stride,),
+        encoder_transformer_depths=(d.depth,),
+        latent_dim=same_config.latent_dim,
+        use_differential_attention=d.differential,
+        dim_heads=d.head_dim,
+        ff_mult=int(d.ff_mult),
+        sliding_window=1,
+        sampling_rate=same_config.sample_rate,
+    )
     return vae.eval().requires_grad_(False)
 
 
@@ -212,10 +233,12 @@ def diffusers_pipeline(model, tokenizer_dir: Path):
 
     cfg = model.config
     duration = StableAudio3DurationEmbedder(output_dim=cfg.cond_dim, min_val=cfg.seconds_min, max_val=cfg.seconds_max)
-    duration.linear.load_state_dict({
-        "weight": torch.from_numpy(np.array(model.conditioners.tensors[Conditioners.SECONDS_W])),
-        "bias": torch.from_numpy(np.array(model.conditioners.tensors[Conditioners.SECONDS_B])),
-    })
+    duration.linear.load_state_dict(
+        {
+            "weight": torch.from_numpy(np.array(model.conditioners.tensors[Conditioners.SECONDS_W])),
+            "bias": torch.from_numpy(np.array(model.conditioners.tensors[Conditioners.SECONDS_B])),
+        }
+    )
     tokenizer = GemmaTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=cfg.prompt_max_length)
     pipe = StableAudio3Pipeline(
         vae=diffusers_same(model.autoencoder.config),
@@ -250,20 +273,33 @@ def diffusers_job(model, work: Workload, tokenizer_dir: Path):
 
         def step():
             with torch.inference_mode():
-                net(inputs["x"], torch.full((1,), 0.5), encoder_hidden_states=inputs["context"],
-                    global_hidden_states=inputs["global"], encoder_attention_mask=mask, return_dict=False)
+                net(
+                    inputs["x"],
+                    torch.full((1,), 0.5),
+                    encoder_hidden_states=inputs["context"],
+                    global_hidden_states=inputs["global"],
+                    encoder_attention_mask=mask,
+                    return_dict=False,
+                )
 
         return (step,), step
     pipe = diffusers_pipeline(model, tokenizer_dir)
 
     def generate(steps):
-        pipe(PROMPT, duration=work.seconds, num_inference_steps=steps, silence_padding_duration=HEADROOM_SECONDS,
-             generator=torch.Generator().manual_seed(0), output_type="np")
+        pipe(
+            PROMPT,
+            duration=work.seconds,
+            num_inference_steps=steps,
+            silence_padding_duration=HEADROOM_SECONDS,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
 
     return (lambda: generate(1),), lambda: generate(work.steps)
 
 
 # ------------------------------------------------------------------------------------------------------- workers
+
 
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
@@ -289,10 +325,18 @@ def run_worker(impl: str, work: Workload) -> dict:
         start = time.perf_counter()
         stages = timed()
         wall = time.perf_counter() - start
-    return {"impl": impl, **asdict(work), "wall_s": wall, "stages_s": stages, "peak_rss_mb": peak_rss_mb(),
-            "ready_rss_mb": ready,
-            "peak_is_timed_call_only": exact, "setup_s": setup_s, "setup_peak_rss_mb": setup_peak,
-            "blas": describe()["blas"]}
+    return {
+        "impl": impl,
+        **asdict(work),
+        "wall_s": wall,
+        "stages_s": stages,
+        "peak_rss_mb": peak_rss_mb(),
+        "ready_rss_mb": ready,
+        "peak_is_timed_call_only": exact,
+        "setup_s": setup_s,
+        "setup_peak_rss_mb": setup_peak,
+        "blas": describe()["blas"],
+    }
 
 
 def run_subprocess(impl: str, work: Workload) -> dict:
@@ -308,6 +352,7 @@ def run_subprocess(impl: str, work: Workload) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- report
 
+
 def add_ratios(rows: list[dict]) -> None:
     """Wall time and peak RSS of each row over diffusers' on the same workload (below 1: less than diffusers)."""
     base = {(r["kind"], r["seconds"], r["steps"]): r for r in rows if r["impl"] == "diffusers" and "error" not in r}
@@ -319,8 +364,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'workload':22} {'implementation':22} {'wall s':>8} {'x diff':>7} {'peak MB':>8} {'x diff':>7} "
-              f"{'ready MB':>8}")
+    header = (
+        f"{'workload':22} {'implementation':22} {'wall s':>8} {'x diff':>7} {'peak MB':>8} {'x diff':>7} "
+        f"{'ready MB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -332,8 +379,10 @@ def print_table(rows: list[dict]) -> None:
         def ratio(key):
             return f"{r[key]:>7.2f}" if key in r else f"{'-':>7}"
 
-        print(f"{label:22} {IMPLS[r['impl']]:22} {r['wall_s']:>8.2f} {ratio('wall_vs_diffusers')} "
-              f"{r['peak_rss_mb']:>8.0f} {ratio('rss_vs_diffusers')} {r['ready_rss_mb']:>8.0f}")
+        print(
+            f"{label:22} {IMPLS[r['impl']]:22} {r['wall_s']:>8.2f} {ratio('wall_vs_diffusers')} "
+            f"{r['peak_rss_mb']:>8.0f} {ratio('rss_vs_diffusers')} {r['ready_rss_mb']:>8.0f}"
+        )
     for r in rows:
         if r.get("stages_s"):
             stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in r["stages_s"].items())
@@ -379,15 +428,26 @@ def main(argv=None) -> None:
     load_after = os.getloadavg()
     add_ratios(rows)
     print_table(rows)
-    machine = (f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
-               f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)")
+    machine = (
+        f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"
+    )
     print(machine)
     for line in NOTES:
         print(f"note: {line}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": {**describe(), "cpu_count": os.cpu_count(), "summary": machine},
-                                         "gemm_gflops": gemm, "load_average": [load_before, load_after],
-                                         "notes": NOTES, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": {**describe(), "cpu_count": os.cpu_count(), "summary": machine},
+                    "gemm_gflops": gemm,
+                    "load_average": [load_before, load_after],
+                    "notes": NOTES,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

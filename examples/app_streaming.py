@@ -1,6 +1,6 @@
 """How an app uses mlx_sa3: load once, generate many times with progress, cancellation and streamed audio.
 
-    python examples/app_streaming.py --model ./sa3-small-music
+python examples/app_streaming.py --model ./sa3-small-music
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Audio to audio: restyle a clip. A low noise level stays close to it, a high one moves far away.
 
-    python examples/audio_to_audio.py --model ./sa3-small-music in.wav "jazz trio" --noise-level 0.6
+python examples/audio_to_audio.py --model ./sa3-small-music in.wav "jazz trio" --noise-level 0.6
 """
 
 import argparse
@@ -17,6 +17,11 @@ args = parser.parse_args()
 
 source = mlx_sa3.read_audio(args.audio)  # (2, N) float32 at 44.1 kHz
 pipe = mlx_sa3.StableAudio3.from_pretrained(args.model)
-result = pipe.generate_to_file(args.output, args.prompt, duration=source.shape[1] / 44100,
-                               init_audio=(source, 44100), init_noise_level=args.noise_level)
+result = pipe.generate_to_file(
+    args.output,
+    args.prompt,
+    duration=source.shape[1] / 44100,
+    init_audio=(source, 44100),
+    init_noise_level=args.noise_level,
+)
 print(f"wrote {result.paths[0]} (seed {result.seed})")

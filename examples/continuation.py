@@ -1,6 +1,6 @@
 """Continuation: extend a clip past its end (inpainting audio with no regions = generate after the clip).
 
-    python examples/continuation.py --model ./sa3-small-music intro.wav "ambient drone" --duration 60
+python examples/continuation.py --model ./sa3-small-music intro.wav "ambient drone" --duration 60
 """
 
 import argparse

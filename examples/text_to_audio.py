@@ -1,6 +1,6 @@
 """Text to audio with duration control.
 
-    python examples/text_to_audio.py --model ./sa3-small-music "lo-fi hip hop beat, 90 bpm" --duration 30
+python examples/text_to_audio.py --model ./sa3-small-music "lo-fi hip hop beat, 90 bpm" --duration 30
 """
 
 import argparse

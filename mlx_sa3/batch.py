@@ -119,9 +119,12 @@ def _check_field(kind: str, value, base: Path, max_duration: float | None) -> st
             return "must be a path (string)"
         if not (base / value).is_file():
             return f"no such file: {base / value}"
-    elif kind == "regions" and (not isinstance(value, list) or not all(
-        isinstance(r, list) and len(r) == 2 and all(_number(v) for v in r) and 0 <= r[0] < r[1] for r in value
-    )):
+    elif kind == "regions" and (
+        not isinstance(value, list)
+        or not all(
+            isinstance(r, list) and len(r) == 2 and all(_number(v) for v in r) and 0 <= r[0] < r[1] for r in value
+        )
+    ):
         return "must be a list of [start, end] pairs in seconds with 0 <= start < end"
     return None
 
@@ -135,13 +138,17 @@ def _cross_checks(job: dict, samplers) -> list[tuple[str, str]]:
     if isinstance(job.get("inpaint_regions"), list) and _number(job.get("duration")):
         for start, end in (r for r in job["inpaint_regions"] if isinstance(r, list) and len(r) == 2):
             if _number(end) and end > job["duration"] + 1e-9:
-                out.append(("inpaint_regions", f"region ({start:g}, {end:g}) ends past the {job['duration']:g} s output"))
+                out.append(
+                    ("inpaint_regions", f"region ({start:g}, {end:g}) ends past the {job['duration']:g} s output")
+                )
     if "negative_prompt" in job and job.get("cfg_scale", 1.0) == 1.0:
         out.append(("negative_prompt", "has no effect without a cfg_scale other than 1"))
     if isinstance(job.get("sampler"), str) and job["sampler"] not in samplers:
         out.append(("sampler", f"unknown sampler {job['sampler']!r}; choose one of {', '.join(samplers)}"))
-    if isinstance(job.get("prompt"), str) and not job["prompt"].strip() and not (
-        "init_audio" in job or "inpaint_audio" in job
+    if (
+        isinstance(job.get("prompt"), str)
+        and not job["prompt"].strip()
+        and not ("init_audio" in job or "inpaint_audio" in job)
     ):
         out.append(("prompt", "must not be empty for text-to-audio"))
     return out
@@ -171,7 +178,9 @@ def _settings(raw: dict) -> dict:
         "init_audio": raw.get("init_audio"),
         "init_noise_level": float(raw["init_noise_level"]) if "init_audio" in raw else None,
         "inpaint_audio": raw.get("inpaint_audio"),
-        "inpaint_regions": [[float(a), float(b)] for a, b in raw["inpaint_regions"]] if "inpaint_regions" in raw else None,
+        "inpaint_regions": [[float(a), float(b)] for a, b in raw["inpaint_regions"]]
+        if "inpaint_regions" in raw
+        else None,
     }
     if "init_audio" in raw and "init_noise_level" not in raw:
         settings["init_noise_level"] = 0.9  # the pipeline's default
@@ -250,8 +259,17 @@ def job_batch_key(job: Job) -> tuple:
     keys, drop ``duration`` here and nothing else changes.
     """
     s = job.settings
-    return (s["duration"], s["steps"], s["sampler"], s["cfg_scale"], s["init_audio"], s["init_noise_level"],
-            s["inpaint_audio"], _canonical(s["inpaint_regions"]), s["negative_prompt"] is not None)
+    return (
+        s["duration"],
+        s["steps"],
+        s["sampler"],
+        s["cfg_scale"],
+        s["init_audio"],
+        s["init_noise_level"],
+        s["inpaint_audio"],
+        _canonical(s["inpaint_regions"]),
+        s["negative_prompt"] is not None,
+    )
 
 
 def group_jobs(jobs: list[Job], max_batch: int, key=job_batch_key) -> list[list[Job]]:
@@ -259,7 +277,7 @@ def group_jobs(jobs: list[Job], max_batch: int, key=job_batch_key) -> list[list[
     groups: dict = {}
     for job in jobs:
         groups.setdefault(key(job), []).append(job)
-    return [g[i:i + max_batch] for g in groups.values() for i in range(0, len(g), max_batch)]
+    return [g[i : i + max_batch] for g in groups.values() for i in range(0, len(g), max_batch)]
 
 
 def split_batches(batches: list[list[Job]], size: int) -> list[list[list[Job]]]:
@@ -417,14 +435,19 @@ def compact(entries: list[dict], jobs: list[Job]) -> list[dict]:
 
 
 def job_state(job: Job, entry: dict | None, out_dir: Path, identity: dict) -> str:
-    """"done" (skip), "pending" (generate), or "conflict" (a file is there that this job may not replace)."""
+    """ "done" (skip), "pending" (generate), or "conflict" (a file is there that this job may not replace)."""
     target = out_dir / job.file
     if not os.path.lexists(target):
         return "pending"
-    if (entry is not None and entry.get("status") == "done" and entry.get("file") == job.file
-            and target.is_file() and target.stat().st_size == entry.get("bytes")
-            and entry.get("settings") == job.settings
-            and entry.get("model", {}).get("weights_hash") == identity["weights_hash"]):
+    if (
+        entry is not None
+        and entry.get("status") == "done"
+        and entry.get("file") == job.file
+        and target.is_file()
+        and target.stat().st_size == entry.get("bytes")
+        and entry.get("settings") == job.settings
+        and entry.get("model", {}).get("weights_hash") == identity["weights_hash"]
+    ):
         return "done"
     return "conflict"
 
@@ -436,8 +459,11 @@ def conflict_reason(job: Job, entry: dict | None, out_dir: Path, identity: dict)
     if not target.is_file() or target.stat().st_size != entry.get("bytes"):
         return f"{target} differs from the recorded file ({entry.get('bytes')} bytes); move it away or pass --overwrite"
     if entry.get("settings") != job.settings:
-        changed = sorted(k for k in set(job.settings) | set(entry.get("settings", {}))
-                         if job.settings.get(k) != entry.get("settings", {}).get(k))
+        changed = sorted(
+            k
+            for k in set(job.settings) | set(entry.get("settings", {}))
+            if job.settings.get(k) != entry.get("settings", {}).get(k)
+        )
         return f"job {job.name!r} changed ({', '.join(changed)}) since it was made; pass --overwrite to regenerate it"
     return f"job {job.name!r} was made with other weights ({entry.get('model', {}).get('id')}); pass --overwrite"
 
@@ -540,14 +566,22 @@ def run_batch(pipe, batch: list[Job], out_dir: Path, fmt: str, interrupts: Inter
         warnings.simplefilter("ignore")  # every setting was checked up front
         try:
             out = pipe.generate_to_file(
-                paths, [job.settings["prompt"] for job in batch], duration=[job.settings["duration"] for job in batch],
-                fmt=fmt, callback=on_event, seed=[job.seed for job in batch],
-                negative_prompt=[job.settings["negative_prompt"] for job in batch] if s["negative_prompt"] is not None
+                paths,
+                [job.settings["prompt"] for job in batch],
+                duration=[job.settings["duration"] for job in batch],
+                fmt=fmt,
+                callback=on_event,
+                seed=[job.seed for job in batch],
+                negative_prompt=[job.settings["negative_prompt"] for job in batch]
+                if s["negative_prompt"] is not None
                 else None,
-                steps=s["steps"], sampler=s["sampler"], cfg_scale=s["cfg_scale"],
+                steps=s["steps"],
+                sampler=s["sampler"],
+                cfg_scale=s["cfg_scale"],
                 init_audio=batch[0].audio_paths.get("init_audio"),
                 init_noise_level=s["init_noise_level"] if s["init_audio"] else 0.9,
-                inpaint_audio=batch[0].audio_paths.get("inpaint_audio"), inpaint_regions=s["inpaint_regions"],
+                inpaint_audio=batch[0].audio_paths.get("inpaint_audio"),
+                inpaint_regions=s["inpaint_regions"],
             )
         except (ValueError, AudioError, NonFiniteError, OSError) as err:
             interrupts.deferred = False
@@ -555,12 +589,25 @@ def run_batch(pipe, batch: list[Job], out_dir: Path, fmt: str, interrupts: Inter
     seconds = time.perf_counter() - start
     entries = []
     for row, job in enumerate(batch):
-        entry = {"name": job.name, "line": job.line, "settings": job.settings, "seed": job.seed, "file": job.file,
-                 "batch": {"size": len(batch), "index": row, "first": batch[0].name}, "finished": _now(), **stamp}
+        entry = {
+            "name": job.name,
+            "line": job.line,
+            "settings": job.settings,
+            "seed": job.seed,
+            "file": job.file,
+            "batch": {"size": len(batch), "index": row, "first": batch[0].name},
+            "finished": _now(),
+            **stamp,
+        }
         if error is None:
-            entry.update(status="done", bytes=(out_dir / job.file).stat().st_size,
-                         timings={"batch_seconds": round(seconds, 3), **{k: round(v, 3) if isinstance(v, float) else v
-                                                                          for k, v in out.timings.items()}})
+            entry.update(
+                status="done",
+                bytes=(out_dir / job.file).stat().st_size,
+                timings={
+                    "batch_seconds": round(seconds, 3),
+                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in out.timings.items()},
+                },
+            )
         else:
             entry.update(status="failed", error=error, timings={"batch_seconds": round(seconds, 3)})
         entries.append(entry)
@@ -584,21 +631,33 @@ def _progress(total: int, initial: int, rank: Ranks, quiet: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_sa3.batch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="several ranks: mlx.launch -n 2 -- python -m mlx_sa3.batch JOBS.jsonl OUT_DIR ...")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_sa3.batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="several ranks: mlx.launch -n 2 -- python -m mlx_sa3.batch JOBS.jsonl OUT_DIR ...",
+    )
     p.add_argument("jobs", help="JSONL job file, one job per line")
     p.add_argument("out_dir", help="output folder (created if missing); holds the clips and manifest.jsonl")
-    p.add_argument("--model", default="stabilityai/stable-audio-3-small-music",
-                   help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="DiT/text precision (default: half on Metal, float32 on CPU)")
+    p.add_argument(
+        "--model",
+        default="stabilityai/stable-audio-3-small-music",
+        help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="DiT/text precision (default: half on Metal, float32 on CPU)",
+    )
     p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
     # --lora goes here once the pipeline loads adapters: add its files to model_identity and its scale to the settings
     p.add_argument("--max-batch", type=int, default=1, help="most jobs per DiT batch (default 1)")
     p.add_argument("--format", choices=("wav", "flac"), default="wav", help="output format (default wav)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="regenerate jobs whose line changed and replace files this manifest did not finish")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate jobs whose line changed and replace files this manifest did not finish",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -630,10 +689,15 @@ def _main(args) -> int:
     # every rank checks everything; all stop if any rank found a problem (per-host folders can differ)
     manifest = read_manifest(out_dir) if out_dir.is_dir() else {}
     states = {job.name: job_state(job, manifest.get(job.name), out_dir, identity) for job in jobs}
-    conflicts = [] if args.overwrite else [
-        Problem(job.line, "name", conflict_reason(job, manifest.get(job.name), out_dir, identity))
-        for job in jobs if states[job.name] == "conflict"
-    ]
+    conflicts = (
+        []
+        if args.overwrite
+        else [
+            Problem(job.line, "name", conflict_reason(job, manifest.get(job.name), out_dir, identity))
+            for job in jobs
+            if states[job.name] == "conflict"
+        ]
+    )
     found = [0.0] * ranks.size
     found[ranks.rank] = float(len(problems) + len(conflicts))
     found = ranks.sum(found)
@@ -697,8 +761,9 @@ def _main(args) -> int:
             bar.close()
     gen_seconds = time.perf_counter() - gen_start
     if interrupted:
-        print(f"interrupted: {counts.done} clips finished and recorded; rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            f"interrupted: {counts.done} clips finished and recorded; rerun the same command to resume", file=sys.stderr
+        )
         return 130
 
     totals = ranks.sum([counts.done, counts.skipped, counts.failed, gen_seconds])  # the barrier before merging
@@ -709,9 +774,11 @@ def _main(args) -> int:
         # ranks run side by side: the wall time is the longest rank's, summed seconds over-count
         wall = time.perf_counter() - start
         rate = done / (gen_seconds / 3600) if done and gen_seconds > 0 else 0.0
-        print(f"{done} done, {skipped} skipped, {failed} failed in {wall:.1f} s "
-              f"({rate:.0f} clips/hour over {ranks.size} rank{'s' if ranks.size > 1 else ''}); "
-              f"manifest: {out_dir / MANIFEST}")
+        print(
+            f"{done} done, {skipped} skipped, {failed} failed in {wall:.1f} s "
+            f"({rate:.0f} clips/hour over {ranks.size} rank{'s' if ranks.size > 1 else ''}); "
+            f"manifest: {out_dir / MANIFEST}"
+        )
     del lock
     return 2 if totals[2] else 0
 

@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 
-
 EXAMPLES = """examples:
   # try the whole path offline with a tiny random model (its output is noise)
   python -m mlx_sa3.generate --model demo -p "warm analog synth pad" --duration 5 -o pad.wav
@@ -16,24 +15,33 @@ EXAMPLES = """examples:
   python -m mlx_sa3.generate --model ./sa3-small-music -p "lo-fi hip hop beat, 90 bpm" --duration 30 -o beat.wav
 
   # audio to audio: restyle a clip (0.1 = close variation, 0.9 = loose)
-  python -m mlx_sa3.generate --model ./sa3-small-music -p "jazz trio" --init-audio in.wav --init-noise-level 0.7 -o jazz.wav
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "jazz trio" --init-audio in.wav \\
+      --init-noise-level 0.7 -o jazz.wav
 
   # inpaint two regions of a clip, keep the rest
   python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
       --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
 
   # continue a clip past its end (no regions: everything after the clip is generated)
-  python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav --duration 60 -o longer.wav
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav \\
+      --duration 60 -o longer.wav
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_sa3.generate", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_sa3.generate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-p", "--prompt", help="what to generate")
     p.add_argument("--negative-prompt", help="what to steer away from (needs --cfg-scale other than 1)")
-    p.add_argument("--model", default="stabilityai/stable-audio-3-small-music",
-                   help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)")
+    p.add_argument(
+        "--model",
+        default="stabilityai/stable-audio-3-small-music",
+        help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)",
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
     p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
@@ -43,13 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
     p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
-    p.add_argument("--inpaint-start", type=float, action="append", default=[], help="start (s) of a region to regenerate; repeatable")
-    p.add_argument("--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable")
+    p.add_argument(
+        "--inpaint-start",
+        type=float,
+        action="append",
+        default=[],
+        help="start (s) of a region to regenerate; repeatable",
+    )
+    p.add_argument(
+        "--inpaint-end", type=float, action="append", default=[], help="end (s) of a region to regenerate; repeatable"
+    )
     p.add_argument("-o", "--output", default="output.wav", help="output file (default output.wav)")
     p.add_argument("--format", choices=("wav", "flac"), help="output format (default: from the file suffix)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="DiT/text precision (default: half on Metal, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="DiT/text precision (default: half on Metal, float32 on CPU)",
+    )
     p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
-    p.add_argument("--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)")
+    p.add_argument(
+        "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -96,7 +118,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
-    from .pipeline import GenerationCancelled, StableAudio3
+    from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
     from .sampling import NonFiniteError
 
     try:
@@ -105,14 +127,22 @@ def _run(args) -> int:
         load_time = time.perf_counter() - start
         if args.model == "demo":
             print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
-        regions = list(zip(args.inpaint_start, args.inpaint_end)) or None
-        out = pipe.generate_to_file(
-            args.output, args.prompt, args.duration, fmt=args.format, callback=_progress(args.quiet),
-            negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-            apg_scale=args.apg_scale, seed=args.seed, init_audio=args.init_audio,
-            init_noise_level=args.init_noise_level, inpaint_audio=args.inpaint_audio, inpaint_regions=regions,
+        request = GenerationRequest(
+            args.prompt,
+            args.duration,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            sampler=args.sampler,
+            cfg_scale=args.cfg_scale,
+            apg_scale=args.apg_scale,
+            seed=args.seed,
+            init_audio=args.init_audio,
+            init_noise_level=args.init_noise_level,
+            inpaint_audio=args.inpaint_audio,
+            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
             batch_size=args.batch,
         )
+        out = pipe.generate_to_file(args.output, fmt=args.format, callback=_progress(args.quiet), request=request)
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
     except GenerationCancelled as err:

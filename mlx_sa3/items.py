@@ -10,9 +10,11 @@ padded keys in the DiT, and pays only where a batch of two costs less than two b
 step scales with the batch, so padding would only add work there; benchmarks/bench_batch.py --dit-only measures it).
 The DiT change masking needs is written down in docs/BATCH.md.
 
-This module only uses the pipeline's public building blocks (``plan``, ``model.conditioning``, ``model.sample_iter``,
-``model.autoencoder.decode_stream``), so it works on both backends and carries over unchanged onto a restructured
-pipeline; :class:`~mlx_sa3.pipeline.StableAudio3` dispatches here when a request is per item (:func:`is_per_item`).
+A per-item request is an ordinary :class:`~mlx_sa3.pipeline.GenerationRequest` whose ``prompt``, ``duration``,
+``seed`` or ``negative_prompt`` is a list; each item becomes a solo request (:func:`expand_items`). This module only
+uses the pipeline's public building blocks (``plan``, ``model.conditioning``, ``model.sample_iter``,
+``model.autoencoder.decode_stream``), so it works on both backends; :class:`~mlx_sa3.pipeline.StableAudio3`
+dispatches here when a request is per item (:func:`is_per_item`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -37,59 +39,70 @@ class ItemPlan:
     seed: int
 
 
-def is_per_item(prompt, duration, seed, negative_prompt, batch_size: int) -> bool:
-    """True when a request asks for per-item settings rather than ``batch_size`` variations of one setting.
+def _listed(value) -> bool:
+    return isinstance(value, (list, tuple))
 
-    A list of prompts without ``batch_size``, or a list of durations or seeds, is per item; a list of prompts with a
-    matching ``batch_size`` and scalar settings keeps today's shared-seed batch.
+
+def is_per_item(request) -> bool:
+    """True when a :class:`~mlx_sa3.pipeline.GenerationRequest` asks for per-item settings rather than
+    ``batch_size`` variations of one setting.
+
+    A list of durations or seeds is per item; so is a list of several prompts (or of negative prompts) with
+    ``batch_size`` 1. A list of prompts with a matching ``batch_size`` and single settings keeps the shared-seed batch.
     """
-    listed = [isinstance(v, (list, tuple)) for v in (duration, seed)]
-    if any(listed):
+    r = request
+    if _listed(r.duration) or _listed(r.seed):
         return True
-    prompts_listed = isinstance(prompt, (list, tuple))
-    if isinstance(negative_prompt, (list, tuple)) and batch_size == 1:
+    if _listed(r.negative_prompt) and int(r.batch_size) == 1 and len(r.negative_prompt) > 1:
         return True
-    return prompts_listed and int(batch_size) == 1 and len(prompt) > 1
+    return _listed(r.prompt) and int(r.batch_size) == 1 and len(r.prompt) > 1
+
+
+def item_count(request) -> int:
+    """The number of items: the number of prompts when they are a list, else the longest list given."""
+    if _listed(request.prompt):
+        return len(request.prompt)
+    counts = [len(v) for v in (request.duration, request.seed, request.negative_prompt) if _listed(v)]
+    return max(counts, default=1)
 
 
 def _per_item(value, count: int, what: str) -> list:
-    if isinstance(value, (list, tuple)):
+    if _listed(value):
         if len(value) != count:
             raise ValueError(f"got {len(value)} {what} for {count} items")
         return list(value)
     return [value] * count
 
 
-def expand_items(prompt, duration, seed, negative_prompt, batch_size: int = 1) -> tuple[list, list, list, list]:
-    """Per-item prompts, durations, seeds and negative prompts; a single value applies to every item.
+def expand_items(request) -> list:
+    """One solo request (batch size 1) per item; a single value applies to every item.
 
-    The item count is the number of prompts when they are a list, else the longest list given. ``seed=None`` draws
-    one random seed per item.
+    ``seed=None`` draws one random seed per item, so every item's seed is known (``out.seeds``).
     """
-    counts = [len(v) for v in (prompt, duration, seed, negative_prompt) if isinstance(v, (list, tuple))]
-    count = len(prompt) if isinstance(prompt, (list, tuple)) else max(counts, default=1)
-    if batch_size not in (1, count):
-        raise ValueError(f"batch size {batch_size} does not match the {count} items of a per-item request")
-    prompts = _per_item(prompt, count, "prompts")
-    durations = _per_item(duration, count, "durations")
-    seeds = [secrets.randbelow(2**31) if s is None else int(s) for s in _per_item(seed, count, "seeds")]
-    negatives = _per_item(negative_prompt, count, "negative prompts")
-    return prompts, durations, seeds, negatives
-
-
-def plan_items(pipe, prompt, duration, seed=None, negative_prompt=None, batch_size: int = 1, noise=None,
-               **kwargs) -> list[ItemPlan]:
-    """Validate every item by planning it alone; raises ValueError naming the first bad item."""
-    if noise is not None:
+    count = item_count(request)
+    if int(request.batch_size) not in (1, count):
+        raise ValueError(f"batch size {request.batch_size} does not match the {count} items of a per-item request")
+    if request.noise is not None:
         raise ValueError("noise cannot be given for a per-item request: each item's noise comes from its seed")
-    prompts, durations, seeds, negatives = expand_items(prompt, duration, seed, negative_prompt, batch_size)
+    prompts = _per_item(request.prompt, count, "prompts")
+    durations = _per_item(request.duration, count, "durations")
+    seeds = [secrets.randbelow(2**31) if s is None else int(s) for s in _per_item(request.seed, count, "seeds")]
+    negatives = _per_item(request.negative_prompt, count, "negative prompts")
+    return [
+        replace(request, prompt=p, duration=d, seed=s, negative_prompt=n, batch_size=1)
+        for p, d, s, n in zip(prompts, durations, seeds, negatives)
+    ]
+
+
+def plan_items(pipe, request) -> list[ItemPlan]:
+    """Validate every item by planning it alone; raises ValueError naming the first bad item."""
     items = []
-    for i, (p, d, s, n) in enumerate(zip(prompts, durations, seeds, negatives)):
+    for i, solo in enumerate(expand_items(request)):
         try:
-            plan = pipe.plan(p, d, negative_prompt=n, seed=s, batch_size=1, **kwargs)
+            plan = pipe.plan(request=solo)
         except ValueError as err:
             raise ValueError(f"item {i + 1}: {err}") from None
-        items.append(ItemPlan(i, plan, s))
+        items.append(ItemPlan(i, plan, solo.seed))
     return items
 
 
@@ -100,8 +113,16 @@ def batch_key(plan) -> tuple:
     of padded keys in the DiT, ``length`` would leave this key (see docs/BATCH.md).
     """
     init = plan.init_noise_level if plan.init_latents is not None else None
-    return (plan.length, plan.schedule_length, plan.steps, plan.sampler, plan.cfg_scale, plan.apg_scale, init,
-            plan.negative_prompts is not None)
+    return (
+        plan.length,
+        plan.schedule_length,
+        plan.steps,
+        plan.sampler,
+        plan.cfg_scale,
+        plan.apg_scale,
+        init,
+        plan.negative_prompts is not None,
+    )
 
 
 def group_items(items: list[ItemPlan], max_batch: int | None = None, key: Callable = batch_key) -> list[list[ItemPlan]]:
@@ -110,7 +131,7 @@ def group_items(items: list[ItemPlan], max_batch: int | None = None, key: Callab
     for item in items:
         groups.setdefault(key(item.plan), []).append(item)
     size = max_batch or max(len(items), 1)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _stack_noise_fn(seeds: list[int]) -> Callable:
@@ -142,8 +163,9 @@ def _inpaint_inputs(plans: list, channels: int):
     return mx.concatenate(masks, axis=0), mx.concatenate(known, axis=0)
 
 
-def stream_items(pipe, prompt=None, duration=30.0, *, chunk_latents: int | None = None, callback=None,
-                 max_batch: int | None = None, **kwargs) -> Iterator:
+def stream_items(
+    pipe, request, *, chunk_latents: int | None = None, callback=None, max_batch: int | None = None
+) -> Iterator:
     """The per-item twin of ``StableAudio3.stream``.
 
     Yields ``StepEvent`` over the steps of every DiT batch (one running count), ``AudioEvent`` pieces with ``item``
@@ -151,7 +173,7 @@ def stream_items(pipe, prompt=None, duration=30.0, *, chunk_latents: int | None 
     """
     from .pipeline import AudioEvent, DoneEvent, GenerationCancelled, StepEvent
 
-    items = plan_items(pipe, prompt, duration, **kwargs)
+    items = plan_items(pipe, request)
     batches = group_items(items, max_batch)
     model = pipe.model
     total_steps = sum(b[0].plan.steps for b in batches)
@@ -171,17 +193,31 @@ def stream_items(pipe, prompt=None, duration=30.0, *, chunk_latents: int | None 
         start = time.perf_counter()
         mask, known = _inpaint_inputs(plans, model.latent_dim)
         negatives = [p.negative_prompts[0] for p in plans] if first.negative_prompts is not None else None
-        cond = model.conditioning([p.prompts[0] for p in plans], [p.duration for p in plans], inpaint_mask=mask,
-                                  inpaint_known_latents=known, length=first.length, negative_prompts=negatives)
+        cond = model.conditioning(
+            [p.prompts[0] for p in plans],
+            [p.duration for p in plans],
+            inpaint_mask=mask,
+            inpaint_known_latents=known,
+            length=first.length,
+            negative_prompts=negatives,
+        )
         mx.eval(cond)
         timings["text"] += time.perf_counter() - start
 
         start = time.perf_counter()
         latents = None
-        for step in model.sample_iter(_cat([p.noise for p in plans]), cond, first.steps, first.sampler,
-                                      first.cfg_scale, first.apg_scale, _cat([p.init_latents for p in plans]),
-                                      first.init_noise_level, noise_fn=_stack_noise_fn([it.seed for it in batch]),
-                                      schedule_length=first.schedule_length):
+        for step in model.sample_iter(
+            _cat([p.noise for p in plans]),
+            cond,
+            first.steps,
+            first.sampler,
+            first.cfg_scale,
+            first.apg_scale,
+            _cat([p.init_latents for p in plans]),
+            first.init_noise_level,
+            noise_fn=_stack_noise_fn([it.seed for it in batch]),
+            schedule_length=first.schedule_length,
+        ):
             latents = step.x
             done_steps += 1
             yield emit(StepEvent(done_steps - 1, total_steps, step.t, time.perf_counter() - start_all))
@@ -197,11 +233,11 @@ def stream_items(pipe, prompt=None, duration=30.0, *, chunk_latents: int | None 
             for row, (item, plan) in enumerate(zip(batch, plans)):
                 take = min(piece.shape[-1], plan.num_samples - offset)
                 if take > 0:
-                    audio = np.clip(np.asarray(piece[row:row + 1, :, :take], dtype=np.float32), -1.0, 1.0)
+                    audio = np.clip(np.asarray(piece[row : row + 1, :, :take], dtype=np.float32), -1.0, 1.0)
                     yield emit(AudioEvent(audio, offset, plan.num_samples, item=item.index))
             offset += piece.shape[-1]
         for row, item in enumerate(batch):
-            latents_out[item.index] = latents[row:row + 1]
+            latents_out[item.index] = latents[row : row + 1]
         timings["decoding"] += time.perf_counter() - start
     seeds = [it.seed for it in items]
     yield emit(DoneEvent(latents_out, seeds[0], timings, seeds=seeds))

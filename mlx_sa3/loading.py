@@ -135,6 +135,26 @@ def check_strict(expected: Mapping[str, tuple], got: Mapping[str, mx.array], wha
         raise CheckpointError(f"{what} does not match the model; " + "; ".join(problems))
 
 
+def expected_shapes(module) -> dict[str, tuple]:
+    """Parameter shapes of an MLX module (MLX initialises lazily: even a full-size module costs nothing here)."""
+    from mlx.utils import tree_flatten
+
+    return {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+
+
+def sanitize_checked(weights: dict, sanitize, module, what: str) -> dict:
+    """The one strict load path: ``sanitize`` (None: names are already mlx_sa3's), then a strict check naming every
+    missing, unexpected and wrongly shaped tensor against the MLX ``module``. Returns the sanitized dict."""
+    out = weights if sanitize is None else sanitize(weights)
+    check_strict(expected_shapes(module), out, what)
+    return out
+
+
+def component_weights(source: "Source", name: str, sanitize, module, what: str) -> dict:
+    """A component's tensors in mlx_sa3 naming, strictly checked (converted checkpoints are not sanitized again)."""
+    return sanitize_checked(source.component(name), None if source.converted else sanitize, module, what)
+
+
 def to_mx(x, dtype=mx.float32) -> mx.array:
     """Accept numpy or MLX input (or anything numpy converts) and return an MLX array, cast to ``dtype`` if given."""
     if not isinstance(x, mx.array):
@@ -189,6 +209,7 @@ class Source:
     layout: str
     model_config: dict
     meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)  # parsed configs (mlx_sa3.checkpoint.checkpoint_config)
 
     @property
     def converted(self) -> bool:
@@ -209,7 +230,7 @@ class Source:
             return load_safetensors(self.text_encoder_dir() / "model.safetensors")
         prefix = SA3_PREFIXES[name]
         tensors = self._sa3_tensors()
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def text_encoder_dir(self) -> Path:
         """Directory with the T5Gemma config, tokenizer and (for Hub layouts) weights."""

@@ -8,107 +8,20 @@ The generation modes and file output live in :mod:`mlx_sa3.pipeline`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from .dit import load_dit, timestep_features
-from .loading import CheckpointError, Source, check_backend, check_strict, open_source, parse_dtype, to_mx
+from . import backend as backends
+from .checkpoint import SA3Config, checkpoint_config
+from .loading import CheckpointError, Source, check_backend, open_source, to_mx
+from .models.conditioners import Conditioners
+from .models.diffusion import RF_OBJECTIVES
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
-from .same import load_autoencoder
-from .t5gemma import load_text_encoder
 
-
-def _find_conditioner(configs: list, cid: str) -> dict:
-    for entry in configs:
-        if entry.get("id") == cid:
-            return entry
-    return {}
-
-
-@dataclass
-class SA3Config:
-    """What the pipeline needs from a full SA3 ``model_config.json`` (unknown keys ignored)."""
-
-    sample_rate: int = 44100
-    sample_size: int = 5292032
-    io_channels: int = 256
-    diffusion_objective: str = "rf_denoiser"
-    cross_attention_cond_ids: tuple = ("prompt", "seconds_total")
-    global_cond_ids: tuple = ("seconds_total",)
-    prompt_max_length: int = 256
-    seconds_min: float = 0.0
-    seconds_max: float = 384.0
-    cond_dim: int = 768
-    sampling_shift: dict | None = None
-    # The official canvas is aligned to chunk_size // stride latents, with chunk_size defaulting to 32 even for the
-    # sliding-window SAME-L (model.py _adapt_sample_size).
-    latent_align: int = 2
-    model_config: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "SA3Config":
-        model = config.get("model", {})
-        diffusion = model.get("diffusion", {})
-        conditioning = model.get("conditioning", {})
-        prompt = _find_conditioner(conditioning.get("configs", []), "prompt").get("config", {})
-        seconds = _find_conditioner(conditioning.get("configs", []), "seconds_total").get("config", {})
-        encoder = model.get("pretransform", {}).get("config", {}).get("encoder", {}).get("config", {})
-        strides = encoder.get("strides", [16])
-        return cls(
-            sample_rate=config.get("sample_rate", 44100),
-            sample_size=config.get("sample_size", 5292032),
-            io_channels=model.get("io_channels", 256),
-            diffusion_objective=diffusion.get("diffusion_objective", "rf_denoiser"),
-            cross_attention_cond_ids=tuple(diffusion.get("cross_attention_cond_ids", ("prompt", "seconds_total"))),
-            global_cond_ids=tuple(diffusion.get("global_cond_ids", ("seconds_total",))),
-            prompt_max_length=prompt.get("max_length", 256),
-            seconds_min=seconds.get("min_val", 0.0),
-            seconds_max=seconds.get("max_val", 384.0),
-            cond_dim=conditioning.get("cond_dim", 768),
-            sampling_shift=diffusion.get("sampling_distribution_shift_options"),
-            latent_align=max(1, encoder.get("chunk_size", 32) // strides[0]),
-            model_config=config,
-        )
-
-    @property
-    def default_sampler(self) -> str:
-        """The official default: ping-pong for the post-trained (distilled) objective, Euler otherwise."""
-        return "pingpong" if self.diffusion_objective == "rf_denoiser" else "euler"
-
-    @property
-    def guidance_distilled(self) -> bool:
-        return self.diffusion_objective == "rf_denoiser"
-
-
-class Conditioners:
-    """The learned parts of the official conditioner: the prompt padding embedding and the seconds embedder.
-
-    Tensor names are the Hub names without the ``conditioner.conditioners.`` prefix, in every layout.
-    """
-
-    PADDING = "prompt.padding_embedding"
-    SECONDS_W = "seconds_total.embedder.embedding.1.weight"
-    SECONDS_B = "seconds_total.embedder.embedding.1.bias"
-
-    def __init__(self, weights: dict[str, mx.array], config: SA3Config):
-        dim = config.cond_dim
-        check_strict({self.PADDING: (dim,), self.SECONDS_W: (dim, 256), self.SECONDS_B: (dim,)}, weights,
-                     "conditioner weights")
-        # Conditioning is cheap and feeds float32 Fourier features: keep it float32 whatever the DiT dtype.
-        self.tensors = {k: v.astype(mx.float32) for k, v in weights.items()}
-        self.config = config
-
-    @property
-    def padding_embedding(self) -> mx.array:
-        return self.tensors[self.PADDING]
-
-    def seconds(self, seconds) -> mx.array:
-        s = mx.clip(to_mx(seconds).reshape(-1), self.config.seconds_min, self.config.seconds_max)
-        s = (s - self.config.seconds_min) / (self.config.seconds_max - self.config.seconds_min)
-        return (timestep_features(s, 256) @ self.tensors[self.SECONDS_W].T + self.tensors[self.SECONDS_B])[:, None, :]
+default_dtype = backends.default_dtype
+__all__ = ["Conditioners", "SA3Config", "SA3Model", "default_dtype", "load_model"]
 
 
 class SA3Model:
@@ -133,7 +46,7 @@ class SA3Model:
     # -- conditioning --------------------------------------------------------------------------------------------
 
     def encode_text(self, prompts: Sequence[str]):
-        """(B, max_length, 768) float32 with padded positions replaced by the learned padding embedding, and the mask."""
+        """(B, max_length, 768) float32, padded positions replaced by the learned padding embedding, and the mask."""
         if isinstance(prompts, str):
             prompts = [prompts]
         hidden, mask = self.text_encoder.encode(list(prompts))
@@ -144,8 +57,9 @@ class SA3Model:
         """The ``seconds_total`` embedding (B, 1, 768) of the requested durations."""
         return self.conditioners.seconds(seconds)
 
-    def conditioning(self, prompts, seconds, inpaint_mask=None, inpaint_known_latents=None, length=None,
-                     negative_prompts=None) -> dict:
+    def conditioning(
+        self, prompts, seconds, inpaint_mask=None, inpaint_known_latents=None, length=None, negative_prompts=None
+    ) -> dict:
         """The DiT inputs exactly as the official code builds them.
 
         ``inpaint_mask`` is (B, 1, L) or (B, L) with 1 = keep the known latent; ``inpaint_known_latents`` (B, C, L)
@@ -197,13 +111,29 @@ class SA3Model:
     # -- sampling ------------------------------------------------------------------------------------------------
 
     def schedule(self, steps: int, sigma_max: float = 1.0, length: int = 1) -> np.ndarray:
-        """The official inference schedule (``steps + 1`` float32 values, LogSNR shift unless the config says otherwise)."""
+        """The official inference schedule (``steps + 1`` float32 values; LogSNR shift unless the config says so)."""
         return build_schedule(steps, sigma_max, length, self.config.sampling_shift)
 
-    def sample_iter(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,
-                    apg_scale: float = 1.0, init_latents=None, init_noise_level: float = 1.0, noise_fn=None,
-                    key: mx.array | None = None, schedule_length: int | None = None) -> Iterator[Step]:
+    def sample_iter(
+        self,
+        noise,
+        cond: dict,
+        steps: int = 8,
+        sampler: str | None = None,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        init_latents=None,
+        init_noise_level: float = 1.0,
+        noise_fn=None,
+        key: mx.array | None = None,
+        schedule_length: int | None = None,
+    ) -> Iterator[Step]:
         """Generator over sampling steps; see :meth:`sample`. Yields a :class:`~mlx_sa3.sampling.Step` per step."""
+        if self.config.diffusion_objective not in RF_OBJECTIVES:
+            raise ValueError(
+                f"diffusion_objective {self.config.diffusion_objective!r} is not supported: the samplers "
+                f"are rectified-flow only ({', '.join(RF_OBJECTIVES)})"
+            )
         sampler = sampler or self.config.default_sampler
         x = to_mx(noise)
         batch, _, length = x.shape
@@ -213,7 +143,9 @@ class SA3Model:
             x = to_mx(init_latents) * (1 - sigma_max) + x * sigma_max
         guided = cfg_scale != 1.0
         prepared = self.dit.prepare(
-            cond["cross_attn_cond"], cond["global_cond"], cond.get("local_add_cond"),
+            cond["cross_attn_cond"],
+            cond["global_cond"],
+            cond.get("local_add_cond"),
             negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
             negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
             cfg=guided,
@@ -222,23 +154,35 @@ class SA3Model:
         x = x.astype(dtype)
 
         def velocity(x, t):
-            return self.dit.step(x, mx.full((batch,), t, dtype=mx.float32), prepared,
-                                 cfg_scale=cfg_scale, apg_scale=apg_scale)
+            return self.dit.step(
+                x, mx.full((batch,), t, dtype=mx.float32), prepared, cfg_scale=cfg_scale, apg_scale=apg_scale
+            )
 
         if noise_fn is None and sampler == "pingpong":
             noise_fn = gaussian_noise(key if key is not None else mx.random.key(0))
         yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
 
-    def sample(self, noise, cond: dict, steps: int = 8, sampler: str | None = None, cfg_scale: float = 1.0,
-               apg_scale: float = 1.0, init_latents=None, init_noise_level: float = 1.0, **kwargs) -> mx.array:
+    def sample(
+        self,
+        noise,
+        cond: dict,
+        steps: int = 8,
+        sampler: str | None = None,
+        cfg_scale: float = 1.0,
+        apg_scale: float = 1.0,
+        init_latents=None,
+        init_noise_level: float = 1.0,
+        **kwargs,
+    ) -> mx.array:
         """Sample latents (B, C, L) from ``noise`` (B, C, L) with the conditioning dict of :meth:`conditioning`.
 
         ``init_latents`` (audio-to-audio) are mixed with the noise at ``init_noise_level`` and the schedule starts
         there; ``sampler`` defaults to the checkpoint's official default.
         """
         last = None
-        for last in self.sample_iter(noise, cond, steps, sampler, cfg_scale, apg_scale, init_latents,
-                                     init_noise_level, **kwargs):
+        for last in self.sample_iter(
+            noise, cond, steps, sampler, cfg_scale, apg_scale, init_latents, init_noise_level, **kwargs
+        ):
             pass
         return last.x.astype(mx.float32)
 
@@ -254,22 +198,14 @@ def load_model(src, dtype=None, backend: str = "mlx") -> SA3Model:
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")
-    config = SA3Config.from_dict(source.model_config)
-    if backend == "torch":
-        from .torch_backend import load_torch_dit, load_torch_text_encoder
-
-        dit = load_torch_dit(source, dtype)
-        text_encoder = load_torch_text_encoder(source, config.prompt_max_length)
-    else:
-        dtype = parse_dtype(dtype) or default_dtype()
-        dit = load_dit(source, dtype=dtype)
-        text_encoder = load_text_encoder(source.text_encoder_dir(), config.prompt_max_length, dtype=dtype,
-                                         weights=source.component("text_encoder") if source.converted else None)
-    return SA3Model(config, dit=dit, autoencoder=load_autoencoder(source, backend=backend),
-                    text_encoder=text_encoder, conditioners=Conditioners(source.component("conditioners"), config),
-                    source=source)
-
-
-def default_dtype() -> mx.Dtype:
-    """Half precision where MLX has fast half matmuls (Metal), float32 on the CPU backend."""
-    return mx.float16 if mx.metal.is_available() and mx.default_device() == mx.gpu else mx.float32
+    parsed = checkpoint_config(source)
+    parsed.check_sampleable()
+    config = parsed.sa3
+    return SA3Model(
+        config,
+        dit=backends.load_dit(source, dtype, backend),
+        autoencoder=backends.load_autoencoder(source, backend=backend),
+        text_encoder=backends.load_text_encoder(source, config.prompt_max_length, dtype, backend),
+        conditioners=Conditioners(source.component("conditioners"), config),
+        source=source,
+    )

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioError, format_for, load_audio_input, open_writer
-from .items import collect_items, expand_items, is_per_item, pad_items, stream_items
+from .items import collect_items, is_per_item, item_count, pad_items, stream_items
 from .model import SA3Model, load_model
 from .sampling import SAMPLERS
 
@@ -94,9 +94,51 @@ class FileOutput:
     sample_rate: int
     seed: int
     timings: dict = field(default_factory=dict)
+    seeds: list | None = None  # per-item requests: item i's seed
 
 
 # -- request planning -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationRequest:
+    """Every generation option, listed once: the keyword arguments of ``plan`` / ``stream`` / ``generate`` /
+    ``generate_to_file`` and what the CLI builds from its flags.
+
+    ``prompt``: a string or one per batch item (optional with init or inpaint audio). ``duration``: seconds of
+    output. ``negative_prompt``: steered away from with ``cfg_scale != 1``. ``steps`` (default 8), ``sampler``
+    (default: the checkpoint's official one), ``cfg_scale`` (default 1: off), ``apg_scale`` (1 = APG, 0 = CFG),
+    ``seed`` (default random), ``noise`` (explicit (B, C, L) start noise). ``init_audio`` + ``init_noise_level``:
+    audio-to-audio. ``inpaint_audio`` + ``inpaint_regions`` ((start, end) seconds; none: continue the clip).
+    ``batch_size``: variations at once. Audio inputs are file paths, (audio, sample_rate) pairs or arrays.
+
+    Per item (:mod:`mlx_sa3.items`): a list of prompts with a list (or one value) of ``duration``, ``seed`` and
+    ``negative_prompt`` gives every item its own length, conditioning and seed, as if generated alone.
+    """
+
+    prompt: object = None
+    duration: float | list = 30.0
+    negative_prompt: object = None
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_scale: float | None = None
+    apg_scale: float = 1.0
+    seed: int | list | None = None
+    noise: object = None
+    init_audio: object = None
+    init_noise_level: float = 0.9
+    inpaint_audio: object = None
+    inpaint_regions: object = None
+    batch_size: int = 1
+
+    @classmethod
+    def of(cls, request: "GenerationRequest | None", prompt=None, duration: float = 30.0, **options):
+        """``request`` as given, or one built from the keyword options (not both)."""
+        if request is None:
+            return cls(prompt, duration, **options)
+        if options or prompt is not None:
+            raise TypeError("pass either a GenerationRequest or keyword options, not both")
+        return request
 
 
 @dataclass
@@ -154,77 +196,118 @@ class StableAudio3:
 
     # -- planning ------------------------------------------------------------------------------------------------
 
-    def plan(self, prompt=None, duration: float = 30.0, negative_prompt=None, steps=None, sampler=None,
-             cfg_scale=None, apg_scale: float = 1.0, seed=None, noise=None, init_audio=None,
-             init_noise_level: float = 0.9, inpaint_audio=None, inpaint_regions=None, batch_size: int = 1) -> Plan:
-        """Validate a request and work out every length, mask and latent it needs (raises ValueError/AudioError)."""
-        cfg = self.model.config
-        sr = cfg.sample_rate
-        ratio = self.model.autoencoder.downsampling_ratio
+    def plan(self, prompt=None, duration: float = 30.0, *, request: GenerationRequest | None = None, **options) -> Plan:
+        """Validate a request and work out every length, mask and latent it needs (raises ValueError/AudioError).
+
+        Takes a :class:`GenerationRequest` or its fields as keyword arguments.
+        """
+        return self._plan(GenerationRequest.of(request, prompt, duration, **options))
+
+    def _plan(self, r: GenerationRequest) -> Plan:
+        duration = self._check_duration(r.duration)
+        if r.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {r.batch_size}")
+        steps, sampler, cfg_scale = self._sampling_options(r)
+        if not 0.0 < float(r.init_noise_level) <= 1.0:
+            raise ValueError(f"init noise level must be in (0, 1], got {r.init_noise_level}")
+        prompts = self._prompts(r.prompt, r.batch_size, required=r.init_audio is None and r.inpaint_audio is None)
+        negative_prompts = self._negative_prompts(r, cfg_scale)
+        num_samples, length, effective = self._lengths(duration)
+        seed = secrets.randbelow(2**31) if r.seed is None else int(r.seed)
+        noise = self._noise(r.noise, seed, (r.batch_size, self.model.config.io_channels, length))
+        init_latents = None
+        if r.init_audio is not None:
+            init_latents = self._encode_audio(r.init_audio, "init audio", length, r.batch_size)
+        inpaint_mask, inpaint_known = self._inpainting(r, duration, length)
+        return Plan(
+            prompts,
+            negative_prompts,
+            duration,
+            num_samples,
+            length,
+            effective,
+            steps,
+            sampler,
+            cfg_scale,
+            float(r.apg_scale),
+            seed,
+            noise,
+            init_latents,
+            float(r.init_noise_level),
+            inpaint_mask,
+            inpaint_known,
+        )
+
+    def _check_duration(self, duration) -> float:
         duration = float(duration)
         if not math.isfinite(duration) or duration <= 0:
             raise ValueError(f"duration must be a positive number of seconds, got {duration}")
         if duration > self.max_duration + 1e-9:
             raise ValueError(f"duration {duration:g} s exceeds this model's maximum of {self.max_duration:.1f} s")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        steps = DEFAULT_STEPS if steps is None else int(steps)
+        return duration
+
+    def _sampling_options(self, r: GenerationRequest) -> tuple[int, str, float]:
+        """Steps, sampler and guidance scale with their defaults, validated."""
+        cfg = self.model.config
+        steps = DEFAULT_STEPS if r.steps is None else int(r.steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        sampler = sampler or cfg.default_sampler
+        sampler = r.sampler or cfg.default_sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        cfg_scale = 1.0 if cfg_scale is None else float(cfg_scale)
+        cfg_scale = 1.0 if r.cfg_scale is None else float(r.cfg_scale)
         if cfg_scale != 1.0 and cfg.guidance_distilled:
             warnings.warn(
                 f"cfg_scale {cfg_scale:g} on a guidance-distilled (post-trained) checkpoint: guidance is already "
                 "built in and the official docs say it has no useful effect; use cfg 1 or a -base model",
-                stacklevel=3,
+                stacklevel=5,
             )
-        if not 0.0 < float(init_noise_level) <= 1.0:
-            raise ValueError(f"init noise level must be in (0, 1], got {init_noise_level}")
+        return steps, sampler, cfg_scale
 
-        prompts = self._prompts(prompt, batch_size, required=init_audio is None and inpaint_audio is None)
-        negative_prompts = None
-        if negative_prompt is not None:
-            if cfg_scale == 1.0:  # as officially: without guidance the negative branch is never evaluated
-                warnings.warn("the negative prompt has no effect with cfg_scale 1", stacklevel=3)
-            else:
-                negative_prompts = self._prompts(negative_prompt, batch_size, required=False)
+    def _negative_prompts(self, r: GenerationRequest, cfg_scale: float) -> list | None:
+        if r.negative_prompt is None:
+            return None
+        if cfg_scale == 1.0:  # as officially: without guidance the negative branch is never evaluated
+            warnings.warn("the negative prompt has no effect with cfg_scale 1", stacklevel=5)
+            return None
+        return self._prompts(r.negative_prompt, r.batch_size, required=False)
 
-        num_samples = round(duration * sr)
-        # Official canvas: (duration + 6 s) rounded up to the autoencoder's alignment and capped by sample_size; the
-        # DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
+    def _lengths(self, duration: float) -> tuple[int, int, int]:
+        """(output samples, latents the DiT runs on, latents of the requested duration).
+
+        Official canvas: (duration + 6 s) rounded up to the autoencoder's alignment and capped by sample_size; the
+        DiT runs on the valid part only (exact-masking semantics), ceil(duration) latents + 6 s of headroom.
+        """
+        cfg, sr = self.model.config, self.model.config.sample_rate
+        ratio = self.model.autoencoder.downsampling_ratio
         align = ratio * cfg.latent_align
-        canvas = min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
+        canvas = (
+            min(cfg.sample_size, _ceil_to(_ceil_to(int((duration + HEADROOM_SECONDS) * sr), ratio), align)) // ratio
+        )
         effective = math.ceil(int(duration * sr) / ratio)
-        length = min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio))
+        return round(duration * sr), min(canvas, effective + int(HEADROOM_SECONDS * sr / ratio)), effective
 
-        seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        noise_key, _ = mx.random.split(mx.random.key(seed))
-        shape = (batch_size, cfg.io_channels, length)
+    @staticmethod
+    def _noise(noise, seed: int, shape: tuple) -> mx.array:
+        """The start noise: drawn from the seed's first key, or the caller's, checked against ``shape``."""
         if noise is None:
-            noise = mx.random.normal(shape, key=noise_key)
-        else:
-            noise = mx.array(np.asarray(noise, dtype=np.float32)) if not isinstance(noise, mx.array) else noise
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
+            noise_key, _ = mx.random.split(mx.random.key(seed))
+            return mx.random.normal(shape, key=noise_key)
+        noise = mx.array(np.asarray(noise, dtype=np.float32)) if not isinstance(noise, mx.array) else noise
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
+        return noise
 
-        init_latents = None
-        if init_audio is not None:
-            init_latents = self._encode_audio(init_audio, "init audio", length, batch_size)
-        inpaint_mask = inpaint_known = None
-        if inpaint_audio is not None:
-            known_audio = load_audio_input(inpaint_audio, "inpaint audio")
-            regions = self._regions(inpaint_regions, known_audio.shape[1] / sr, duration)
-            inpaint_known = self._encode_audio(known_audio, "inpaint audio", length, batch_size)
-            inpaint_mask = self._latent_mask(regions, duration, length)
-        elif inpaint_regions:
-            raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
-
-        return Plan(prompts, negative_prompts, duration, num_samples, length, effective, steps,
-                    sampler, cfg_scale, float(apg_scale), seed, noise, init_latents, float(init_noise_level),
-                    inpaint_mask, inpaint_known)
+    def _inpainting(self, r: GenerationRequest, duration: float, length: int):
+        """(mask, known latents) of an inpainting / continuation request, or (None, None)."""
+        if r.inpaint_audio is None:
+            if r.inpaint_regions:
+                raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
+            return None, None
+        known_audio = load_audio_input(r.inpaint_audio, "inpaint audio")
+        regions = self._regions(r.inpaint_regions, known_audio.shape[1] / self.sample_rate, duration)
+        known = self._encode_audio(known_audio, "inpaint audio", length, r.batch_size)
+        return self._latent_mask(regions, duration, length), known
 
     @staticmethod
     def _prompts(prompt, batch_size: int, required: bool) -> list:
@@ -279,18 +362,27 @@ class StableAudio3:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    def stream(self, prompt=None, duration: float = 30.0, *, chunk_latents: int | None = None,
-               callback: Callable | None = None, **kwargs) -> Iterator:
+    def stream(
+        self,
+        prompt=None,
+        duration: float = 30.0,
+        *,
+        chunk_latents: int | None = None,
+        callback: Callable | None = None,
+        request: GenerationRequest | None = None,
+        **kwargs,
+    ) -> Iterator:
         """Yield :class:`StepEvent` per step, :class:`AudioEvent` per decoded piece, then one :class:`DoneEvent`.
 
         Takes the arguments of :meth:`generate`. ``callback(event)`` sees every event first; returning ``False``
         cancels with :class:`GenerationCancelled`. ``chunk_latents`` sets the decoder's piece size (None: the
         autoencoder's default, chosen so streaming costs a few percent over a whole decode).
         """
-        if _per_item_request(prompt, duration, kwargs):
-            yield from stream_items(self, prompt, duration, chunk_latents=chunk_latents, callback=callback, **kwargs)
+        request = GenerationRequest.of(request, prompt, duration, **kwargs)
+        if is_per_item(request):
+            yield from stream_items(self, request, chunk_latents=chunk_latents, callback=callback)
             return
-        plan = self.plan(prompt, duration, **kwargs)
+        plan = self._plan(request)
         timings = {}
 
         def emit(event):
@@ -299,18 +391,32 @@ class StableAudio3:
             return event
 
         start = time.perf_counter()
-        cond = self.model.conditioning(plan.prompts, [plan.duration] * len(plan.prompts),
-                                       inpaint_mask=plan.inpaint_mask, inpaint_known_latents=plan.inpaint_known,
-                                       length=plan.length, negative_prompts=plan.negative_prompts)
+        cond = self.model.conditioning(
+            plan.prompts,
+            [plan.duration] * len(plan.prompts),
+            inpaint_mask=plan.inpaint_mask,
+            inpaint_known_latents=plan.inpaint_known,
+            length=plan.length,
+            negative_prompts=plan.negative_prompts,
+        )
         mx.eval(cond)
         timings["text"] = time.perf_counter() - start
 
         start = time.perf_counter()
         _, step_key = mx.random.split(mx.random.key(plan.seed))
         latents = None
-        for step in self.model.sample_iter(plan.noise, cond, plan.steps, plan.sampler, plan.cfg_scale,
-                                           plan.apg_scale, plan.init_latents, plan.init_noise_level,
-                                           key=step_key, schedule_length=plan.schedule_length):
+        for step in self.model.sample_iter(
+            plan.noise,
+            cond,
+            plan.steps,
+            plan.sampler,
+            plan.cfg_scale,
+            plan.apg_scale,
+            plan.init_latents,
+            plan.init_noise_level,
+            key=step_key,
+            schedule_length=plan.schedule_length,
+        ):
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
@@ -330,46 +436,53 @@ class StableAudio3:
         timings["decoding"] = time.perf_counter() - start
         yield emit(DoneEvent(latents, plan.seed, timings))
 
-    def generate(self, prompt=None, duration: float = 30.0, negative_prompt=None, steps=None, sampler=None,
-                 cfg_scale=None, apg_scale: float = 1.0, seed=None, noise=None, init_audio=None,
-                 init_noise_level: float = 0.9, inpaint_audio=None, inpaint_regions=None, batch_size: int = 1,
-                 callback=None) -> GenerationOutput:
+    def generate(
+        self, prompt=None, duration: float = 30.0, *, callback=None, request: GenerationRequest | None = None, **options
+    ) -> GenerationOutput:
         """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`).
 
-        Per item: a list of prompts with lists (or single values) of ``duration``, ``seed`` and ``negative_prompt``
-        gives every item its own settings (:mod:`mlx_sa3.items`); ``out.items[i]`` has exactly item i's length and
-        ``out.audio`` pads them to the longest.
+        Takes a :class:`GenerationRequest` or its fields as keyword arguments. Per item (lists of prompts, durations,
+        seeds): ``out.items[i]`` has exactly item i's length, ``out.seeds[i]`` its seed, ``out.audio`` pads them.
         """
-        events = self.stream(prompt, duration, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
-                             cfg_scale=cfg_scale, apg_scale=apg_scale, seed=seed, noise=noise,
-                             init_audio=init_audio, init_noise_level=init_noise_level,
-                             inpaint_audio=inpaint_audio, inpaint_regions=inpaint_regions,
-                             batch_size=batch_size, callback=callback)
-        if is_per_item(prompt, duration, seed, negative_prompt, batch_size):
-            return _items_output(self.sample_rate, *collect_items(events, _item_count(prompt, duration, seed,
-                                                                                     negative_prompt)))
         pieces, done = [], None
-        for event in events:
+        request = GenerationRequest.of(request, prompt, duration, **options)
+        if is_per_item(request):
+            return _items_output(
+                self.sample_rate, *collect_items(self.stream(request=request, callback=callback), item_count(request))
+            )
+        for event in self.stream(request=request, callback=callback):
             if isinstance(event, AudioEvent):
                 pieces.append(event.audio)
             elif isinstance(event, DoneEvent):
                 done = event
-        return GenerationOutput(np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed,
-                                done.timings)
+        return GenerationOutput(
+            np.concatenate(pieces, axis=-1), self.sample_rate, done.latents, done.seed, done.timings
+        )
 
-    def generate_to_file(self, path, prompt=None, duration: float = 30.0, fmt: str | None = None,
-                         callback=None, **kwargs) -> FileOutput:
+    def generate_to_file(
+        self,
+        path,
+        prompt=None,
+        duration: float = 30.0,
+        fmt: str | None = None,
+        callback=None,
+        request: GenerationRequest | None = None,
+        **kwargs,
+    ) -> FileOutput:
         """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
-
-        ``path`` may also be a list with one path per batch or per-item entry (the job runner names files itself).
 
         Audio goes to a hidden temporary file beside each target and is renamed into place only when complete, so
         an error, a cancel or Ctrl-C leaves no partial file at the output path (the temporary file is removed).
-        Returns the written paths with the seed and the seconds per stage.
+        Returns the written paths with the seed and the seconds per stage. Per item, one file per item with exactly
+        its length; ``path`` may also be a list with one path per output (the job runner names files itself).
         """
-        targets = _file_targets(path, prompt, duration, kwargs)
+        stream_options = {
+            k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs
+        }  # the decoder's, not the request's
+        request = GenerationRequest.of(request, prompt, duration, **kwargs)
+        targets = _file_targets(path, request)
         fmt = format_for(targets[0], fmt)
-        for parent in {t.parent for t in targets}:
+        for parent in dict.fromkeys(t.parent for t in targets):
             if not parent.is_dir():
                 raise FileNotFoundError(f"output directory {parent} does not exist")
         temps, writers = [], []
@@ -379,7 +492,7 @@ class StableAudio3:
                 os.close(fd)
                 temps.append(Path(tmp))
                 writers.append(open_writer(tmp, 2, self.sample_rate, fmt))
-            for event in self.stream(prompt, duration, callback=callback, **kwargs):
+            for event in self.stream(request=request, callback=callback, **stream_options):
                 if isinstance(event, AudioEvent) and event.item is not None:
                     writers[event.item].write(event.audio[0].T)
                 elif isinstance(event, AudioEvent):
@@ -392,7 +505,7 @@ class StableAudio3:
             for tmp, target in zip(temps, targets):
                 os.replace(tmp, target)
             temps = []
-            return FileOutput(targets, self.sample_rate, done.seed, done.timings)
+            return FileOutput(targets, self.sample_rate, done.seed, done.timings, seeds=done.seeds)
         finally:
             for writer in writers:
                 if not writer.closed:
@@ -404,27 +517,15 @@ class StableAudio3:
 # -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
 
 
-def _per_item_request(prompt, duration, kwargs: dict) -> bool:
-    return is_per_item(prompt, duration, kwargs.get("seed"), kwargs.get("negative_prompt"),
-                       int(kwargs.get("batch_size", 1)))
-
-
-def _item_count(prompt, duration, seed, negative_prompt) -> int:
-    return len(expand_items(prompt, duration, seed, negative_prompt, batch_size=1)[0]) if any(
-        isinstance(v, (list, tuple)) for v in (prompt, duration, seed, negative_prompt)) else 1
-
-
 def _items_output(sample_rate: int, items: list, done: DoneEvent) -> GenerationOutput:
-    return GenerationOutput(pad_items(items), sample_rate, done.latents, done.seed, done.timings, items=items,
-                            seeds=done.seeds)
+    return GenerationOutput(
+        pad_items(items), sample_rate, done.latents, done.seed, done.timings, items=items, seeds=done.seeds
+    )
 
 
-def _file_targets(path, prompt, duration, kwargs: dict) -> list:
-    """One target per output: the given list, or ``path`` / ``stem-1.ext``, ``stem-2.ext`` ... as for ``--batch``."""
-    if _per_item_request(prompt, duration, kwargs):
-        count = _item_count(prompt, duration, kwargs.get("seed"), kwargs.get("negative_prompt"))
-    else:
-        count = int(kwargs.get("batch_size", 1))
+def _file_targets(path, request: GenerationRequest) -> list:
+    """One target per output: the given list, or ``path`` / ``stem-1.ext``, ``stem-2.ext`` ... as for a batch."""
+    count = item_count(request) if is_per_item(request) else int(request.batch_size)
     if isinstance(path, (list, tuple)):
         if len(path) != count:
             raise ValueError(f"got {len(path)} output paths for {count} outputs")
@@ -433,5 +534,14 @@ def _file_targets(path, prompt, duration, kwargs: dict) -> list:
     return [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
 
 
-__all__ = ["StableAudio3", "GenerationOutput", "FileOutput", "GenerationCancelled", "StepEvent", "AudioEvent", "DoneEvent",
-           "AudioError"]
+__all__ = [
+    "StableAudio3",
+    "GenerationOutput",
+    "GenerationRequest",
+    "FileOutput",
+    "GenerationCancelled",
+    "StepEvent",
+    "AudioEvent",
+    "DoneEvent",
+    "AudioError",
+]

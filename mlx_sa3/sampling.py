@@ -33,8 +33,9 @@ def logsnr_shift(t: np.ndarray, seq_len: int, anchor_length=2000, anchor_logsnr=
     return np.where(t <= 0, 0.0, np.where(t >= 1, 1.0, out))
 
 
-def full_shift(t: np.ndarray, seq_len: int, base_shift=0.5, max_shift=1.15, max_length=4096, min_length=256,
-               use_sine=False):
+def full_shift(
+    t: np.ndarray, seq_len: int, base_shift=0.5, max_shift=1.15, max_length=4096, min_length=256, use_sine=False
+):
     """The training-time "full" shift: a length-dependent logistic warp of t."""
     seq_len = min(max(seq_len, min_length), max_length)
     mu = -(base_shift + (max_shift - base_shift) * (seq_len - min_length) / (max_length - min_length))
@@ -49,7 +50,9 @@ def flux_shift(t: np.ndarray, seq_len: int, min_length=256, max_length=4096, alp
     if log_max == log_min:
         log_max += 1e-8
     frac = (math.log(min(max(seq_len, min_length), max_length)) - log_min) / (log_max - log_min)
-    alpha = math.exp(math.log(max(alpha_min, 1e-8)) + frac * (math.log(max(alpha_max, 1e-8)) - math.log(max(alpha_min, 1e-8))))
+    alpha = math.exp(
+        math.log(max(alpha_min, 1e-8)) + frac * (math.log(max(alpha_max, 1e-8)) - math.log(max(alpha_min, 1e-8)))
+    )
     return alpha * t / (1 + (alpha - 1.0) * t)
 
 
@@ -135,8 +138,9 @@ def _lambda(t: float) -> float:
     return math.log(max(1 - t, 1e-10) / max(t, 1e-10))
 
 
-def sample_iter(velocity: Velocity, x: mx.array, sigmas, sampler: str = "euler",
-                noise_fn: NoiseFn | None = None) -> Iterator[Step]:
+def sample_iter(
+    velocity: Velocity, x: mx.array, sigmas, sampler: str = "euler", noise_fn: NoiseFn | None = None
+) -> Iterator[Step]:
     """Run ``sampler`` over ``sigmas`` from the start latent ``x``, yielding a :class:`Step` after each step.
 
     ``velocity(x, t)`` returns the model's v for the whole batch at scalar time t. Each step is evaluated before it

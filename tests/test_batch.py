@@ -43,7 +43,7 @@ def test_per_item_equals_solo(pipe, sampler):
         solo = pipe.generate(p, duration=d, seed=s, steps=4, sampler=sampler).audio[0]
         assert out.items[i].shape == (2, round(d * SR)) and out.items[i].dtype == np.float32
         assert rel_err(out.items[i], solo) <= TOL
-        assert not out.audio[i, :, solo.shape[-1]:].any()
+        assert not out.audio[i, :, solo.shape[-1] :].any()
 
 
 def test_adding_an_item_leaves_the_others_unchanged(pipe):
@@ -92,25 +92,45 @@ def manifest(out_dir: Path) -> list[dict]:
 
 
 def jobs_set(count=6, duration=2.0, steps=3):
-    return [{"prompt": f"sound number {i}", "duration": duration + (i % 2), "seed": 10 + i, "steps": steps,
-             "name": f"clip{i:02d}"} for i in range(count)]
+    return [
+        {
+            "prompt": f"sound number {i}",
+            "duration": duration + (i % 2),
+            "seed": 10 + i,
+            "steps": steps,
+            "name": f"clip{i:02d}",
+        }
+        for i in range(count)
+    ]
 
 
 def test_invalid_lines_all_listed_before_anything(tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [
-        {"prompt": "rain", "duration": 2, "name": "rain"},
-        "{not json",
-        {"prompt": "x", "duraton": 2},
-        {"prompt": "y", "duration": 99, "seed": -1, "init_audio": "missing.wav"},
-        {"prompt": "z", "duration": 1, "name": "rain"},
-        {"prompt": "w", "duration": 1, "inpaint_regions": [[0, 1]], "negative_prompt": "n"},
-    ])
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {"prompt": "rain", "duration": 2, "name": "rain"},
+            "{not json",
+            {"prompt": "x", "duraton": 2},
+            {"prompt": "y", "duration": 99, "seed": -1, "init_audio": "missing.wav"},
+            {"prompt": "z", "duration": 1, "name": "rain"},
+            {"prompt": "w", "duration": 1, "inpaint_regions": [[0, 1]], "negative_prompt": "n"},
+        ],
+    )
     out = tmp_path / "out"
     proc = run_cli(jobs, out)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    expected = [(2, "-"), (3, "duraton"), (3, "duration"), (4, "duration"), (4, "seed"), (4, "init_audio"),
-                (5, "name"), (6, "inpaint_regions"), (6, "negative_prompt")]
+    expected = [
+        (2, "-"),
+        (3, "duraton"),
+        (3, "duration"),
+        (4, "duration"),
+        (4, "seed"),
+        (4, "init_audio"),
+        (5, "name"),
+        (6, "inpaint_regions"),
+        (6, "negative_prompt"),
+    ]
     assert len(lines) == len(expected)
     for line, (number, field) in zip(lines, expected):
         assert line.startswith(f"error: {jobs}:{number}: {field}: ")
@@ -128,10 +148,27 @@ def test_parse_jobs_defaults_are_deterministic(tmp_path):
 
 
 def test_grouping_and_split():
-    jobs = [batch.Job(i, f"j{i}", {"duration": d, "steps": 8, "sampler": None, "cfg_scale": 1.0, "init_audio": None,
-                                   "init_noise_level": None, "inpaint_audio": None, "inpaint_regions": None,
-                                   "negative_prompt": None, "seed": i, "prompt": "p"}, f"j{i}.wav")
-            for i, d in enumerate([2, 2, 5, 2, 5, 2, 2])]
+    jobs = [
+        batch.Job(
+            i,
+            f"j{i}",
+            {
+                "duration": d,
+                "steps": 8,
+                "sampler": None,
+                "cfg_scale": 1.0,
+                "init_audio": None,
+                "init_noise_level": None,
+                "inpaint_audio": None,
+                "inpaint_regions": None,
+                "negative_prompt": None,
+                "seed": i,
+                "prompt": "p",
+            },
+            f"j{i}.wav",
+        )
+        for i, d in enumerate([2, 2, 5, 2, 5, 2, 2])
+    ]
     groups = batch.group_jobs(jobs, 2)
     assert [[j.name for j in g] for g in groups] == [["j0", "j1"], ["j3", "j5"], ["j6"], ["j2", "j4"]]
     split = batch.split_batches(groups, 2)
@@ -199,7 +236,8 @@ def test_changed_line_refused_unless_overwrite(tmp_path):
     proc = run_cli(jobs, out)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {jobs}:2: name: job 'clip01' changed (prompt) since it was made; pass --overwrite to regenerate it"]
+        f"error: {jobs}:2: name: job 'clip01' changed (prompt) since it was made; pass --overwrite to regenerate it"
+    ]
     assert (target.stat().st_ino, target.stat().st_mtime_ns) == stamp
     proc = run_cli(jobs, out, "--overwrite")
     assert proc.returncode == 0 and "1 done, 1 skipped" in proc.stdout

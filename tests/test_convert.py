@@ -31,8 +31,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_sa3.convert", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_sa3.convert", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -71,8 +76,13 @@ def converted(tmp_path_factory):
 
 
 def test_cli_entry_points_convert(tmp_path):
-    proc = subprocess.run([sys.executable, "convert.py", REF / "sa3_small_tiny_s0", tmp_path / "a"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "convert.py", REF / "sa3_small_tiny_s0", tmp_path / "a"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "model.model.transformer.rotary_pos_emb.inv_freq" in proc.stdout  # the drop list is printed
     assert "decoder" in proc.stdout
@@ -90,8 +100,12 @@ def test_converted_layout(converted, name):
     assert meta["model_config"] == json.loads((REF / name / "model_config.json").read_text())
     assert meta["source"] == {"src": str((REF / name).resolve()), "revision": None}
     assert meta["components"] == cv.COMPONENT_FILES
-    for name_, expected in [("dit", mx.float16), ("text_encoder", mx.float16), ("autoencoder", mx.float32),
-                            ("conditioners", mx.float32)]:
+    for name_, expected in [
+        ("dit", mx.float16),
+        ("text_encoder", mx.float16),
+        ("autoencoder", mx.float32),
+        ("conditioners", mx.float32),
+    ]:
         dtypes = {v.dtype for v in mx.load(str(out / meta["components"][name_])).values()}
         assert dtypes == {expected}, name_
     te = out / "text_encoder"
@@ -102,7 +116,8 @@ def test_converted_layout(converted, name):
     for key in meta["dropped"]:
         assert re.search(r"inv_freq$|noise_scaling_factor$|model\.safetensors:decoder\.", key), key
     assert sum(":decoder." in k for k in meta["dropped"]) == sum(
-        1 for k in mx.load(str(REF / name / "t5gemma-b-b-ul2/model.safetensors")) if k.startswith("decoder."))
+        1 for k in mx.load(str(REF / name / "t5gemma-b-b-ul2/model.safetensors")) if k.startswith("decoder.")
+    )
 
 
 def test_written_files_read_back_with_safetensors(converted):
@@ -132,8 +147,10 @@ def dit_errors(model, io) -> dict:
     return {
         "v_plain": rel_err(model.dit(*args, zero_local), io["v_plain"]),
         "v_inpaint": rel_err(model.dit(*args, io["local_add_cond"]), io["v_inpaint"]),
-        "v_null_context": rel_err(model.dit(io["x"], io["t"], np.zeros_like(io["cross_attn_cond"]),
-                                            io["global_cond"], zero_local), io["v_null_context"]),
+        "v_null_context": rel_err(
+            model.dit(io["x"], io["t"], np.zeros_like(io["cross_attn_cond"]), io["global_cond"], zero_local),
+            io["v_null_context"],
+        ),
         "v_cfg3_apg1": rel_err(model.dit(*args, zero_local, cfg_scale=3.0, apg_scale=1.0), io["v_cfg3_apg1"]),
         "seconds_embedding": rel_err(model.encode_seconds(io["seconds"]), io["seconds_embedding"]),
     }
@@ -179,8 +196,9 @@ def medium_model_config() -> dict:
     config = json.loads((REF / "sa3_medium_tiny_s0" / "model_config.json").read_text())
     model = config["model"]
     model["io_channels"] = 256
-    model["diffusion"]["config"].update(io_channels=256, embed_dim=1536, depth=24, num_heads=24,
-                                        local_add_cond_dim=257, num_memory_tokens=64)
+    model["diffusion"]["config"].update(
+        io_channels=256, embed_dim=1536, depth=24, num_heads=24, local_add_cond_dim=257, num_memory_tokens=64
+    )
     ae = model["pretransform"]["config"]
     ae["latent_dim"] = 256
     for part in ("encoder", "decoder"):
@@ -233,8 +251,7 @@ def test_real_medium_layout_rejects_a_missing_block_tensor():
     tensors = lazy_manifest_tensors()
     del tensors["model.model.transformer.layers.23.cross_attn.to_kv.weight"]
     with pytest.raises(CheckpointError, match=r"missing 1: (transformer\.)?layers\.23\.cross_attn\.to_kv\.weight"):
-        cv.plan_components(tensors, medium_model_config(), REF / "sa3_medium_tiny_s0" / "t5gemma-b-b-ul2",
-                           mx.float32)
+        cv.plan_components(tensors, medium_model_config(), REF / "sa3_medium_tiny_s0" / "t5gemma-b-b-ul2", mx.float32)
 
 
 # -------------------------------------------------------------------------------------------- streaming writer
@@ -251,8 +268,9 @@ def test_streaming_writer_round_trip(tmp_path):
         "empty": mx.zeros((1, 0, 1)),
         "int": mx.arange(7, dtype=mx.int32),
     }
-    expected = {k: np.asarray(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.asarray(v)
-                for k, v in tensors.items()}
+    expected = {
+        k: np.asarray(v.astype(mx.float32)) if v.dtype == mx.bfloat16 else np.asarray(v) for k, v in tensors.items()
+    }
     path = tmp_path / "t.safetensors"
     size = cv.write_safetensors(path, tensors, metadata={"format": "mlx_sa3"})
     assert tensors == {} and size == path.stat().st_size
@@ -298,15 +316,21 @@ def test_refuses_damaged_safetensors(tmp_path, damage):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda t: t.pop("model.model.transformer.layers.1.cross_attn.to_out.weight"),
-         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
-        (lambda t: t.update({"pretransform.model.encoder.layers.2.bias": mx.zeros((5,))}),
-         r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)"),
-        (lambda t: t.update({"model.model.transformer.extra.weight": mx.zeros((2,))}),
-         r"unexpected 1: (transformer\.)?extra\.weight"),
+        (
+            lambda t: t.pop("model.model.transformer.layers.1.cross_attn.to_out.weight"),
+            r"DiT checkpoint does not match the model; missing 1: "
+            r"(transformer\.)?layers\.1\.cross_attn\.to_out\.weight",
+        ),
+        (
+            lambda t: t.update({"pretransform.model.encoder.layers.2.bias": mx.zeros((5,))}),
+            r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)",
+        ),
+        (
+            lambda t: t.update({"model.model.transformer.extra.weight": mx.zeros((2,))}),
+            r"unexpected 1: (transformer\.)?extra\.weight",
+        ),
         (lambda t: t.update({"ema.something": mx.zeros((2,))}), r"outside the DiT.*: ema\.something"),
-        (lambda t: t.pop("conditioner.conditioners.prompt.padding_embedding"),
-         r"missing 1: prompt\.padding_embedding"),
+        (lambda t: t.pop("conditioner.conditioners.prompt.padding_embedding"), r"missing 1: prompt\.padding_embedding"),
     ],
     ids=["missing", "wrong_shape", "unknown", "stray", "missing_conditioner"],
 )
@@ -362,7 +386,9 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_interruption_leaves_nothing(tmp_path, monkeypatch):
-    real = cv._write_tensor
+    from mlx_sa3.converter import safetensors_io
+
+    real = safetensors_io._write_tensor
     calls = []
 
     def interrupt_on_fifth(*args):
@@ -371,7 +397,7 @@ def test_interruption_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    monkeypatch.setattr(safetensors_io, "_write_tensor", interrupt_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         cv.convert(REF / "sa3_small_tiny_s0", tmp_path / "out")
     assert len(calls) == 5
@@ -381,7 +407,7 @@ def test_interruption_leaves_nothing(tmp_path, monkeypatch):
     cv.convert(REF / "same_s_tiny_s0", tmp_path / "out")
     before = (tmp_path / "out" / "autoencoder.safetensors").read_bytes()
     calls.clear()
-    monkeypatch.setattr(cv, "_write_tensor", interrupt_on_fifth)
+    monkeypatch.setattr(safetensors_io, "_write_tensor", interrupt_on_fifth)
     assert cv.main([str(REF / "sa3_small_tiny_s0"), str(tmp_path / "out"), "--force"]) == 130
     assert (tmp_path / "out" / "autoencoder.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -421,7 +447,7 @@ def to_diffusers(tensors: dict, prefix: str, renames, differential: bool) -> dic
     for key, value in tensors.items():
         if not key.startswith(prefix) or re.search(NOT_IN_DIFFUSERS, key):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         for pattern, replacement in renames:
             name = re.sub(pattern, replacement, name)
         if differential and name.endswith("attn.to_qkv.weight"):  # official [q|k|v|q2|k2] -> [q1|q2|k1|k2|v]
@@ -438,9 +464,16 @@ def load_strict(module, state: dict) -> None:
 
 def save_diffusers_pipeline(name: str, same_fixture: str, dst: Path, stochastic: bool = True) -> Path:
     """The SA3 fixture ``name`` as a diffusers StableAudio3Pipeline folder, its SAME taken from ``same_fixture``."""
-    import torch
-    from diffusers import (AutoencoderSAME, FlowMatchEulerDiscreteScheduler, StableAudio3DiTModel,
-                           StableAudio3DurationEmbedder, StableAudio3Pipeline)
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusers import (
+        AutoencoderSAME,
+        FlowMatchEulerDiscreteScheduler,
+        StableAudio3DiTModel,
+        StableAudio3DurationEmbedder,
+        StableAudio3Pipeline,
+    )
     from transformers import AutoConfig, AutoTokenizer, T5GemmaEncoderModel
 
     config = json.loads((REF / name / "model_config.json").read_text())
@@ -448,30 +481,55 @@ def save_diffusers_pipeline(name: str, same_fixture: str, dst: Path, stochastic:
     differential = dit_cfg["attn_kwargs"]["differential"]
     tensors = {k: np.asarray(v) for k, v in mx.load(str(REF / name / "model.safetensors")).items()}
     transformer = StableAudio3DiTModel(
-        **{k: dit_cfg[k] for k in ("io_channels", "patch_size", "embed_dim", "depth", "num_heads", "cond_token_dim",
-                                   "global_cond_dim", "local_add_cond_dim", "timestep_features_dim",
-                                   "num_memory_tokens")},
-        ff_mult=dit_cfg["ff_kwargs"]["mult"], use_differential_attention=differential)
+        **{
+            k: dit_cfg[k]
+            for k in (
+                "io_channels",
+                "patch_size",
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "cond_token_dim",
+                "global_cond_dim",
+                "local_add_cond_dim",
+                "timestep_features_dim",
+                "num_memory_tokens",
+            )
+        },
+        ff_mult=dit_cfg["ff_kwargs"]["mult"],
+        use_differential_attention=differential,
+    )
     state = to_diffusers(tensors, "model.model.", DIT_TO_DIFFUSERS, differential)
     state["prompt_padding_embedding"] = torch.from_numpy(tensors["conditioner.conditioners.prompt.padding_embedding"])
     load_strict(transformer, state)
 
     duration = StableAudio3DurationEmbedder(output_dim=768, fourier_dim=256, min_val=0.0, max_val=384.0)
     seconds = "conditioner.conditioners.seconds_total.embedder.embedding.1."
-    load_strict(duration, {f"linear.{p}": torch.from_numpy(tensors[seconds + p]) for p in ("weight", "bias")} | {
-        "freqs": duration.freqs})
+    load_strict(
+        duration,
+        {f"linear.{p}": torch.from_numpy(tensors[seconds + p]) for p in ("weight", "bias")} | {"freqs": duration.freqs},
+    )
 
     same_config = json.loads((REF / same_fixture / "model_config.json").read_text())["model"]
     same_prefix = "pretransform.model." if "diffusion" in same_config else ""
     same_config = same_config["pretransform"]["config"] if same_prefix else same_config
     enc, dec = same_config["encoder"]["config"], same_config["decoder"]["config"]
-    vae = AutoencoderSAME(audio_channels=2, patch_size=256, encoder_channels=enc["channels"],
-                          encoder_c_mults=enc["c_mults"], encoder_strides=enc["strides"],
-                          encoder_transformer_depths=enc["transformer_depths"], latent_dim=same_config["latent_dim"],
-                          use_differential_attention=enc["differential"], dim_heads=enc["dim_heads"],
-                          ff_mult=enc["ff_mult"], sliding_window=enc["sliding_window"][0],
-                          encoder_sinusoidal_blocks=[0], decoder_sinusoidal_blocks=dec["sinusoidal_blocks"],
-                          sampling_rate=44100)
+    vae = AutoencoderSAME(
+        audio_channels=2,
+        patch_size=256,
+        encoder_channels=enc["channels"],
+        encoder_c_mults=enc["c_mults"],
+        encoder_strides=enc["strides"],
+        encoder_transformer_depths=enc["transformer_depths"],
+        latent_dim=same_config["latent_dim"],
+        use_differential_attention=enc["differential"],
+        dim_heads=enc["dim_heads"],
+        ff_mult=enc["ff_mult"],
+        sliding_window=enc["sliding_window"][0],
+        encoder_sinusoidal_blocks=[0],
+        decoder_sinusoidal_blocks=dec["sinusoidal_blocks"],
+        sampling_rate=44100,
+    )
     same_tensors = {k: np.asarray(v) for k, v in mx.load(str(REF / same_fixture / "model.safetensors")).items()}
     load_strict(vae, to_diffusers(same_tensors, same_prefix, SAME_TO_DIFFUSERS, enc["differential"]))
 
@@ -485,8 +543,14 @@ def save_diffusers_pipeline(name: str, same_fixture: str, dst: Path, stochastic:
     tokenizer = AutoTokenizer.from_pretrained(t5_dir, model_max_length=prompt_max_length)
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, stochastic_sampling=stochastic)
-    StableAudio3Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, duration_embedder=duration,
-                         transformer=transformer, scheduler=scheduler).save_pretrained(dst)
+    StableAudio3Pipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        duration_embedder=duration,
+        transformer=transformer,
+        scheduler=scheduler,
+    ).save_pretrained(dst)
     shutil.copy(t5_dir / "tokenizer.model", dst / "tokenizer")  # transformers 5 writes only tokenizer.json
     return dst
 
@@ -529,8 +593,10 @@ def test_diffusers_converted_reproduces_official(diffusers_converted, name):
     errors = model_errors(model, name)
     same_io = np.load(REF / "same_l_tiny_s0" / "io.npz")
     reference = load_autoencoder(REF / DIFFUSERS_CASES[name]) if name == "sa3_medium_tiny_s0" else None
-    for method, data, expected in (("encode", "encode_in_audio", "encode_out_latents"),
-                                   ("decode", "decode_in_latents", "decode_out_audio")):
+    for method, data, expected in (
+        ("encode", "encode_in_audio", "encode_out_latents"),
+        ("decode", "decode_in_latents", "decode_out_audio"),
+    ):
         got = getattr(model.autoencoder, method)(same_io[data])
         want = same_io[expected] if reference is None else getattr(reference, method)(same_io[data])
         errors[f"same_{method}"] = rel_err(got, want)
@@ -551,13 +617,24 @@ def test_diffusers_config_is_rebuilt(diffusers_converted, name):
     assert DiTConfig.from_model_config(ours) == DiTConfig.from_model_config(official)
     assert SAMEConfig.from_dict(ours["model"]) == SAMEConfig.from_dict(same_official)
     sa3_ours, sa3_official = SA3Config.from_dict(ours), SA3Config.from_dict(official)
-    for field_name in ("sample_rate", "io_channels", "diffusion_objective", "cross_attention_cond_ids",
-                       "global_cond_ids", "prompt_max_length", "seconds_min", "seconds_max", "cond_dim"):
+    for field_name in (
+        "sample_rate",
+        "io_channels",
+        "diffusion_objective",
+        "cross_attention_cond_ids",
+        "global_cond_ids",
+        "prompt_max_length",
+        "seconds_min",
+        "seconds_max",
+        "cond_dim",
+    ):
         assert getattr(sa3_ours, field_name) == getattr(sa3_official, field_name), field_name
     assert ours["sample_size"] == cv.DEFAULT_SAMPLE_SIZE  # not recorded by diffusers: the documented assumption
     assert meta["kind"] == "sa3" and any("sample_size" in note for note in meta["notes"])
-    assert sorted(meta["dropped"]) == [f"duration_embedder/{cv.DIFFUSERS_WEIGHTS}:freqs",
-                                       f"transformer/{cv.DIFFUSERS_WEIGHTS}:rotary_pos_emb.inv_freq"]
+    assert sorted(meta["dropped"]) == [
+        f"duration_embedder/{cv.DIFFUSERS_WEIGHTS}:freqs",
+        f"transformer/{cv.DIFFUSERS_WEIGHTS}:rotary_pos_emb.inv_freq",
+    ]
     tokenizer_config = json.loads((diffusers_converted[name] / "text_encoder/tokenizer_config.json").read_text())
     assert tokenizer_config["add_bos_token"] is False and tokenizer_config["add_eos_token"] is False
 
@@ -586,17 +663,30 @@ def test_diffusers_base_scheduler_gives_rectified_flow(diffusers_folders, tmp_pa
 @pytest.mark.parametrize(
     "folder,edit,message",
     [
-        ("transformer", lambda t: t.pop("transformer_blocks.1.cross_attn.to_out.weight"),
-         r"DiT checkpoint does not match the model; missing 1: (transformer\.)?layers\.1\.cross_attn\.to_out\.weight"),
+        (
+            "transformer",
+            lambda t: t.pop("transformer_blocks.1.cross_attn.to_out.weight"),
+            r"DiT checkpoint does not match the model; missing 1: "
+            r"(transformer\.)?layers\.1\.cross_attn\.to_out\.weight",
+        ),
         ("transformer", lambda t: t.update({"extra.weight": np.zeros(2, np.float32)}), r"unexpected 1: extra\.weight"),
         ("transformer", lambda t: t.pop("prompt_padding_embedding"), r"missing 1: prompt\.padding_embedding"),
-        ("vae", lambda t: t.update({"encoder.proj.bias": np.zeros(5, np.float32)}),
-         r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)"),
-        ("vae", lambda t: t.update({"decoder.blocks.0.mapping.weight_v": np.zeros((512, 64, 3), np.float32)}),
-         r"kernel-3 mapping \(SAME-S\).*cannot hold a SAME-S"),
+        (
+            "vae",
+            lambda t: t.update({"encoder.proj.bias": np.zeros(5, np.float32)}),
+            r"wrong shape 1: to_latent\.bias \(checkpoint \(5,\), model \(24,\)\)",
+        ),
+        (
+            "vae",
+            lambda t: t.update({"decoder.blocks.0.mapping.weight_v": np.zeros((512, 64, 3), np.float32)}),
+            r"kernel-3 mapping \(SAME-S\).*cannot hold a SAME-S",
+        ),
         ("duration_embedder", lambda t: t.update({"freqs": t["freqs"] * 2}), r"not the official expo"),
-        ("text_encoder", lambda t: t.update({"decoder.norm.weight": np.zeros(768, np.float32)}),
-         r"T5Gemma encoder checkpoint does not match the model; unexpected 1: decoder\.norm\.weight"),
+        (
+            "text_encoder",
+            lambda t: t.update({"decoder.norm.weight": np.zeros(768, np.float32)}),
+            r"T5Gemma encoder checkpoint does not match the model; unexpected 1: decoder\.norm\.weight",
+        ),
     ],
     ids=["missing", "unknown", "missing_padding", "wrong_shape", "same_s", "freqs", "text_encoder_decoder"],
 )

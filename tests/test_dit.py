@@ -5,16 +5,16 @@ v_plain (all-zero local conditioning), v_inpaint (the given local_add_cond), v_n
 v_cfg3_apg1 (cfg_scale 3, apg_scale 1, zero local conditioning), all float32 on CPU.
 """
 
+import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from .conftest import REF, dit_call as _call, rel_err
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sa3.dit import DiT, DiTConfig, guide, load_dit, sanitize
 from mlx_sa3.loading import CheckpointError, open_source
+
+from .conftest import REF, rel_err
+from .conftest import dit_call as _call
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 TOL_FP32 = 1e-4
@@ -31,6 +31,8 @@ def any_backend(request):
     """The fixture's DiT on each backend (the torch one is mlx_sa3.torch_backend.TorchDiT)."""
     name, backend = request.param
     if backend == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("diffusers")
         from mlx_sa3.torch_backend import load_torch_dit
 
         model = load_torch_dit(REF / name)
@@ -40,6 +42,7 @@ def any_backend(request):
 
 
 # ------------------------------------------------------------------------------------------ official fixtures
+
 
 @pytest.mark.parametrize("case", ["plain_zeros", "plain_none", "inpaint", "null_context", "cfg3_apg1"])
 def test_official_fixture(any_backend, case):
@@ -79,8 +82,13 @@ def test_null_uncond_shortcut_equals_explicit_negative(fixture):
     other = np.ascontiguousarray(c[::-1])  # another prompt: the batch items swapped
     shortcut = _call(model, io, cfg_scale=3.0)
     explicit = _call(model, io, cfg_scale=3.0, negative_cross_attn_cond=np.zeros_like(c))
-    masked = _call(model, io, cfg_scale=3.0, negative_cross_attn_cond=other + 1.0,
-                   negative_cross_attn_mask=np.zeros(c.shape[:2], bool))
+    masked = _call(
+        model,
+        io,
+        cfg_scale=3.0,
+        negative_cross_attn_cond=other + 1.0,
+        negative_cross_attn_mask=np.zeros(c.shape[:2], bool),
+    )
     assert rel_err(explicit, shortcut) <= 1e-5
     assert rel_err(masked, shortcut) <= 1e-5
     real_negative = _call(model, io, cfg_scale=3.0, negative_cross_attn_cond=other)
@@ -109,8 +117,19 @@ def test_guide_apg_blend_and_rescale():
     rng = np.random.default_rng(0)
     x, vc, vu = (rng.standard_normal((2, 6, 5)).astype(np.float32) for _ in range(3))
     sigma = np.array([0.7, 0.4], np.float32)
-    out = np.array(guide(mx.array(x), mx.array(vc), mx.array(vu), mx.array(sigma), None, 4.0, 0.3,
-                         scale_phi=0.5, cfg_norm_threshold=1.5))
+    out = np.array(
+        guide(
+            mx.array(x),
+            mx.array(vc),
+            mx.array(vu),
+            mx.array(sigma),
+            None,
+            4.0,
+            0.3,
+            scale_phi=0.5,
+            cfg_norm_threshold=1.5,
+        )
+    )
     s = sigma[:, None, None].astype(np.float64)
     dc, du = x - vc * s, x - vu * s
     diff = dc - du
@@ -124,6 +143,7 @@ def test_guide_apg_blend_and_rescale():
 
 # ----------------------------------------------------------------------------------------- diffusers reference
 
+
 def _diffusers_model(source, config: DiTConfig):
     """diffusers' StableAudio3DiTModel holding the same weights (keys mapped as in the spec, section 5.2).
 
@@ -131,15 +151,25 @@ def _diffusers_model(source, config: DiTConfig):
     (diffusers 1e-6, official 1e-5) and the RoPE width (diffusers rotates head_dim // 2 channels, official
     max(head_dim // 2, 32); they only differ for the tiny fixtures' 32-wide heads).
     """
+    torch = pytest.importorskip("torch")
     from diffusers.models.transformers.transformer_stable_audio3 import (
-        StableAudio3DiTModel, StableAudio3RotaryEmbedding)
+        StableAudio3DiTModel,
+        StableAudio3RotaryEmbedding,
+    )
 
     model = StableAudio3DiTModel(
-        io_channels=config.io_channels, embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
-        cond_token_dim=config.cond_token_dim, global_cond_dim=config.global_cond_dim,
-        local_add_cond_dim=config.local_add_cond_dim, timestep_features_dim=config.timestep_features_dim,
-        ff_mult=config.ff_mult, num_memory_tokens=config.num_memory_tokens,
-        use_differential_attention=config.differential)
+        io_channels=config.io_channels,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        cond_token_dim=config.cond_token_dim,
+        global_cond_dim=config.global_cond_dim,
+        local_add_cond_dim=config.local_add_cond_dim,
+        timestep_features_dim=config.timestep_features_dim,
+        ff_mult=config.ff_mult,
+        num_memory_tokens=config.num_memory_tokens,
+        use_differential_attention=config.differential,
+    )
     model.rotary_pos_emb = StableAudio3RotaryEmbedding(config.rope_dims)
     for block in model.transformer_blocks:
         for norm in (block.pre_norm, block.cross_attend_norm, block.ff_norm):
@@ -147,9 +177,14 @@ def _diffusers_model(source, config: DiTConfig):
     state = {}
     for key, value in source.component("dit").items():
         tensor = torch.from_numpy(np.array(value))
-        key = (key.replace("transformer.project_in", "proj_in").replace("transformer.project_out", "proj_out")
-               .replace("transformer.layers.", "transformer_blocks.").replace("transformer.", "")
-               .replace("ff.ff.0.proj", "ff.proj_in").replace("ff.ff.2", "ff.proj_out"))
+        key = (
+            key.replace("transformer.project_in", "proj_in")
+            .replace("transformer.project_out", "proj_out")
+            .replace("transformer.layers.", "transformer_blocks.")
+            .replace("transformer.", "")
+            .replace("ff.ff.0.proj", "ff.proj_in")
+            .replace("ff.ff.2", "ff.proj_out")
+        )
         if config.differential and key.endswith("self_attn.to_qkv.weight"):
             q, k, v, q2, k2 = tensor.chunk(5)  # official [q|k|v|q2|k2] -> diffusers [q1|q2|k1|k2|v]
             tensor = torch.cat([q, q2, k, k2, v])
@@ -166,10 +201,15 @@ def with_diffusers(fixture):
 
 
 def _run_diffusers(model, x, t, io, local):
+    torch = pytest.importorskip("torch")
     with torch.no_grad():
-        out = model(torch.from_numpy(x), torch.from_numpy(np.asarray(t, np.float32)),
-                    torch.from_numpy(io["cross_attn_cond"]), torch.from_numpy(io["global_cond"]),
-                    local_add_cond=None if local is None else torch.from_numpy(local))
+        out = model(
+            torch.from_numpy(x),
+            torch.from_numpy(np.asarray(t, np.float32)),
+            torch.from_numpy(io["cross_attn_cond"]),
+            torch.from_numpy(io["global_cond"]),
+            local_add_cond=None if local is None else torch.from_numpy(local),
+        )
     return out.sample.numpy()
 
 
@@ -224,6 +264,7 @@ def test_half_precision(fixture, dtype):
 
 # ----------------------------------------------------------------------------------------------- config, loading
 
+
 def test_config_from_dict():
     source = open_source(REF / "sa3_medium_tiny_s0")
     d = source.model_config["model"]["diffusion"]["config"]
@@ -231,8 +272,9 @@ def test_config_from_dict():
     assert (config.embed_dim, config.depth, config.num_heads, config.differential) == (96, 3, 3, True)
     assert (config.num_memory_tokens, config.local_add_cond_dim, config.rope_dims) == (8, 25, 32)
     assert DiTConfig.from_model_config(source.model_config).diffusion_objective == "rf_denoiser"
-    assert not DiTConfig.from_dict(open_source(REF / "sa3_small_tiny_s0").model_config["model"]["diffusion"]
-                                   ["config"]).differential
+    assert not DiTConfig.from_dict(
+        open_source(REF / "sa3_small_tiny_s0").model_config["model"]["diffusion"]["config"]
+    ).differential
     with pytest.raises(ValueError, match="global_cond_type"):
         DiTConfig.from_dict({**d, "global_cond_type": "prepend"})
     medium = DiTConfig.medium()
@@ -284,6 +326,7 @@ def test_strict_loading(defect):
 
 # ------------------------------------------------------------------------------------------------ CPU kernels
 
+
 def test_polynomial_exp_accuracy():
     from mlx_sa3.dit import _exp
 
@@ -296,15 +339,15 @@ def test_polynomial_exp_accuracy():
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""
-    import mlx_sa3.dit as dit
+    import mlx_sa3.models.kernels as dit
 
     monkeypatch.setattr(dit, "_SCORES_PER_CHUNK", 2 * 3 * 7 * 257)
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
     rng = np.random.default_rng(2)
     for queries, keys in ((45, 45), (45, 257)):
         q, k, v = (rng.standard_normal((2, 3, n, 32)).astype(np.float32) * 2 for n in (queries, keys, keys))
-        ours = np.array(dit._attention(mx.array(q), mx.array(k), mx.array(v), 32 ** -0.5))
-        scores = q.astype(np.float64) @ k.swapaxes(-1, -2) * 32 ** -0.5
+        ours = np.array(dit._attention(mx.array(q), mx.array(k), mx.array(v), 32**-0.5))
+        scores = q.astype(np.float64) @ k.swapaxes(-1, -2) * 32**-0.5
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         ref = weights / weights.sum(-1, keepdims=True) @ v
         assert rel_err(ours, ref) <= 1e-6
@@ -312,7 +355,7 @@ def test_chunked_attention_matches_float64(monkeypatch):
 
 def test_fused_kernel_path_matches_fixture(monkeypatch):
     """The path used on GPUs (MLX's fused SDPA and SiLU) also reproduces the official outputs."""
-    import mlx_sa3.dit as dit
+    import mlx_sa3.models.kernels as dit
 
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: True)
     for name in FIXTURES:

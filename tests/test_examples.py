@@ -13,8 +13,14 @@ REPO_ENV = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
 
 
 def run(script, *args, cwd):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=REPO_ENV)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=REPO_ENV,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -76,11 +76,12 @@ def test_inpaint_mask_follows_official_rounding(pipe):
     mask = np.asarray(plan.inpaint_mask)[0, 0]
     expected = np.ones(plan.length)
     for start, end in [(1.0, 1.5), (3.2, 4.0)]:
-        expected[math.ceil(int(start * SR) / 4096): math.ceil(int(end * SR) / 4096)] = 0
-    expected[math.ceil(int(5.0 * SR) / 4096):] = 0  # past the duration is always generated
+        expected[math.ceil(int(start * SR) / 4096) : math.ceil(int(end * SR) / 4096)] = 0
+    expected[math.ceil(int(5.0 * SR) / 4096) :] = 0  # past the duration is always generated
     np.testing.assert_array_equal(mask, expected)
-    out = pipe.generate("fill", duration=5.0, inpaint_audio=(src, SR), inpaint_regions=[(1.0, 1.5), (3.2, 4.0)],
-                        seed=1, steps=2)
+    out = pipe.generate(
+        "fill", duration=5.0, inpaint_audio=(src, SR), inpaint_regions=[(1.0, 1.5), (3.2, 4.0)], seed=1, steps=2
+    )
     assert out.audio.shape == (1, 2, 5 * SR)
 
 
@@ -90,25 +91,35 @@ def test_continuation_and_a2a_with_inpainting(pipe):
     mask = np.asarray(plan.inpaint_mask)[0, 0]
     kept = math.ceil(SR / 4096)
     assert mask[:kept].all() and not mask[kept:].any()
-    out = pipe.generate("more", duration=3.0, inpaint_audio=(src, SR), init_audio=(clip(3.0, 440.0), SR),
-                        init_noise_level=0.8, seed=4, steps=2)
+    out = pipe.generate(
+        "more",
+        duration=3.0,
+        inpaint_audio=(src, SR),
+        init_audio=(clip(3.0, 440.0), SR),
+        init_noise_level=0.8,
+        seed=4,
+        steps=2,
+    )
     assert out.audio.shape == (1, 2, 3 * SR)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt=""), "non-empty prompt"),
-    (dict(duration=0), "positive number"),
-    (dict(duration=-1), "positive number"),
-    (dict(duration=1e4), "exceeds this model's maximum"),
-    (dict(sampler="heun"), "unknown sampler"),
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(init_noise_level=0.0, init_audio=(np.zeros((2, 100)), SR)), "init noise level"),
-    (dict(inpaint_regions=[(2.0, 1.0)], inpaint_audio=(np.zeros((2, SR)), SR)), "0 <= start < end"),
-    (dict(inpaint_regions=[(1.0, 9.0)], inpaint_audio=(np.zeros((2, SR)), SR)), "outside"),
-    (dict(inpaint_regions=[(0.5, 1.0)]), "need inpaint audio"),
-    (dict(inpaint_audio=(np.zeros((2, 5 * SR)), SR)), "does not extend it"),
-    (dict(init_audio=(np.zeros((3, 100)), SR)), "3 channels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "non-empty prompt"),
+        (dict(duration=0), "positive number"),
+        (dict(duration=-1), "positive number"),
+        (dict(duration=1e4), "exceeds this model's maximum"),
+        (dict(sampler="heun"), "unknown sampler"),
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(init_noise_level=0.0, init_audio=(np.zeros((2, 100)), SR)), "init noise level"),
+        (dict(inpaint_regions=[(2.0, 1.0)], inpaint_audio=(np.zeros((2, SR)), SR)), "0 <= start < end"),
+        (dict(inpaint_regions=[(1.0, 9.0)], inpaint_audio=(np.zeros((2, SR)), SR)), "outside"),
+        (dict(inpaint_regions=[(0.5, 1.0)]), "need inpaint audio"),
+        (dict(inpaint_audio=(np.zeros((2, 5 * SR)), SR)), "does not extend it"),
+        (dict(init_audio=(np.zeros((3, 100)), SR)), "3 channels"),
+    ],
+)
 def test_bad_input_is_refused(pipe, kwargs, message):
     kwargs = {"prompt": "x", "duration": 2.0, **kwargs}
     with pytest.raises((ValueError, AudioError), match=message):

@@ -4,11 +4,9 @@ import json
 import re
 import shutil
 
+import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sa3 import same
@@ -62,16 +60,20 @@ def test_config_variants(models):
 
 
 def test_presets():
-    s, l = same.SAMEConfig.preset("same-s"), same.SAMEConfig.preset("same-l")
+    s, large = same.SAMEConfig.preset("same-s"), same.SAMEConfig.preset("same-l")
     assert (s.encoder.width, s.encoder.depth, s.decoder.mapping_kernel, s.encoder.mapping_kernel) == (768, 6, 3, 1)
-    assert (l.decoder.width, l.decoder.depth, l.decoder.sinusoidal_blocks, l.decoder.sliding_window) == (
-        1536, 12, 8, (1, 1))
-    gates = [b.ff.sin_gate for b in same.SAMEAutoencoder(l).decoder.blocks]
+    assert (
+        large.decoder.width,
+        large.decoder.depth,
+        large.decoder.sinusoidal_blocks,
+        large.decoder.sliding_window,
+    ) == (1536, 12, 8, (1, 1))
+    gates = [b.ff.sin_gate for b in same.SAMEAutoencoder(large).decoder.blocks]
     assert gates == [False] * 5 + [True] * 7  # blocks 5-11: depth - i < sinusoidal_blocks
-    assert l.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
+    assert large.decoder.cut_margin == (12, 12)  # one 17-token group per block on each side
     assert s.decoder.cut_margin == (2, 2)  # half a shifted chunk + one group for the kernel-3 mapping
     # spec: SAME-S encoder ~53.7 M / decoder ~54.5 M, SAME-L ~426 M each (parameters are lazy: nothing allocated)
-    for cfg, encoder, decoder in ((s, 53.7, 54.5), (l, 426, 426)):
+    for cfg, encoder, decoder in ((s, 53.7, 54.5), (large, 426, 426)):
         params = tree_flatten(same.SAMEAutoencoder(cfg).parameters())
         for parts, expected in ((("encoder.", "to_latent."), encoder), (("decoder.", "from_latent."), decoder)):
             millions = sum(v.size for k, v in params if k.startswith(parts)) / 1e6
@@ -90,6 +92,7 @@ def test_presets():
 #   soft_clip (autoencoders.py:489), and builds a dense T x T band mask (quadratic memory; same values).
 # For the sliding-window variant (SAME-L) it matches the official code end to end once to_qkv is reordered.
 
+
 def _diffusers_same(model_section):
     """A diffusers AutoencoderSAME holding the same SAME weights (official names mapped to diffusers names)."""
     from diffusers import AutoencoderSAME
@@ -97,14 +100,22 @@ def _diffusers_same(model_section):
     enc, dec = model_section["encoder"]["config"], model_section["decoder"]["config"]
     window = enc.get("sliding_window") or [1, 1]
     return AutoencoderSAME(
-        audio_channels=2, patch_size=256, encoder_channels=enc["channels"], encoder_c_mults=tuple(enc["c_mults"]),
-        encoder_strides=tuple(enc["strides"]), encoder_transformer_depths=tuple(enc["transformer_depths"]),
-        latent_dim=model_section["latent_dim"], dim_heads=enc["dim_heads"], ff_mult=enc["ff_mult"],
-        sliding_window=window[0], decoder_sinusoidal_blocks=tuple(dec.get("sinusoidal_blocks", [0])),
+        audio_channels=2,
+        patch_size=256,
+        encoder_channels=enc["channels"],
+        encoder_c_mults=tuple(enc["c_mults"]),
+        encoder_strides=tuple(enc["strides"]),
+        encoder_transformer_depths=tuple(enc["transformer_depths"]),
+        latent_dim=model_section["latent_dim"],
+        dim_heads=enc["dim_heads"],
+        ff_mult=enc["ff_mult"],
+        sliding_window=window[0],
+        decoder_sinusoidal_blocks=tuple(dec.get("sinusoidal_blocks", [0])),
     ).eval()
 
 
 def _diffusers_state(hub):
+    torch = pytest.importorskip("torch")
     out = {}
     for key, value in hub.items():
         if key.endswith("rope.inv_freq") or key == "bottleneck.noise_scaling_factor":
@@ -134,6 +145,7 @@ def _load_diffusers(name):
 
 def _weight_norm_conv(mapping, prefix):
     """A torch Conv1d of any odd kernel with the folded weight-norm weights (diffusers' mapping is always k=1)."""
+    torch = pytest.importorskip("torch")
     g, v = mapping[prefix + ".mapping.weight_g"], mapping[prefix + ".mapping.weight_v"]
     weight = g * v / v.norm(dim=(1, 2), keepdim=True)
     conv = torch.nn.Conv1d(v.shape[1], v.shape[0], v.shape[2], padding=v.shape[2] // 2)
@@ -143,6 +155,7 @@ def _weight_norm_conv(mapping, prefix):
 
 def _chunked_blocks(blocks, x, chunk_tokens, shift):
     """Official chunked attention layout, restated with diffusers' blocks (each chunk attends fully inside)."""
+    torch = pytest.importorskip("torch")
     B, _, D = x.shape
     split = len(blocks) // 2 if shift else len(blocks)
 
@@ -159,6 +172,17 @@ def _chunked_blocks(blocks, x, chunk_tokens, shift):
     return x
 
 
+def _no_grad(fn):
+    """``torch.no_grad()`` as a decorator, importing torch only when the test runs (skipped without it)."""
+
+    def wrapper(*args, **kwargs):
+        torch = pytest.importorskip("torch")
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class ChunkedTorchReference:
     """SAME-S in torch: diffusers' patching, blocks, projections and bottleneck + the official chunked layout,
     kernel-3 mappings and padding rules, which diffusers lacks. Checked against the official fixture below."""
@@ -172,8 +196,9 @@ class ChunkedTorchReference:
         self.encoder_map = _weight_norm_conv(mapping, "encoder.blocks.0")
         self.decoder_map = _weight_norm_conv(mapping, "decoder.blocks.0")
 
-    @torch.no_grad()
+    @_no_grad
     def encode(self, audio):
+        torch = pytest.importorskip("torch")
         x = self.dm.patch_embed.encode(torch.from_numpy(audio))
         frames = x.shape[-1]
         x = torch.nn.functional.pad(x, (0, -frames % (self.chunk_latents * self.stride)))
@@ -186,8 +211,9 @@ class ChunkedTorchReference:
         x = self.dm.encoder.proj(x.reshape(B, n, self.stride + 1, D)[:, :, -1])
         return self.dm.bottleneck.encode(x.transpose(1, 2)).numpy()
 
-    @torch.no_grad()
+    @_no_grad
     def decode(self, latents):
+        torch = pytest.importorskip("torch")
         x = self.dm.decoder.proj(self.dm.bottleneck.decode(torch.from_numpy(latents)).transpose(1, 2))
         length = x.shape[1]
         x = torch.nn.functional.pad(x, (0, 0, 0, -length % self.chunk_latents))
@@ -225,12 +251,15 @@ def test_chunked_variant_matches_torch(models, name):
 @pytest.mark.parametrize("name", ["same_l_tiny_s0", "sa3_medium_tiny_s0"])
 def test_band_variant_matches_diffusers(models, name):
     """For the sliding-window variant diffusers follows the official code (after the to_qkv row reorder)."""
+    torch = pytest.importorskip("torch")
     ae = models[name]
     dm, _, mapping = _load_diffusers(name)
-    dm.encoder.blocks[0].mapping.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in mapping.items()
-                                                  if k.startswith("encoder")})
-    dm.decoder.blocks[0].mapping.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in mapping.items()
-                                                  if k.startswith("decoder")})
+    dm.encoder.blocks[0].mapping.load_state_dict(
+        {k.rsplit(".", 1)[1]: v for k, v in mapping.items() if k.startswith("encoder")}
+    )
+    dm.decoder.blocks[0].mapping.load_state_dict(
+        {k.rsplit(".", 1)[1]: v for k, v in mapping.items() if k.startswith("decoder")}
+    )
     z = random_latents(ae, 13, seed=3)
     audio = random_audio(9 * 4096 - 300, seed=4)
     with torch.no_grad():
@@ -243,12 +272,15 @@ def test_band_variant_matches_diffusers(models, name):
 @pytest.mark.parametrize("name", ["same_s_tiny_s0", "sa3_small_tiny_s0"])
 def test_chunked_blocks_match_diffusers(models, name):
     """diffusers has no chunked layout, but inside one 34-token chunk its blocks are the official blocks."""
+    torch = pytest.importorskip("torch")
     ae = models[name]
     dm, _, _ = _load_diffusers(name)
     width = ae.config.decoder.width
     x = np.random.default_rng(5).standard_normal((3, ae.config.decoder.chunk_tokens, width)).astype(np.float32)
-    for ours, theirs in ((ae.encoder.blocks, dm.encoder.blocks[0].transformers),
-                         (ae.decoder.blocks, dm.decoder.blocks[0].transformers)):
+    for ours, theirs in (
+        (ae.encoder.blocks, dm.encoder.blocks[0].transformers),
+        (ae.decoder.blocks, dm.decoder.blocks[0].transformers),
+    ):
         for block, reference in zip(ours, theirs):
             with torch.no_grad():
                 expected = reference(torch.from_numpy(x)).numpy()
@@ -345,9 +377,12 @@ def test_strict_loading_names_the_tensor(tmp_path):
         "missing": (lambda t: t.pop(key), mapped),
         "extra": (lambda t: t.__setitem__("decoder.layers.3.extra_gain", mx.ones((3,))), "decoder.extra_gain"),
         "shape": (lambda t: t.__setitem__(key, mx.zeros((7,))), mapped),
-        "rope": (lambda t: t.__setitem__("encoder.layers.0.transformers.0.rope.inv_freq",
-                                         t["encoder.layers.0.transformers.0.rope.inv_freq"] * 2),
-                 "encoder.layers.0.transformers.0.rope.inv_freq"),
+        "rope": (
+            lambda t: t.__setitem__(
+                "encoder.layers.0.transformers.0.rope.inv_freq", t["encoder.layers.0.transformers.0.rope.inv_freq"] * 2
+            ),
+            "encoder.layers.0.transformers.0.rope.inv_freq",
+        ),
     }
     for case, (edit, expected) in cases.items():
         folder = tmp_path / case
@@ -367,8 +402,11 @@ def test_converted_directory_loads_without_sanitize(tmp_path, models):
     source = open_source(REF / name)
     weights = same.sanitize(source.component("autoencoder"))
     mx.save_safetensors(str(tmp_path / "autoencoder.safetensors"), weights)
-    meta = {"format": "mlx_sa3", "model_config": source.model_config,
-            "components": {"autoencoder": "autoencoder.safetensors"}}
+    meta = {
+        "format": "mlx_sa3",
+        "model_config": source.model_config,
+        "components": {"autoencoder": "autoencoder.safetensors"},
+    }
     (tmp_path / "config.json").write_text(json.dumps(meta))
     converted = same.load_autoencoder(tmp_path)
     z = random_latents(converted, 5, seed=10)

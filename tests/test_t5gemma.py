@@ -7,8 +7,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
-from tests.conftest import rel_err
 
 from mlx_sa3.loading import CheckpointError, load_safetensors, open_source
 from mlx_sa3.t5gemma import (
@@ -19,6 +17,8 @@ from mlx_sa3.t5gemma import (
     load_weights,
     sanitize,
 )
+from mlx_sa3.t5gemma import dropped as dropped_keys
+from tests.conftest import rel_err
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 PROMPTS = [
@@ -57,6 +57,7 @@ def hf_tokenize(directory, prompts, max_length):
 
 
 def hf_encode(directory, ids, mask):
+    torch = pytest.importorskip("torch")
     from transformers import AutoConfig, T5GemmaEncoderModel
 
     config = AutoConfig.from_pretrained(str(directory))
@@ -107,9 +108,15 @@ def test_tokenizer_honours_config_flags(small, tmp_path):
     source, _ = small
     shutil.copy(source.text_encoder_dir() / "tokenizer.model", tmp_path)
     flags = {
-        "tokenizer_class": "GemmaTokenizer", "padding_side": "left", "truncation_side": "left",
-        "add_bos_token": True, "add_eos_token": True,
-        "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "GemmaTokenizer",
+        "padding_side": "left",
+        "truncation_side": "left",
+        "add_bos_token": True,
+        "add_eos_token": True,
+        "pad_token": "<pad>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(flags))
     ids, mask = T5GemmaTokenizer.from_dir(tmp_path, 12)(PROMPTS)
@@ -208,7 +215,7 @@ def test_half_precision(small, fp32_encoder, dtype, tol):
 def test_sanitize_and_strict_loading(small):
     source, max_length = small
     raw = load_safetensors(source.text_encoder_dir() / "model.safetensors")
-    weights, dropped = sanitize(raw)
+    weights, dropped = sanitize(raw), dropped_keys(raw)
     assert dropped and all(k.startswith("decoder.") for k in dropped)
     assert len(weights) + len(dropped) == len(raw)
     assert "embed_tokens.weight" in weights and "layers.0.self_attn.q_proj.weight" in weights

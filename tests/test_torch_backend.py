@@ -7,7 +7,10 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
 import mlx_sa3
 from mlx_sa3 import convert, demo, same, torch_backend
@@ -16,7 +19,8 @@ from mlx_sa3.dit import load_dit
 from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.pipeline import StableAudio3
 
-from .conftest import REF, dit_call as _call, rel_err
+from .conftest import REF, rel_err
+from .conftest import dit_call as _call
 
 SAME_FIXTURES = ["same_s_tiny_s0", "same_l_tiny_s0"]
 SA3_FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
@@ -48,6 +52,7 @@ def sa3(request):
 
 # ------------------------------------------------------------------------------------------------------------- SAME
 
+
 @pytest.mark.parametrize("name", SAME_FIXTURES)
 def test_same_matches_official_fixture(autoencoders, name):
     io = np.load(REF / name / "io.npz")
@@ -67,7 +72,10 @@ def test_same_matches_mlx_on_odd_lengths(autoencoders, name):
     """Padding rules (odd latent counts for SAME-S, partial patches) and the SA3 repos' pretransform component."""
     ae, reference = autoencoders[name], same.load_autoencoder(REF / name)
     assert (ae.sample_rate, ae.latent_dim, ae.downsampling_ratio) == (
-        reference.sample_rate, reference.latent_dim, reference.downsampling_ratio)
+        reference.sample_rate,
+        reference.latent_dim,
+        reference.downsampling_ratio,
+    )
     z = random_latents(ae.latent_dim, 11, seed=1)
     assert rel_err(ae.decode(z), reference.decode(z)) <= PARITY_TOL
     audio = (0.3 * np.random.default_rng(2).standard_normal((2, 2, 5 * 4096 + 1000))).astype(np.float32)
@@ -112,10 +120,14 @@ def test_same_strict_loading(tmp_path):
 
 # -------------------------------------------------------------------------------------------------------------- DiT
 
+
 @pytest.fixture(scope="module", params=SA3_FIXTURES)
 def dit_fixture(request):
-    return (torch_backend.load_torch_dit(REF / request.param), load_dit(REF / request.param),
-            dict(np.load(REF / request.param / "io.npz")))
+    return (
+        torch_backend.load_torch_dit(REF / request.param),
+        load_dit(REF / request.param),
+        dict(np.load(REF / request.param / "io.npz")),
+    )
 
 
 # Parity of TorchDiT with the official io.npz runs in test_dit.py (parametrized over both backends).
@@ -137,8 +149,14 @@ def test_dit_negative_prompt_matches_mlx(dit_fixture):
     c = io["cross_attn_cond"]
     mask = np.ones(c.shape[:2], bool)
     mask[:, 5:] = False
-    kw = dict(local_add_cond=io["local_add_cond"], cfg_scale=4.0, apg_scale=0.5,
-              negative_cross_attn_cond=np.ascontiguousarray(c[::-1]), negative_cross_attn_mask=mask, scale_phi=0.3)
+    kw = dict(
+        local_add_cond=io["local_add_cond"],
+        cfg_scale=4.0,
+        apg_scale=0.5,
+        negative_cross_attn_cond=np.ascontiguousarray(c[::-1]),
+        negative_cross_attn_mask=mask,
+        scale_phi=0.3,
+    )
     expected = _call(reference, io, **kw)
     assert rel_err(_call(model, io, **kw), expected) <= PARITY_TOL
     assert rel_err(_call(model, io, **{**kw, "negative_cross_attn_mask": None}), expected) > 1e-3
@@ -150,6 +168,7 @@ def test_dit_rejects_half_precision():
 
 
 # ----------------------------------------------------------------------------------------------------- text encoder
+
 
 def test_text_encoder_matches_official_conditioner(sa3):
     name, model = sa3
@@ -192,9 +211,19 @@ def test_demo_model_mlx_and_torch_agree():
     torch_model = demo.to_torch_backend(mlx_model)
     assert torch_model.text_encoder.tokenizer is mlx_model.text_encoder.tokenizer
     init = (0.3 * np.random.default_rng(4).standard_normal((2, 3 * 44100))).astype(np.float32)
-    outputs = [StableAudio3(m).generate("warm analog synth pad", duration=2.0, seed=5, steps=3, sampler="euler",
-                                        cfg_scale=2.0, init_audio=init, init_noise_level=0.8)
-               for m in (mlx_model, torch_model)]
+    outputs = [
+        StableAudio3(m).generate(
+            "warm analog synth pad",
+            duration=2.0,
+            seed=5,
+            steps=3,
+            sampler="euler",
+            cfg_scale=2.0,
+            init_audio=init,
+            init_noise_level=0.8,
+        )
+        for m in (mlx_model, torch_model)
+    ]
     expected, got = outputs
     assert got.audio.shape == expected.audio.shape == (1, 2, 2 * 44100)
     assert rel_err(got.latents, expected.latents) <= SAMPLING_TOL
@@ -202,6 +231,7 @@ def test_demo_model_mlx_and_torch_agree():
 
 
 # ---------------------------------------------------------------------------------------------------- installation
+
 
 def test_missing_torch_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` sees when it is not installed
@@ -231,8 +261,16 @@ def test_pipeline_backends_agree_on_demo_generation():
     mlx_pipe = mlx_sa3.StableAudio3.from_pretrained("demo")
     torch_pipe = mlx_sa3.StableAudio3.from_pretrained("demo", backend="torch")
     clip = (np.random.default_rng(0).standard_normal((2, 3 * 44100)) * 0.1).astype(np.float32)
-    request = dict(duration=3.0, seed=9, steps=4, sampler="pingpong", init_audio=(clip, 44100), init_noise_level=0.8,
-                   inpaint_audio=(clip, 44100), inpaint_regions=[(1.0, 2.0)])
+    request = dict(
+        duration=3.0,
+        seed=9,
+        steps=4,
+        sampler="pingpong",
+        init_audio=(clip, 44100),
+        init_noise_level=0.8,
+        inpaint_audio=(clip, 44100),
+        inpaint_regions=[(1.0, 2.0)],
+    )
     a = mlx_pipe.generate("bells", **request)
     b = torch_pipe.generate("bells", **request)
     assert rel_err(b.latents, a.latents) <= 1e-3

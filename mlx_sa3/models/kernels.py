@@ -1,0 +1,80 @@
+"""CPU fallback kernels of the DiT: polynomial exp, chunked attention and the SwiGLU dispatch.
+
+GPUs use MLX's fused kernels; on the CPU backend these are faster (docs/ARCHITECTURE.md, "CPU kernels").
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# On the CPU, MLX's exp is a scalar routine (~15 ns per element on the development machine) and its SDPA fallback
+# materialises the whole (heads, N, N) score matrix, so exponentials and memory traffic, not GEMMs, dominated a step.
+# There the softmax and SiLU use the polynomial exp below (fused by mx.compile) and attention runs over query chunks
+# whose scores stay in cache. Measured on 2 shared cores: attention 1.5-2x faster than mx.fast SDPA at 120 s of
+# latents (N = 1356), SwiGLU up to 4x at 10 s. GPUs keep MLX's fused kernels.
+_SCORES_PER_CHUNK = 1 << 20  # score elements (batch x heads x queries x keys) per attention chunk: 4 MB in float32
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n * _LN2_HI is exact
+_EXP_TAYLOR = [1.0 / math.factorial(i) for i in range(8)]
+
+
+def _use_fused_kernels() -> bool:
+    return mx.default_device() != mx.cpu
+
+
+def _exp(x: mx.array) -> mx.array:
+    """float32 exp from multiply-adds: exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 Taylor (~1e-7 relative error).
+
+    Inputs are clamped to [-87, 88], the float32 normal range (far below -87 the result is ~1e-38 instead of 0).
+    """
+    x = mx.clip(x, -87.0, 88.0)
+    n = mx.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    poly = _EXP_TAYLOR[-1]
+    for coefficient in reversed(_EXP_TAYLOR[:-1]):
+        poly = poly * r + coefficient
+    two_to_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+    return poly * two_to_n
+
+
+@mx.compile
+def _swiglu_fused(projected: mx.array) -> mx.array:
+    value, gate = mx.split(projected, 2, axis=-1)
+    return value * nn.silu(gate)
+
+
+@mx.compile
+def _swiglu_cpu(projected: mx.array) -> mx.array:
+    value, gate = mx.split(projected, 2, axis=-1)
+    gate32 = gate.astype(mx.float32)
+    return (value * (gate32 / (1.0 + _exp(-gate32)))).astype(projected.dtype)
+
+
+def _swiglu(projected: mx.array) -> mx.array:
+    """value * silu(gate) for the [value | gate] projection."""
+    return _swiglu_fused(projected) if _use_fused_kernels() else _swiglu_cpu(projected)
+
+
+@mx.compile
+def _softmax_numerator(scores: mx.array) -> tuple[mx.array, mx.array]:
+    scores = scores.astype(mx.float32)
+    e = _exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    return e, mx.sum(e, axis=-1, keepdims=True)
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v over (B, H, T, D) arrays, softmax in float32."""
+    if _use_fused_kernels():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    batch, heads, queries, _ = q.shape
+    chunk = max(1, _SCORES_PER_CHUNK // (batch * heads * k.shape[2]))
+    keys_t = k.swapaxes(-1, -2)
+    outs = []
+    for start in range(0, queries, chunk):
+        e, total = _softmax_numerator((q[:, :, start : start + chunk] * scale) @ keys_t)
+        # Normalise after the product: (queries x D) divisions instead of (queries x keys).
+        outs.append(((e @ v) / total).astype(v.dtype))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -1,0 +1,114 @@
+"""The platform: which BLAS MLX uses on Linux, how torch shares the cores with it, and ``python -m mlx_sa3.info``.
+
+MLX's Linux CPU wheel links against the reference BLAS (about 4 GFLOP/s on this class of machine). Its symbols
+are resolved through the global namespace, so loading the system OpenBLAS with ``RTLD_GLOBAL`` *before* the
+first ``import mlx`` makes every MLX GEMM use OpenBLAS instead (about 150 GFLOP/s on two cores).
+
+Set ``MLX_SA3_NO_OPENBLAS=1`` to keep the bundled BLAS (for comparisons), or ``MLX_SA3_BLAS=/path/lib.so`` to
+choose the library. This module must not import mlx at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import sys
+import time
+
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+#: path of the BLAS library loaded here, or None when MLX uses whatever it was linked with
+loaded_blas: str | None = None
+#: why no optimized BLAS was loaded (empty when one was)
+skipped_reason: str = ""
+
+
+def preload() -> str | None:
+    """Load OpenBLAS globally if we are on Linux, MLX is not imported yet and the user did not opt out."""
+    global loaded_blas, skipped_reason
+    if loaded_blas is not None:
+        return loaded_blas
+    if not sys.platform.startswith("linux"):
+        skipped_reason = "not Linux (MLX uses Accelerate/Metal)"
+        return None
+    if os.environ.get("MLX_SA3_NO_OPENBLAS", "") not in ("", "0"):
+        skipped_reason = "disabled by MLX_SA3_NO_OPENBLAS"
+        return None
+    if "mlx.core" in sys.modules:
+        skipped_reason = "mlx was imported before mlx_sa3; import mlx_sa3 first to use OpenBLAS"
+        return None
+    wanted = os.environ.get("MLX_SA3_BLAS")
+    for path in [wanted] if wanted else _CANDIDATES:
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as err:  # a broken library must not stop the import: fall back to the bundled BLAS
+                skipped_reason = f"could not load {path}: {err}"
+                continue
+            loaded_blas = path
+            skipped_reason = ""
+            return path
+    skipped_reason = "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+    return None
+
+
+def torch_thread_policy(torch) -> None:
+    """Run torch's own ops on one thread when mlx_sa3 preloaded OpenBLAS.
+
+    The globally loaded OpenBLAS also serves torch's GEMMs, with its own thread pool; torch's intra-op threads spin
+    between ops and fight those threads for the cores, which made a DiT step about 7x slower on two cores. With
+    torch single-threaded the GEMMs still use every core through OpenBLAS.
+    """
+    if loaded_blas is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+# -- python -m mlx_sa3.info -------------------------------------------------------------------------------------
+
+
+def gemm_gflops(n: int = 2048, dtype=None, repeats: int = 5) -> float:
+    """Best-of-``repeats`` rate of an n x n x n matmul in GFLOP/s on the default device."""
+    import mlx.core as mx
+
+    dtype = mx.float32 if dtype is None else dtype
+    a = mx.random.normal((n, n)).astype(dtype)
+    b = mx.random.normal((n, n)).astype(dtype)
+    mx.eval(a, b, a @ b)  # warm-up (BLAS thread start, Metal kernel compile)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def describe() -> dict:
+    import mlx.core as mx
+
+    return {
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "metal": bool(mx.metal.is_available()),
+        "platform": platform.platform(),
+        "blas": loaded_blas or f"MLX default ({skipped_reason or 'bundled'})",
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
+    )
+    parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
+    args = parser.parse_args(argv)
+    for key, value in describe().items():
+        print(f"{key:>9}: {value}")
+    print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")

@@ -1,0 +1,161 @@
+"""The DiT on torch: diffusers' ``StableAudio3DiTModel`` blocks run with the official model-level forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..checkpoint import checkpoint_config
+from ..loading import Source, component_weights, open_source, parse_dtype
+from ..models import dit as mlx_dit
+from ..models import keymaps
+from ..models.diffusion import DiffusionStep
+from .common import _load_state, _state_dict, _to_mx, _to_torch, reorder_rows, require_torch
+
+_SA3_DIT = "diffusers.models.transformers.transformer_stable_audio3"
+
+
+@dataclass
+class TorchPrepared:
+    """Step-invariant DiT inputs (torch): projected context(s), global embedding, local conditioning."""
+
+    global_embed: object  # (B, E)
+    context: object  # (B, Tc, E)
+    uncond_context: object | None  # (B, Tc, E) when prepared for guidance
+    local: object | None  # (B, L, local) channels-last, None: all zero
+    cfg: bool
+
+    @property
+    def batch(self) -> int:
+        return self.global_embed.shape[0]
+
+    @property
+    def latent_length(self) -> int | None:
+        return None if self.local is None else self.local.shape[1]
+
+
+def _dit_state(weights: dict) -> dict:
+    """mlx_sa3 DiT parameters -> ``StableAudio3DiTModel`` state."""
+    state = {}
+    for key, value in _state_dict(weights).items():
+        if key == "memory_tokens" and value.numel() == 0:
+            continue  # diffusers has no memory-token parameter without memory tokens
+        key = keymaps.dit_key_to_diffusers(key)
+        if key.endswith("self_attn.to_qkv.weight") and value.shape[0] == 5 * value.shape[1]:  # differential only
+            value = reorder_rows(value, keymaps.official_to_diffusers_qkv(value.shape[0]))
+        if key in ("preprocess_conv.weight", "postprocess_conv.weight"):
+            value = value.transpose(1, 2)  # MLX (out, k, in) -> torch (out, in, k)
+        state[key] = value.contiguous()
+    return state
+
+
+class TorchDiT(DiffusionStep):
+    """torch counterpart of :class:`mlx_sa3.dit.DiT`: ``__call__``, ``prepare``, ``step``, ``dtype``, ``config``.
+
+    ``__call__`` / ``step`` (guidance included) are the shared :class:`~mlx_sa3.models.diffusion.DiffusionStep`;
+    torch computes only ``prepare`` and the velocities.
+    """
+
+    def __init__(self, config: mlx_dit.DiTConfig, weights: dict):
+        torch, sa3 = require_torch(_SA3_DIT)
+        self.config = config
+        with torch.device("meta"):  # the weights are assigned at load time
+            net = sa3.StableAudio3DiTModel(
+                io_channels=config.io_channels,
+                embed_dim=config.embed_dim,
+                depth=config.depth,
+                num_heads=config.num_heads,
+                cond_token_dim=config.cond_token_dim,
+                global_cond_dim=config.global_cond_dim,
+                local_add_cond_dim=config.local_add_cond_dim,
+                timestep_features_dim=config.timestep_features_dim,
+                ff_mult=config.ff_mult,
+                num_memory_tokens=config.num_memory_tokens,
+                use_differential_attention=config.differential,
+            )
+        # prompt_padding_embedding only acts with a context mask, which the official DiT never applies: inert zeros.
+        net.prompt_padding_embedding = torch.nn.Parameter(torch.zeros(config.cond_token_dim))
+        # Official values where diffusers differs: RoPE width max(head_dim // 2, 32), block norm eps 1e-5.
+        net.rotary_pos_emb = sa3.StableAudio3RotaryEmbedding(config.rope_dims, base=config.rope_base)
+        for block in net.transformer_blocks:
+            for norm in (block.pre_norm, block.cross_attend_norm, block.ff_norm):
+                norm.eps = config.norm_eps
+            for attn in (block.self_attn, block.cross_attn):
+                attn.q_norm.eps = attn.k_norm.eps = config.qk_norm_eps
+        _load_state(net, _dit_state(weights), computed=("rotary_pos_emb.inv_freq", "prompt_padding_embedding"))
+        self.net = net.eval().requires_grad_(False)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return mx.float32
+
+    def _prepare(self, cross_attn_cond, global_cond, local_add_cond, negative, negative_mask, cfg: bool):
+        """:meth:`prepare` on torch; ``negative`` is None unless guided."""
+        torch = require_torch()
+        with torch.inference_mode():
+            context = self.net.to_cond_embed(_to_torch(cross_attn_cond))
+            global_embed = self.net.to_global_embed(_to_torch(global_cond))
+            uncond = None
+            if negative is not None:
+                negative = _to_torch(negative)
+                if negative_mask is not None:
+                    # The official code zeroes masked-out negative tokens (not the learned padding embedding).
+                    negative = negative * _to_torch(negative_mask, torch.bool)[..., None]
+                uncond = self.net.to_cond_embed(negative)
+            elif cfg:
+                uncond = torch.zeros_like(context)  # to_cond_embed has no biases: the null context embeds to zero
+            local = None if local_add_cond is None else _to_torch(local_add_cond).transpose(1, 2)
+        return TorchPrepared(global_embed, context, uncond, local, cfg)
+
+    def _velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
+        """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
+        torch = require_torch()
+        net, memory_count = self.net, self.config.num_memory_tokens
+        with torch.inference_mode():
+            h = _to_torch(x)
+            h = net.proj_in((net.preprocess_conv(h) + h).transpose(1, 2))
+            temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)))
+            global_mod = net.global_cond_embedder(prepared.global_embed + temb)
+            context = prepared.context
+            # The official DiT always adds to_local_embed(local): with no inpainting, that of zeros.
+            local = prepared.local
+            if local is None:
+                local = torch.zeros(h.shape[0], h.shape[1], self.config.local_add_cond_dim)
+            if guided:
+                h, global_mod, local = (torch.cat([a, a]) for a in (h, global_mod, local))
+                context = torch.cat([context, prepared.uncond_context])
+            if memory_count:
+                h = torch.cat([net.memory_tokens.expand(h.shape[0], -1, -1), h], dim=1)
+            rope = net.rotary_pos_emb(h.shape[1], h.device)
+            for block in net.transformer_blocks:
+                h = block(
+                    h,
+                    context=context,
+                    global_modulation=global_mod,
+                    rope=rope,
+                    local_seq=local,
+                    num_memory_tokens=memory_count,
+                )
+            out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
+            return _to_mx(net.postprocess_conv(out) + out)
+
+
+def _check_float32(dtype) -> None:
+    dtype = parse_dtype(dtype)
+    if dtype is not None and dtype != mx.float32:
+        raise ValueError(f"the torch backend computes in float32, got dtype {dtype}")
+
+
+def load_torch_dit(source, dtype=None) -> TorchDiT:
+    """DiT on torch from a full SA3 checkpoint (directory, repo id or Source); float32 only."""
+    _check_float32(dtype)
+    source = source if isinstance(source, Source) else open_source(source)
+    config = checkpoint_config(source).dit
+    weights = component_weights(source, "dit", mlx_dit.sanitize, mlx_dit.DiT(config), "DiT checkpoint")
+    return TorchDiT(config, weights)
+
+
+def torch_dit_from_mlx(module: mlx_dit.DiT) -> TorchDiT:
+    return TorchDiT(module.config, dict(tree_flatten(module.parameters())))

@@ -25,15 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
+from common import CONTEXT_TOKENS
+
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3 import batch
 from mlx_sa3.demo import full_size_parts, random_model
-from mlx_sa3.dit import DiT, DiTConfig
+from mlx_sa3.models.dit import DiT, DiTConfig
 from mlx_sa3.pipeline import StableAudio3
-
-import mlx.core as mx  # noqa: E402
-
-CONTEXT_TOKENS = 257
 
 
 def timed(fn, repeats: int) -> float:
@@ -227,9 +226,13 @@ def main() -> None:
             "| GB per extra item |\n|---|---|---|---|"
         )
         for r in results["max_batch"]:
-            print(
-                f"| {r['max_batch']} | {r['clips_per_hour']:.0f} | {r['mlx_peak_gb']:.2f} | {r['gb_per_extra_item']:.2f} |"
-            )
+            row = [
+                r["max_batch"],
+                f"{r['clips_per_hour']:.0f}",
+                f"{r['mlx_peak_gb']:.2f}",
+                f"{r['gb_per_extra_item']:.2f}",
+            ]
+            print("| " + " | ".join(map(str, row)) + " |")
         if args.ranks > 1:
             results["ranks"] = [ranks_row(args, 1), ranks_row(args, args.ranks)]
             print("\n| ranks | clips/hour |\n|---|---|")

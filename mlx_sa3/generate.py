@@ -22,6 +22,10 @@ EXAMPLES = """examples:
   python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
       --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
 
+  # several clips in one call, each with its own prompt, duration and seed: rain-1.wav, rain-2.wav
+  python -m mlx_sa3.generate --model ./sa3-small-sfx -p "light rain" -p "thunder" --duration 4 --duration 7 \\
+      --seed 1 --seed 2 -o rain.wav
+
   # continue a clip past its end (no regions: everything after the clip is generated)
   python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav \\
       --duration 60 -o longer.wav
@@ -35,19 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-p", "--prompt", help="what to generate")
-    p.add_argument("--negative-prompt", help="what to steer away from (needs --cfg-scale other than 1)")
+    p.add_argument("-p", "--prompt", action="append", help="what to generate; repeat for one file per prompt")
+    p.add_argument(
+        "--negative-prompt",
+        action="append",
+        help="what to steer away from (needs --cfg-scale other than 1); one, or one per -p",
+    )
     p.add_argument(
         "--model",
         default="stabilityai/stable-audio-3-small-music",
         help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)",
     )
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
+    p.add_argument(
+        "--duration", type=float, action="append", help="seconds of audio to write (default 30); one, or one per -p"
+    )
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
     p.add_argument("--sampler", help="pingpong, euler or dpmpp (default: the checkpoint's official default)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
     p.add_argument("--apg-scale", type=float, default=1.0, help="1 = adaptive projected guidance, 0 = plain CFG")
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed at the end)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        help="random seed (default: random, printed at the end); one, or one per -p",
+    )
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
     p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
@@ -108,6 +123,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.inpaint_start) != len(args.inpaint_end):
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+    try:
+        args.items = per_item_options(args)
+    except ValueError as err:
+        return _fail(str(err))
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -128,14 +147,11 @@ def _run(args) -> int:
         if args.model == "demo":
             print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
         request = GenerationRequest(
-            args.prompt,
-            args.duration,
-            negative_prompt=args.negative_prompt,
+            **args.items,
             steps=args.steps,
             sampler=args.sampler,
             cfg_scale=args.cfg_scale,
             apg_scale=args.apg_scale,
-            seed=args.seed,
             init_audio=args.init_audio,
             init_noise_level=args.init_noise_level,
             inpaint_audio=args.inpaint_audio,
@@ -150,8 +166,31 @@ def _run(args) -> int:
     except (ValueError, AudioError, CheckpointError, NonFiniteError, FileNotFoundError, PermissionError) as err:
         return _fail(str(err))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
-    print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+    seeds = f"seeds {', '.join(map(str, out.seeds))}" if out.seeds and len(set(out.seeds)) > 1 else f"seed {out.seed}"
+    print(f"wrote {', '.join(map(str, out.paths))} ({seeds}; {stages})")
     return 0
+
+
+PER_ITEM_FLAGS = {"prompt": "-p", "duration": "--duration", "seed": "--seed", "negative_prompt": "--negative-prompt"}
+
+
+def per_item_options(args) -> dict:
+    """The repeatable flags as request fields: one value broadcasts, several give one item each (checked here).
+
+    Every flag given more than once must be given as often as the others given more than once; ``--batch`` makes
+    variations of one prompt and does not combine with several items.
+    """
+    given = {field: getattr(args, field) or [] for field in PER_ITEM_FLAGS}
+    counts = {field: len(values) for field, values in given.items() if len(values) > 1}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{len(given[f])} {PER_ITEM_FLAGS[f]}" for f in counts)
+        raise ValueError(f"got {listed}: give each of these once or once per item")
+    if counts and args.batch != 1:
+        raise ValueError("--batch makes variations of one prompt; with several -p/--duration/--seed leave it out")
+    options = {field: (values if len(values) > 1 else values[0] if values else None) for field, values in given.items()}
+    if options["duration"] is None:
+        options["duration"] = 30.0
+    return options
 
 
 def _fail(message: str, status: int = 2) -> int:

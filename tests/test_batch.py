@@ -74,6 +74,59 @@ def test_per_item_errors_name_the_item():
         pipe.generate(["a", "b"], duration=1.0, seed=[1, 2, 3], steps=1)
 
 
+def test_per_item_request_object(pipe):
+    from mlx_sa3.pipeline import GenerationRequest
+
+    request = GenerationRequest(["rain", "thunder"], duration=[1.0, 1.5], seed=[3, 4], steps=2)
+    out = pipe.generate(request=request)
+    assert [a.shape[-1] for a in out.items] == [SR, round(1.5 * SR)] and out.seeds == [3, 4]
+    assert rel_err(out.items[1], pipe.generate("thunder", duration=1.5, seed=4, steps=2).audio[0]) <= TOL
+
+
+# -- CLI: repeatable -p / --duration / --seed ------------------------------------------------------------------------
+
+
+def cli(*args):
+    from mlx_sa3 import generate
+
+    return generate.main(["--model", "demo", "--quiet", "--steps", "2", *map(str, args)])
+
+
+def test_cli_one_file_per_prompt(tmp_path, capsys):
+    args = ["-p", "rain", "-p", "thunder", "--duration", 1, "--duration", 1.5, "--seed", 1, "--seed", 2]
+    assert cli(*args, "-o", tmp_path / "sfx.wav") == 0
+    assert "seeds 1, 2" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["sfx-1.wav", "sfx-2.wav"]
+    assert cli("-p", "thunder", "--duration", 1.5, "--seed", 2, "-o", tmp_path / "solo.wav") == 0
+    first, second, solo = (sf.read(tmp_path / n, dtype="float32")[0] for n in ("sfx-1.wav", "sfx-2.wav", "solo.wav"))
+    assert first.shape == (SR, 2) and second.shape == (round(1.5 * SR), 2)
+    assert rel_err(second, solo) <= TOL
+
+
+def test_cli_single_value_broadcasts(tmp_path):
+    assert cli("-p", "rain", "-p", "thunder", "--duration", 1, "--seed", 5, "-o", tmp_path / "b.flac") == 0
+    assert [sf.info(tmp_path / f"b-{i}.flac").frames for i in (1, 2)] == [SR, SR]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "a", "-p", "b", "--duration", 1, "--duration", 2, "--duration", 3], "2 -p, 3 --duration"),
+        (["-p", "a", "-p", "b", "--seed", 1, "--seed", 2, "--seed", 3], "2 -p, 3 --seed"),
+        (["-p", "a", "-p", "b", "--duration", 1, "--batch", 2], "--batch makes variations"),
+    ],
+)
+def test_cli_mismatched_counts_refused_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(StableAudio3, "from_pretrained", no_load)
+    assert cli(*args, "-o", tmp_path / "x.wav") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
 # -- job runner -------------------------------------------------------------------------------------------------------
 
 

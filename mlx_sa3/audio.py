@@ -82,7 +82,20 @@ def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
 def open_writer(path: str | os.PathLike, channels: int = 2, sample_rate: int = SAMPLE_RATE, fmt: str | None = None):
     """A soundfile writer for wav (32-bit float) or flac (24-bit); write (N, C) blocks to it."""
     container, subtype = WRITE_FORMATS[format_for(path, fmt)]
-    return sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=channels, format=container, subtype=subtype)
+    writer = sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=channels, format=container, subtype=subtype)
+    return _without_peak_chunk(writer) if container == "WAV" else writer
+
+
+SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's sndfile.h; soundfile has no public call for it
+
+
+def _without_peak_chunk(writer: sf.SoundFile) -> sf.SoundFile:
+    """Drop the PEAK chunk libsndfile adds to float WAV files: it holds the write time, so the same audio written
+    twice would differ byte-wise (a distributed run's files must equal a single-process run's). Before any write."""
+    from soundfile import _ffi, _snd
+
+    _snd.sf_command(writer._file, SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)  # 0 = SF_FALSE
+    return writer
 
 
 def write_audio(path: str | os.PathLike, audio, sample_rate: int = SAMPLE_RATE, fmt: str | None = None) -> Path:

@@ -127,6 +127,30 @@ def test_cli_mismatched_counts_refused_before_loading(tmp_path, capsys, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+def _riff_chunks(data: bytes) -> list[bytes]:
+    chunks, pos = [], 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        chunks.append(data[pos : pos + 4])
+        pos += 8 + size + (size & 1)
+    return chunks
+
+
+def test_wav_has_no_peak_chunk_and_equal_audio_gives_equal_bytes(tmp_path):
+    from mlx_sa3.audio import write_audio
+
+    audio = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 1000)).astype(np.float32)
+    sf.write(tmp_path / "plain.wav", audio.T, SR, subtype="FLOAT")  # libsndfile's default: a PEAK chunk
+    assert b"PEAK" in _riff_chunks((tmp_path / "plain.wav").read_bytes())
+    first = write_audio(tmp_path / "a.wav", audio).read_bytes()
+    time.sleep(1.1)  # the PEAK chunk's stamp has a resolution of one second
+    second = write_audio(tmp_path / "b.wav", audio).read_bytes()
+    chunks = _riff_chunks(first)
+    assert first[:4] == b"RIFF" and b"data" in chunks and b"PEAK" not in chunks
+    assert first == second
+    assert sf.read(tmp_path / "a.wav", dtype="float32")[0].T.tobytes() == audio.tobytes()
+
+
 # -- job runner -------------------------------------------------------------------------------------------------------
 
 
@@ -351,8 +375,4 @@ def test_two_ranks_equal_one(tmp_path, fmt):
     assert not list(double.glob("manifest.rank*.jsonl"))  # shards merged
     for e in one:
         a, b = (single / e["file"]).read_bytes(), (double / e["file"]).read_bytes()
-        if fmt == "flac":
-            assert a == b
-        else:  # libsndfile stamps the write time into the WAV PEAK chunk: compare the samples bit for bit
-            x, y = sf.read(single / e["file"], dtype="float32")[0], sf.read(double / e["file"], dtype="float32")[0]
-            assert x.tobytes() == y.tobytes() and len(a) == len(b)
+        assert a == b  # byte-identical files, WAV included (no PEAK chunk with its write time)

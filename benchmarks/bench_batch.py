@@ -79,8 +79,11 @@ def dit_only(seconds: float, other_seconds: float, repeats: int) -> dict:
     }
 
 
-def full_pipe(dtype=None) -> StableAudio3:
-    return StableAudio3(random_model(*full_size_parts("small"), dtype=dtype))
+def full_pipe(model: str = "random", dtype=None) -> StableAudio3:
+    """``random``: the full-size small model with random weights, built in-process; else a checkpoint or ``demo``."""
+    if model == "random":
+        return StableAudio3(random_model(*full_size_parts("small"), dtype=dtype))
+    return StableAudio3.from_pretrained(model, dtype=dtype)
 
 
 def jobs_for(clips: int, seconds: float, steps: int) -> list:
@@ -122,8 +125,8 @@ def run_jobs(pipe, jobs, max_batch: int, out_dir: Path, rank: int = 0, size: int
     return time.perf_counter() - start
 
 
-def max_batch_table(clips: int, seconds: float, steps: int, sizes: list[int]) -> list[dict]:
-    pipe = full_pipe()
+def max_batch_table(clips: int, seconds: float, steps: int, sizes: list[int], model: str = "random") -> list[dict]:
+    pipe = full_pipe(model)
     jobs = jobs_for(clips, seconds, steps)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_batch_") as tmp:
@@ -151,7 +154,7 @@ def max_batch_table(clips: int, seconds: float, steps: int, sizes: list[int]) ->
 def worker(args) -> None:
     """One rank under mlx.launch: its share of the jobs, then the slowest rank's wall time from rank 0."""
     ranks = batch.Ranks()
-    pipe = full_pipe()
+    pipe = full_pipe(args.model)
     jobs = jobs_for(args.clips, args.seconds, args.steps)
     with tempfile.TemporaryDirectory(prefix=f"bench_batch_r{ranks.rank}_") as tmp:
         ranks.sum([0.0])
@@ -185,6 +188,8 @@ def ranks_row(args, count: int) -> dict:
         str(args.seconds),
         "--steps",
         str(args.steps),
+        "--model",
+        args.model,
     ]
     if count == 1:
         cmd = cmd[cmd.index("--") + 1 :]
@@ -203,24 +208,29 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=1, help="also compare 1 rank with this many local ranks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-dit", action="store_true", help="skip the DiT step comparison")
+    p.add_argument("--model", default="random", help="random (full-size small, in-process), a checkpoint, or demo")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
 
-    results = {"dit": dit_only(args.seconds, args.other_seconds, args.repeats)}
-    d = results["dit"]
-    print(
-        f"DiT step, small, {d['seconds']:g} s ({d['length']} latents): batch 1 {d['step_batch1_s']:.3f} s, "
-        f"batch 2 {d['step_batch2_s']:.3f} s -> batch 2 / (2 x batch 1) = {d['batch2_over_two_batch1']:.2f}"
-    )
-    print(
-        f"padded batch 2 ({d['seconds']:g} s + {d['other_seconds']:g} s at {d['length']} latents) / the two alone "
-        f"= {d['padded_batch2_over_solo_pair']:.2f}"
-    )
+    results = {}
+    if not args.no_dit:
+        results["dit"] = dit_only(args.seconds, args.other_seconds, args.repeats)
+        d = results["dit"]
+        print(
+            f"DiT step, small, {d['seconds']:g} s ({d['length']} latents): batch 1 {d['step_batch1_s']:.3f} s, "
+            f"batch 2 {d['step_batch2_s']:.3f} s -> batch 2 / (2 x batch 1) = {d['batch2_over_two_batch1']:.2f}"
+        )
+        print(
+            f"padded batch 2 ({d['seconds']:g} s + {d['other_seconds']:g} s at {d['length']} latents) / the two alone "
+            f"= {d['padded_batch2_over_solo_pair']:.2f}"
+        )
     if not args.dit_only:
-        results["max_batch"] = max_batch_table(args.clips, args.seconds, args.steps, args.max_batch)
+        results["max_batch"] = max_batch_table(args.clips, args.seconds, args.steps, args.max_batch, args.model)
+        mx.clear_cache()
         print(
             f"\n{args.clips} clips of {args.seconds:g} s, {args.steps} steps\n| max-batch | clips/hour | MLX peak GB "
             "| GB per extra item |\n|---|---|---|---|"

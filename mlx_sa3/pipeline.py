@@ -94,7 +94,11 @@ class FileOutput:
     sample_rate: int
     seed: int
     timings: dict = field(default_factory=dict)
-    seeds: list | None = None  # per-item requests: item i's seed
+    seeds: list | None = None  # item i's seed (per-item requests: each its own)
+
+    def __post_init__(self):
+        if self.seeds is None:
+            self.seeds = [self.seed] * len(self.paths)
 
 
 # -- request planning -----------------------------------------------------------------------------------------------

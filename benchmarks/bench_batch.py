@@ -136,6 +136,7 @@ def max_batch_table(clips: int, seconds: float, steps: int, sizes: list[int], mo
         for size in sizes:
             mx.reset_peak_memory()
             wall = run_jobs(pipe, jobs, size, Path(tmp))
+            print(f"max-batch {size}: {clips} clips in {wall:.1f} s, MLX peak {mx.get_peak_memory() / 1e9:.2f} GB")
             for f in Path(tmp).iterdir():
                 f.unlink()
             rows.append(
@@ -218,7 +219,13 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    sys.stdout.reconfigure(line_buffering=True)  # tables appear as each part finishes
     results = {}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     if not args.no_dit:
         results["dit"] = dit_only(args.seconds, args.other_seconds, args.repeats)
         d = results["dit"]
@@ -230,6 +237,7 @@ def main() -> None:
             f"padded batch 2 ({d['seconds']:g} s + {d['other_seconds']:g} s at {d['length']} latents) / the two alone "
             f"= {d['padded_batch2_over_solo_pair']:.2f}"
         )
+        save()
     if not args.dit_only:
         results["max_batch"] = max_batch_table(args.clips, args.seconds, args.steps, args.max_batch, args.model)
         mx.clear_cache()
@@ -245,13 +253,13 @@ def main() -> None:
                 f"{r['gb_per_extra_item']:.2f}",
             ]
             print("| " + " | ".join(map(str, row)) + " |")
+        save()
         if args.ranks > 1:
             results["ranks"] = [ranks_row(args, 1), ranks_row(args, args.ranks)]
             print("\n| ranks | clips/hour |\n|---|---|")
             for r in results["ranks"]:
                 print(f"| {r['ranks']} | {r['clips_per_hour']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    save()
 
 
 if __name__ == "__main__":

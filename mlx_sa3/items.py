@@ -6,9 +6,8 @@ a batch never changes the others, and each item equals the same item generated a
 
 Items whose DiT inputs have the same shape and schedule share one DiT batch; items of other lengths run as separate
 batches, one after the other ("grouping by length"). Sharing one batch across lengths needs attention masking of the
-padded keys in the DiT, and pays only where a batch of two costs less than two batches of one (a compute-bound CPU
-step scales with the batch, so padding would only add work there; benchmarks/bench_batch.py --dit-only measures it).
-The DiT change masking needs is written down in docs/BATCH.md.
+padded keys in the DiT, and pays only where a padded batch costs less than its items alone; on the CPU it does not
+(docs/BATCH.md has the numbers and the DiT change masking would need; benchmarks/bench_batch.py --dit-only).
 
 A per-item request is an ordinary :class:`~mlx_sa3.pipeline.GenerationRequest` whose ``prompt``, ``duration``,
 ``seed`` or ``negative_prompt`` is a list; each item becomes a solo request (:func:`expand_items`). This module only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -16,13 +17,39 @@ class AudioError(ValueError):
     """An audio file or array that cannot be used: unreadable, empty, or with an unsupported channel count."""
 
 
+# Integer PCM is scaled by 2**(bits - 1), soundfile's convention, so an int16 array and the same samples read from a
+# 16-bit file give identical input (the official numpy path divides int16 by 32767: 1 LSB apart, 3e-5 relative).
+_INT_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
+
+
+def to_float32(audio, what: str = "audio") -> np.ndarray:
+    """Samples as float32 in the usual [-1, 1] scale: floats as they are, int8/16/32 and uint8 PCM scaled."""
+    audio = np.asarray(audio)
+    dtype = audio.dtype
+    if dtype in _INT_SCALE:
+        return (audio.astype(np.float64) / _INT_SCALE[dtype]).astype(np.float32)
+    if dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
+        return ((audio.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, which check_finite then reports
+            return audio.astype(np.float32)
+    raise AudioError(f"{what}: unsupported sample type {dtype}; use float32/float64 in [-1, 1] or int8/16/32 PCM")
+
+
 def to_stereo(audio: np.ndarray, what: str = "audio") -> np.ndarray:
-    """(N,), (C, N) with C in {1, 2} -> (2, N) float32. Mono is duplicated; more channels are refused."""
-    audio = np.asarray(audio, dtype=np.float32)
+    """Any accepted array layout -> (2, N) float32, finite, at least one sample.
+
+    Layouts: ``(N,)`` mono or channels-first ``(C, N)`` with C in {1, 2}, the official tensor layout. A 2-D array with
+    more than two rows and one or two columns can only be channels-last ``(N, C)`` (what ``soundfile.read`` and the
+    official numpy path use) and is transposed. Mono is duplicated; more than two channels are refused.
+    """
+    audio = to_float32(audio, what)
+    if audio.ndim == 2 and audio.shape[0] > 2 and audio.shape[1] in (1, 2):
+        audio = audio.T
     if audio.ndim == 1:
         audio = audio[None]
     if audio.ndim != 2:
-        raise AudioError(f"{what}: expected (channels, samples) audio, got shape {audio.shape}")
+        raise AudioError(f"{what}: expected (samples,) or (channels, samples) audio, got shape {audio.shape}")
     if audio.shape[0] == 1:
         audio = np.repeat(audio, 2, axis=0)
     if audio.shape[0] != 2:
@@ -32,7 +59,19 @@ def to_stereo(audio: np.ndarray, what: str = "audio") -> np.ndarray:
         )
     if audio.shape[1] == 0:
         raise AudioError(f"{what}: no samples")
+    check_finite(audio, what)
     return np.ascontiguousarray(audio)
+
+
+def check_finite(audio: np.ndarray, what: str = "audio") -> None:
+    """Refuse NaN or infinite samples, saying how many and where the first one is."""
+    bad = ~np.isfinite(audio)
+    if bad.any():
+        frames = bad.any(axis=0) if audio.ndim == 2 else bad  # count sample positions, not channels
+        raise AudioError(
+            f"{what}: {int(frames.sum())} NaN or infinite samples (the first at sample "
+            f"{int(np.argmax(frames))}); the input audio must be finite"
+        )
 
 
 def resample(audio: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
@@ -44,11 +83,26 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.nda
     return np.ascontiguousarray(soxr.resample(audio.T, sr_in, sr_out, quality="VHQ").T.astype(np.float32))
 
 
+def check_sample_rate(sample_rate, what: str = "audio") -> int:
+    """A sample rate must be a positive whole number of Hz."""
+    if isinstance(sample_rate, bool) or sample_rate is None:
+        raise AudioError(f"{what}: a positive sample rate is required with an audio array, got {sample_rate!r}")
+    try:
+        rate = float(sample_rate)
+    except (TypeError, ValueError):
+        raise AudioError(f"{what}: the sample rate must be a number of Hz, got {sample_rate!r}") from None
+    if not math.isfinite(rate) or rate <= 0 or not rate.is_integer():
+        raise AudioError(f"{what}: the sample rate must be a positive whole number of Hz, got {sample_rate!r}")
+    return int(rate)
+
+
 def prepare_audio(audio, sample_rate: int, what: str = "audio") -> np.ndarray:
-    """An in-memory array at any rate, mono or stereo, as (2, N) float32 at 44.1 kHz."""
-    if sample_rate is None or int(sample_rate) <= 0:
-        raise AudioError(f"{what}: a positive sample rate is required with an audio array")
-    return resample(to_stereo(audio, what), int(sample_rate))
+    """An in-memory array at any rate, mono or stereo (layouts: :func:`to_stereo`), as (2, N) float32 at 44.1 kHz."""
+    rate = check_sample_rate(sample_rate, what)
+    out = resample(to_stereo(audio, what), rate)
+    if out.shape[1] == 0:
+        raise AudioError(f"{what}: too short to resample to {SAMPLE_RATE} Hz")
+    return out
 
 
 def read_audio(path: str | os.PathLike) -> np.ndarray:
@@ -60,16 +114,69 @@ def read_audio(path: str | os.PathLike) -> np.ndarray:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{path}: not a readable audio file ({err})") from None
-    return prepare_audio(data.T, sr, what=str(path))
+    return prepare_audio(data.T, sr, what=f"{path} (input file)")
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def load_audio_input(audio, what: str = "audio") -> np.ndarray:
-    """Accept a path, or an ``(array, sample_rate)`` pair, and return (2, N) float32 at 44.1 kHz."""
+    """The one way audio comes in; returns (2, N) float32 at 44.1 kHz, validated.
+
+    Accepts a file path; an ``(array, sample_rate)`` pair (the official ``(sample_rate, array)`` order too); or a
+    bare array, taken to be at 44.1 kHz. Arrays are numpy-convertible (numpy, mx.array, CPU torch tensors) in the
+    layouts of :func:`to_stereo`, float in [-1, 1] or integer PCM (scaled, see :func:`to_float32`).
+    """
     if isinstance(audio, (str, os.PathLike)):
         return read_audio(audio)
-    if isinstance(audio, tuple) and len(audio) == 2:
-        return prepare_audio(np.asarray(audio[0]), audio[1], what)
-    raise AudioError(f"{what}: pass a file path or an (array, sample_rate) pair")
+    if isinstance(audio, tuple):
+        if len(audio) == 2 and _is_rate(audio[1]) and not _is_rate(audio[0]):
+            return prepare_audio(audio[0], audio[1], what)
+        if len(audio) == 2 and _is_rate(audio[0]) and not _is_rate(audio[1]):
+            return prepare_audio(audio[1], audio[0], what)
+        raise AudioError(f"{what}: pass a file path, an (array, sample_rate) pair or an array at {SAMPLE_RATE} Hz")
+    try:
+        array = np.asarray(audio)
+    except (TypeError, ValueError, RuntimeError):
+        array = None
+    if array is None or array.dtype == object or array.ndim == 0:
+        raise AudioError(f"{what}: pass a file path, an (array, sample_rate) pair or an array at {SAMPLE_RATE} Hz")
+    return prepare_audio(array, SAMPLE_RATE, what)
+
+
+def format_seconds(seconds: float, digits: int = 3) -> str:
+    """``seconds`` rounded *down* to ``digits`` decimals, trailing zeros dropped: a stated limit is always allowed."""
+    scale = 10**digits
+    return f"{math.floor(seconds * scale + 1e-9) / scale:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def check_duration(duration, sample_rate: int = SAMPLE_RATE, max_samples: int | None = None) -> int:
+    """Validate a requested duration in seconds; returns its length in samples, ``round(duration * sample_rate)``.
+
+    Refused: non-numbers, NaN/inf, zero or negative, less than one sample, and more than ``max_samples`` (the
+    model's canvas). The messages give the real limits: the maximum rounded down to the millisecond, the request
+    as given (``repr``), so they never read "47.6 exceeds 47.6".
+    """
+    try:
+        seconds = float(duration)
+    except (TypeError, ValueError):
+        raise ValueError(f"duration must be a number of seconds, got {duration!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
+    samples = round(seconds * sample_rate)
+    if seconds * sample_rate < 1:
+        scale = 10 ** (2 - math.floor(math.log10(1 / sample_rate)))  # three significant digits, rounded up
+        shortest = math.ceil(scale / sample_rate) / scale
+        raise ValueError(
+            f"duration {seconds!r} s is less than one sample at {sample_rate} Hz (at least {shortest:g} s)"
+        )
+    if max_samples is not None and samples > max_samples:
+        raise ValueError(
+            f"duration {seconds!r} s is too long: this model makes at most "
+            f"{format_seconds(max_samples / sample_rate)} s"
+        )
+    return samples
 
 
 def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:

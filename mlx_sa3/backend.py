@@ -24,6 +24,11 @@ def _torch_backend():
     return torch_backend
 
 
+def describe_torch() -> str:
+    """The torch backend's version and threads, or why it is unavailable (for ``python -m mlx_sa3.info``)."""
+    return _torch_backend().describe_torch()
+
+
 def _open(src) -> Source:
     return src if isinstance(src, Source) else open_source(src)
 

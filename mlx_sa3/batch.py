@@ -547,7 +547,16 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_batch(pipe, batch: list[Job], out_dir: Path, fmt: str, interrupts: Interrupts, stamp: dict, callback=None):
+def run_batch(
+    pipe,
+    batch: list[Job],
+    out_dir: Path,
+    fmt: str,
+    interrupts: Interrupts,
+    stamp: dict,
+    callback=None,
+    overwrite: bool = False,
+):
     """Generate one batch of jobs in one call; returns (manifest entries, error or None)."""
     from .audio import AudioError
     from .sampling import NonFiniteError
@@ -571,6 +580,7 @@ def run_batch(pipe, batch: list[Job], out_dir: Path, fmt: str, interrupts: Inter
                 duration=[job.settings["duration"] for job in batch],
                 fmt=fmt,
                 callback=on_event,
+                overwrite=overwrite,
                 seed=[job.seed for job in batch],
                 negative_prompt=[job.settings["negative_prompt"] for job in batch]
                 if s["negative_prompt"] is not None
@@ -714,7 +724,9 @@ def _main(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out_dir, ranks.rank)
     mine = split_batches(group_jobs(jobs, args.max_batch), ranks.size)[ranks.rank]
-    _remove_stale_partials(out_dir, [job for batch in mine for job in batch])
+    from .outputs import remove_stale_temporaries
+
+    remove_stale_temporaries(out_dir)  # the atomic writer's temporaries left by a hard kill of an earlier run
 
     interrupts = Interrupts()
     interrupts.install()
@@ -740,7 +752,7 @@ def _main(args) -> int:
             todo = [job for job in batch if states[job.name] != "done"]
             if not todo:
                 continue
-            entries, error = run_batch(pipe, todo, out_dir, args.format, interrupts, stamp)
+            entries, error = run_batch(pipe, todo, out_dir, args.format, interrupts, stamp, overwrite=args.overwrite)
             with interrupts.recording():
                 append_entries(shard, entries)
                 _fsync_dir(out_dir)
@@ -803,17 +815,6 @@ def _lock(out_dir: Path, rank: int):
         handle.close()
         raise BatchError(f"another mlx_sa3.batch run is using {out_dir} (rank {rank})") from None
     return handle
-
-
-def _remove_stale_partials(out_dir: Path, jobs: list[Job]) -> None:
-    """Hidden temporaries of this rank's jobs left by a hard kill (the atomic writer's ``.<name>.*.partial``)."""
-    for job in jobs:
-        for stale in out_dir.glob(f".{glob_escape(job.file)}.*.partial"):
-            stale.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _fail(message: str, status: int = 2) -> int:

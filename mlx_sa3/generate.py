@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         action="append",
-        help="random seed (default: random, printed at the end); one, or one per -p",
+        help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed); one, or one per -p",
     )
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     return p
 
 
@@ -127,6 +128,10 @@ def main(argv=None) -> int:
         args.items = per_item_options(args)
     except ValueError as err:
         return _fail(str(err))
+    from .platform import blas_warning
+
+    if blas_warning():
+        print(f"warning: {blas_warning()}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -134,39 +139,102 @@ def main(argv=None) -> int:
         return _run(args)
 
 
+def _max_samples(model: str) -> int | None:
+    """The checkpoint's canvas (``sample_size``) from its config alone, without loading weights (None: unknown)."""
+    from .checkpoint import SA3Config
+    from .loading import open_source
+
+    if model == "demo":
+        from .demo import DEMO_CONFIG
+
+        return SA3Config.from_dict(DEMO_CONFIG).sample_size
+    source = open_source(model, allow_patterns=["model_config.json", "config.json"])  # configs only
+    return SA3Config.from_dict(source.model_config).sample_size if source.layout != "same" else None
+
+
+def _preflight(args):
+    """Check every argument and input before a model loads; returns the seed and the audio inputs as arrays."""
+    from .audio import SAMPLE_RATE, check_duration, format_for, load_audio_input
+    from .outputs import batch_targets, check_output_targets, resolve_seed
+    from .pipeline import StableAudio3
+    from .sampling import SAMPLERS
+
+    items = args.items
+    seed = [resolve_seed(s) for s in items["seed"]] if isinstance(items["seed"], list) else resolve_seed(items["seed"])
+    count = max([len(v) for v in items.values() if isinstance(v, list)], default=args.batch)
+    if args.batch < 1:
+        raise ValueError(f"batch size must be at least 1, got {args.batch}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {args.steps}")
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 0.0 < args.init_noise_level <= 1.0:
+        raise ValueError(f"init noise level must be in (0, 1], got {args.init_noise_level}")
+    for start, end in zip(args.inpaint_start, args.inpaint_end):
+        if not 0 <= start < end:
+            raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
+    if args.inpaint_start and args.inpaint_audio is None:
+        raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
+    has_audio = args.init_audio is not None or args.inpaint_audio is not None
+    prompt = items["prompt"]
+    StableAudio3._prompts(prompt, len(prompt) if isinstance(prompt, list) else args.batch, required=not has_audio)
+    format_for(args.output, args.format)
+    check_output_targets(batch_targets(args.output, count), args.overwrite)
+    durations = items["duration"] if isinstance(items["duration"], list) else [items["duration"]]
+    max_samples = _max_samples(args.model)
+    for duration in durations:
+        check_duration(duration, SAMPLE_RATE, max_samples)
+    init = load_audio_input(args.init_audio, "--init-audio") if args.init_audio is not None else None
+    inpaint = load_audio_input(args.inpaint_audio, "--inpaint-audio") if args.inpaint_audio is not None else None
+    return seed, init, inpaint
+
+
 def _run(args) -> int:
     from .audio import AudioError
     from .loading import CheckpointError
+    from .outputs import Terminated, handle_signals, os_error_message
     from .pipeline import GenerationCancelled, GenerationRequest, StableAudio3
     from .sampling import NonFiniteError
 
     try:
-        start = time.perf_counter()
-        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
-        load_time = time.perf_counter() - start
-        if args.model == "demo":
-            print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
-        request = GenerationRequest(
-            **args.items,
-            steps=args.steps,
-            sampler=args.sampler,
-            cfg_scale=args.cfg_scale,
-            apg_scale=args.apg_scale,
-            init_audio=args.init_audio,
-            init_noise_level=args.init_noise_level,
-            inpaint_audio=args.inpaint_audio,
-            inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
-            batch_size=args.batch,
-        )
-        out = pipe.generate_to_file(args.output, fmt=args.format, callback=_progress(args.quiet), request=request)
+        with handle_signals():
+            seed, init_audio, inpaint_audio = _preflight(args)
+            start = time.perf_counter()
+            pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+            load_time = time.perf_counter() - start
+            if args.model == "demo":
+                print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
+            request = GenerationRequest(
+                **{**args.items, "seed": seed},
+                steps=args.steps,
+                sampler=args.sampler,
+                cfg_scale=args.cfg_scale,
+                apg_scale=args.apg_scale,
+                init_audio=init_audio,
+                init_noise_level=args.init_noise_level,
+                inpaint_audio=inpaint_audio,
+                inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
+                batch_size=args.batch,
+            )
+            out = pipe.generate_to_file(
+                args.output,
+                fmt=args.format,
+                callback=_progress(args.quiet),
+                request=request,
+                overwrite=args.overwrite,
+            )
     except KeyboardInterrupt:
         return _fail("interrupted; no output written", 130)
+    except Terminated as err:
+        return _fail(f"{err}; no output written", err.status)
     except GenerationCancelled as err:
         return _fail(str(err))
-    except (ValueError, AudioError, CheckpointError, NonFiniteError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, AudioError, CheckpointError, NonFiniteError) as err:
         return _fail(str(err))
+    except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
+        return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
-    seeds = f"seeds {', '.join(map(str, out.seeds))}" if out.seeds and len(set(out.seeds)) > 1 else f"seed {out.seed}"
+    seeds = f"seeds {', '.join(map(str, out.seeds))}" if len(set(out.seeds)) > 1 else f"seed {out.seed}"
     print(f"wrote {', '.join(map(str, out.paths))} ({seeds}; {stages})")
     return 0
 

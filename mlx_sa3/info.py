@@ -1,9 +1,17 @@
-"""``python -m mlx_sa3.info``: what MLX runs on here, which BLAS it uses and how fast a GEMM is.
+"""``python -m mlx_sa3.info``: what MLX runs on here, which BLAS it uses, the torch backend and how fast a GEMM is.
 
-Compatibility entry point: the code lives in :mod:`mlx_sa3.platform`.
+The platform rows come from :mod:`mlx_sa3.platform` (the lowest layer); the torch backend row from
+:mod:`mlx_sa3.backend`, the only module that may reach the torch backend.
 """
 
-from .platform import describe, gemm_gflops, main
+from .platform import describe, gemm_gflops
+
+
+def main(argv=None) -> None:
+    from . import backend, platform
+
+    platform.main(argv, more=lambda: {"torch": backend.describe_torch()})
+
 
 __all__ = ["describe", "gemm_gflops", "main"]
 

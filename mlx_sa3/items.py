@@ -18,7 +18,6 @@ dispatches here when a request is per item (:func:`is_per_item`).
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -26,7 +25,8 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from .sampling import gaussian_noise
+from .outputs import resolve_seed
+from .sampling import NonFiniteError, gaussian_noise
 
 
 @dataclass
@@ -85,7 +85,7 @@ def expand_items(request) -> list:
         raise ValueError("noise cannot be given for a per-item request: each item's noise comes from its seed")
     prompts = _per_item(request.prompt, count, "prompts")
     durations = _per_item(request.duration, count, "durations")
-    seeds = [secrets.randbelow(2**31) if s is None else int(s) for s in _per_item(request.seed, count, "seeds")]
+    seeds = [resolve_seed(s) for s in _per_item(request.seed, count, "seeds")]  # None or negative: random
     negatives = _per_item(request.negative_prompt, count, "negative prompts")
     return [
         replace(request, prompt=p, duration=d, seed=s, negative_prompt=n, batch_size=1)
@@ -232,7 +232,10 @@ def stream_items(
             for row, (item, plan) in enumerate(zip(batch, plans)):
                 take = min(piece.shape[-1], plan.num_samples - offset)
                 if take > 0:
-                    audio = np.clip(np.asarray(piece[row : row + 1, :, :take], dtype=np.float32), -1.0, 1.0)
+                    audio = np.asarray(piece[row : row + 1, :, :take], dtype=np.float32)
+                    if not np.isfinite(audio).all():  # before the clamp, which would turn inf into full scale
+                        raise NonFiniteError(f"item {item.index + 1}: the decoded audio is not finite")
+                    audio = np.clip(audio, -1.0, 1.0)
                     yield emit(AudioEvent(audio, offset, plan.num_samples, item=item.index))
             offset += piece.shape[-1]
         for row, item in enumerate(batch):

@@ -8,11 +8,9 @@ Lengths, masks and schedules follow the official ``StableAudioModel.generate`` (
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import secrets
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,10 +20,12 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .audio import AudioError, format_for, load_audio_input, open_writer
+from .audio import AudioError, check_duration, format_for, load_audio_input, open_writer
+from .diagnosis import explain_non_finite
 from .items import collect_items, is_per_item, item_count, pad_items, stream_items
 from .model import SA3Model, load_model
-from .sampling import SAMPLERS
+from .outputs import AtomicFiles, OutputError, batch_targets, is_write_error, os_error_message, resolve_seed
+from .sampling import SAMPLERS, NonFiniteError
 
 HEADROOM_SECONDS = 6.0  # the official duration_padding_sec: extra latents generated past the requested end
 DEFAULT_STEPS = 8
@@ -217,7 +217,7 @@ class StableAudio3:
         prompts = self._prompts(r.prompt, r.batch_size, required=r.init_audio is None and r.inpaint_audio is None)
         negative_prompts = self._negative_prompts(r, cfg_scale)
         num_samples, length, effective = self._lengths(duration)
-        seed = secrets.randbelow(2**31) if r.seed is None else int(r.seed)
+        seed = resolve_seed(r.seed)  # None or negative: random; 0 .. 2**63-1 as given
         noise = self._noise(r.noise, seed, (r.batch_size, self.model.config.io_channels, length))
         init_latents = None
         if r.init_audio is not None:
@@ -243,12 +243,9 @@ class StableAudio3:
         )
 
     def _check_duration(self, duration) -> float:
-        duration = float(duration)
-        if not math.isfinite(duration) or duration <= 0:
-            raise ValueError(f"duration must be a positive number of seconds, got {duration}")
-        if duration > self.max_duration + 1e-9:
-            raise ValueError(f"duration {duration:g} s exceeds this model's maximum of {self.max_duration:.1f} s")
-        return duration
+        """At least one sample, at most the canvas (messages with the real limits: :func:`audio.check_duration`)."""
+        check_duration(duration, self.sample_rate, self.model.config.sample_size)
+        return float(duration)
 
     def _sampling_options(self, r: GenerationRequest) -> tuple[int, str, float]:
         """Steps, sampler and guidance scale with their defaults, validated."""
@@ -357,7 +354,7 @@ class StableAudio3:
 
     def _encode_audio(self, audio, what: str, length: int, batch_size: int) -> mx.array:
         """Zero-pad or crop audio to ``length`` latents (the official PadCrop) and encode it with SAME."""
-        audio = audio if isinstance(audio, np.ndarray) else load_audio_input(audio, what)
+        audio = load_audio_input(audio, what)  # one validation path for every way audio comes in
         canvas = np.zeros((2, length * self.model.autoencoder.downsampling_ratio), dtype=np.float32)
         n = min(canvas.shape[1], audio.shape[1])
         canvas[:, :n] = audio[:, :n]
@@ -409,7 +406,7 @@ class StableAudio3:
         start = time.perf_counter()
         _, step_key = mx.random.split(mx.random.key(plan.seed))
         latents = None
-        for step in self.model.sample_iter(
+        steps = self.model.sample_iter(
             plan.noise,
             cond,
             plan.steps,
@@ -420,7 +417,14 @@ class StableAudio3:
             plan.init_noise_level,
             key=step_key,
             schedule_length=plan.schedule_length,
-        ):
+        )
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration:
+                break
+            except NonFiniteError:  # say where it came from: the checkpoint's weights or the sampling itself
+                raise NonFiniteError(self._explain_non_finite("sampling")) from None
             latents = step.x
             yield emit(StepEvent(step.index, step.total, step.t, time.perf_counter() - start))
         del cond
@@ -434,23 +438,29 @@ class StableAudio3:
             take = min(piece.shape[-1], plan.num_samples - offset)
             if take <= 0:
                 break
-            audio = np.clip(np.asarray(piece[:, :, :take], dtype=np.float32), -1.0, 1.0)
+            audio = np.asarray(piece[:, :, :take], dtype=np.float32)
+            if not np.isfinite(audio).all():  # checked before the clamp, which would turn inf into full scale
+                raise NonFiniteError(self._explain_non_finite("decoding"))
+            audio = np.clip(audio, -1.0, 1.0)
             yield emit(AudioEvent(audio, offset, plan.num_samples))
             offset += take
         timings["decoding"] = time.perf_counter() - start
         yield emit(DoneEvent(latents, plan.seed, timings))
+
+    def _explain_non_finite(self, where: str) -> str:
+        source = self.model.source.root if self.model.source is not None else None
+        return explain_non_finite(self.model, where, source=source, dtype=getattr(self.model.dit, "dtype", None))
 
     def generate(
         self, prompt=None, duration: float = 30.0, *, callback=None, request: GenerationRequest | None = None, **options
     ) -> GenerationOutput:
         """Generate ``round(duration * 44100)`` samples of stereo audio per batch item (see :meth:`stream`).
 
-        Takes a :class:`GenerationRequest` or its fields as keyword arguments. Per item (lists of prompts, durations,
-        seeds): ``out.items[i]`` has exactly item i's length, ``out.seeds[i]`` its seed, ``out.audio`` pads them.
+        Takes a :class:`GenerationRequest` or its fields as keyword arguments.
         """
         pieces, done = [], None
         request = GenerationRequest.of(request, prompt, duration, **options)
-        if is_per_item(request):
+        if is_per_item(request):  # lists of prompts/durations/seeds: out.items[i] has exactly item i's length
             return _items_output(
                 self.sample_rate, *collect_items(self.stream(request=request, callback=callback), item_count(request))
             )
@@ -471,51 +481,55 @@ class StableAudio3:
         fmt: str | None = None,
         callback=None,
         request: GenerationRequest | None = None,
+        overwrite: bool = False,
         **kwargs,
     ) -> FileOutput:
         """Stream the generation to ``path`` (wav or flac); with a batch, to ``stem-1.ext``, ``stem-2.ext`` ...
 
-        Audio goes to a hidden temporary file beside each target and is renamed into place only when complete, so
-        an error, a cancel or Ctrl-C leaves no partial file at the output path (the temporary file is removed).
-        Returns the written paths with the seed and the seconds per stage. Per item, one file per item with exactly
-        its length; ``path`` may also be a list with one path per output (the job runner names files itself).
+        The targets are checked before any work (:func:`mlx_sa3.outputs.check_output_target`): each must be a
+        regular file or absent, and an existing file is replaced only with ``overwrite=True``. Audio goes to short
+        hidden temporary files beside the targets (permissions from the umask) that are moved into place together
+        only when the whole batch is complete, so an error, a cancel, Ctrl-C or SIGTERM leaves nothing at the output
+        paths. Write errors raise a one-line :class:`~mlx_sa3.outputs.OutputError` ("no space left on device" ...).
+        Returns the written paths (as given, symlinks not resolved) with the seed and the seconds per stage.
+        Per item, one file per item with exactly its length; ``path`` may also be a list with one path per output.
         """
-        stream_options = {
-            k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs
-        }  # the decoder's, not the request's
+        fmt = format_for(path[0] if isinstance(path, (list, tuple)) else path, fmt)
+        stream_options = {k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs}  # the decoder's option
         request = GenerationRequest.of(request, prompt, duration, **kwargs)
-        targets = _file_targets(path, request)
-        fmt = format_for(targets[0], fmt)
-        for parent in dict.fromkeys(t.parent for t in targets):
-            if not parent.is_dir():
-                raise FileNotFoundError(f"output directory {parent} does not exist")
-        temps, writers = [], []
-        try:
-            for target in targets:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-                os.close(fd)
-                temps.append(Path(tmp))
-                writers.append(open_writer(tmp, 2, self.sample_rate, fmt))
-            for event in self.stream(request=request, callback=callback, **stream_options):
-                if isinstance(event, AudioEvent) and event.item is not None:
-                    writers[event.item].write(event.audio[0].T)
-                elif isinstance(event, AudioEvent):
-                    for writer, audio in zip(writers, event.audio):
-                        writer.write(audio.T)
-                elif isinstance(event, DoneEvent):
-                    done = event
-            for writer in writers:
-                writer.close()
-            for tmp, target in zip(temps, targets):
-                os.replace(tmp, target)
-            temps = []
-            return FileOutput(targets, self.sample_rate, done.seed, done.timings, seeds=done.seeds)
-        finally:
-            for writer in writers:
-                if not writer.closed:
-                    writer.close()
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
+        names = _file_targets(path, request)
+        with AtomicFiles(names, overwrite=overwrite) as files:
+            writers = []
+            try:
+                for temp, name in zip(files.temps, names):
+                    writers.append(_written(name, lambda t=temp: open_writer(t, 2, self.sample_rate, fmt)))
+                for event in self.stream(request=request, callback=callback, **stream_options):
+                    if isinstance(event, AudioEvent) and event.item is not None:
+                        _written(names[event.item], lambda e=event: writers[e.item].write(e.audio[0].T))
+                    elif isinstance(event, AudioEvent):
+                        for writer, audio, name in zip(writers, event.audio, names):
+                            _written(name, lambda w=writer, a=audio: w.write(a.T))
+                    elif isinstance(event, DoneEvent):
+                        done = event
+                for writer, name in zip(writers, names):
+                    _written(name, writer.close)
+            finally:
+                for writer in writers:
+                    if not writer.closed:
+                        with contextlib.suppress(Exception):  # the temporary file is discarded anyway
+                            writer.close()
+            files.commit()
+        return FileOutput(names, self.sample_rate, done.seed, done.timings, seeds=done.seeds)
+
+
+def _written(name, write: Callable):
+    """Run one write to output ``name``; an OS or libsndfile error becomes a one-line OutputError naming it."""
+    try:
+        return write()
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        raise OutputError(os_error_message(err, name)) from None
 
 
 # -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
@@ -534,8 +548,7 @@ def _file_targets(path, request: GenerationRequest) -> list:
         if len(path) != count:
             raise ValueError(f"got {len(path)} output paths for {count} outputs")
         return [Path(p) for p in path]
-    path = Path(path)
-    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+    return batch_targets(path, count)
 
 
 __all__ = [

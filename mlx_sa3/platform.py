@@ -47,6 +47,9 @@ def preload() -> str | None:
         skipped_reason = "mlx was imported before mlx_sa3; import mlx_sa3 first to use OpenBLAS"
         return None
     wanted = os.environ.get("MLX_SA3_BLAS")
+    if wanted and not os.path.exists(wanted):
+        skipped_reason = f"{wanted} does not exist"
+        return None
     for path in [wanted] if wanted else _CANDIDATES:
         if os.path.exists(path):
             try:
@@ -59,6 +62,17 @@ def preload() -> str | None:
             return path
     skipped_reason = "no OpenBLAS found (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
     return None
+
+
+def blas_warning() -> str | None:
+    """A warning when the BLAS that ``MLX_SA3_BLAS`` asks for is not the one in use (None when all is well)."""
+    wanted = os.environ.get("MLX_SA3_BLAS")
+    if not wanted or loaded_blas == wanted:
+        return None
+    return (
+        f"MLX_SA3_BLAS={wanted} was not loaded ({skipped_reason or 'unknown reason'}); "
+        "MLX uses its bundled reference BLAS, whose matmuls are many times slower"
+    )
 
 
 def torch_thread_policy(torch) -> None:
@@ -103,12 +117,15 @@ def describe() -> dict:
     }
 
 
-def main(argv=None) -> None:
+def main(argv=None, more=None) -> None:
+    """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's)."""
     parser = argparse.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
     )
     parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
     args = parser.parse_args(argv)
-    for key, value in describe().items():
+    if blas_warning():
+        print(f"warning: {blas_warning()}", file=sys.stderr)
+    for key, value in {**describe(), **(more() if more else {})}.items():
         print(f"{key:>9}: {value}")
     print(f"{'gemm fp32':>9}: {gemm_gflops(args.size):.1f} GFLOP/s (n={args.size})")

@@ -1,3 +1,4 @@
+import math
 import os
 from pathlib import Path
 
@@ -30,6 +31,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _uses_fixtures(item):
             item.add_marker(skip)
+
+
+#: machine epsilon of each dtype (2 ** -mantissa bits): tolerances are multiples of these, never measured numbers
+EPS = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def fp32_tol(n: int, k: float = 4.0) -> float:
+    """``k * eps32 * sqrt(n)``: the rounding of a length-``n`` float32 reduction (random-walk growth).
+
+    For a stack of ``depth`` layers of width ``n`` (a DiT, a SAME transformer) the per-layer errors add up:
+    ``fp32_tol(width, k=4 * depth)``; with guidance scale ``s`` the CFG combination amplifies them by ``1 + 2|s|``.
+    """
+    return k * EPS["float32"] * math.sqrt(n)
+
+
+def stack_tol(width: int, depth: int, cfg_scale: float = 1.0) -> float:
+    """Two float32 evaluations of the same ``depth``-layer network of ``width`` that round differently (other
+    grouping, padding or kernels): ``4 * eps32 * sqrt(width)`` per layer, times ``1 + 2|s|`` with guidance."""
+    guided = 1.0 if cfg_scale == 1.0 else 1.0 + 2.0 * abs(cfg_scale)
+    return guided * fp32_tol(width, k=4.0 * depth)
+
+
+def half_tol(dtype, k: float = 5.0) -> float:
+    """``k`` roundings of a half-precision dtype (mx/np dtype or name), relative to the output's scale."""
+    name = str(dtype).replace("mlx.core.", "").replace("torch.", "")
+    return k * EPS[name]
 
 
 def rel_err(a, b) -> float:

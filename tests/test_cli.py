@@ -122,7 +122,7 @@ def test_batch_writes_one_file_each(tmp_path):
     [
         (["-p", "", "--duration", "2"], "non-empty prompt"),
         (["-p", "x", "--duration", "0"], "positive number"),
-        (["-p", "x", "--duration", "1000"], "maximum"),
+        (["-p", "x", "--duration", "1000"], "at most 47.554 s"),
         (
             [
                 "-p",

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_sa3.dit import DiT, DiTConfig, guide, load_dit, sanitize
 from mlx_sa3.loading import CheckpointError, open_source
 
-from .conftest import REF, rel_err
+from .conftest import EPS, REF, half_tol, rel_err, stack_tol
 from .conftest import dit_call as _call
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
@@ -67,7 +67,7 @@ def test_prepare_step_equals_call(fixture):
         for cfg in (1.0, 3.0):
             stepped = np.array(model.step(io["x"], t, prepared, cfg_scale=cfg))
             called = _call(model, {**io, "t": t}, local_add_cond=io["local_add_cond"], cfg_scale=cfg)
-            assert rel_err(stepped, called) <= 1e-6
+            assert rel_err(stepped, called) <= stack_tol(model.config.embed_dim, model.config.depth, cfg)
     with pytest.raises(ValueError, match="prepared for 10"):
         model.step(io["x"][..., :9], io["t"], prepared)
     with pytest.raises(ValueError, match="cfg=True"):
@@ -89,27 +89,29 @@ def test_null_uncond_shortcut_equals_explicit_negative(fixture):
         negative_cross_attn_cond=other + 1.0,
         negative_cross_attn_mask=np.zeros(c.shape[:2], bool),
     )
-    assert rel_err(explicit, shortcut) <= 1e-5
-    assert rel_err(masked, shortcut) <= 1e-5
+    tol = stack_tol(model.config.embed_dim, model.config.depth, cfg_scale=3.0)
+    assert rel_err(explicit, shortcut) <= tol
+    assert rel_err(masked, shortcut) <= tol
     real_negative = _call(model, io, cfg_scale=3.0, negative_cross_attn_cond=other)
     assert rel_err(real_negative, shortcut) > 1e-3
 
 
 def test_cfg_interval_and_vanilla_cfg(fixture):
     _, model, io = fixture
+    width, depth = model.config.embed_dim, model.config.depth
     plain = _call(model, io)
     # t[0] = 0.9 lies outside (0, 0.5): no guidance at all, whatever the scale.
-    assert rel_err(_call(model, io, cfg_scale=3.0, cfg_interval=(0.0, 0.5)), plain) <= 1e-6
+    assert rel_err(_call(model, io, cfg_scale=3.0, cfg_interval=(0.0, 0.5)), plain) <= stack_tol(width, depth)
     # apg_scale 0 is plain CFG in velocity space for rectified flow: v_u + s (v_c - v_u).
     v_uncond = _call(model, io, cross_attn_cond=np.zeros_like(io["cross_attn_cond"]))
     vanilla = _call(model, io, cfg_scale=3.0, apg_scale=0.0)
-    assert rel_err(vanilla, v_uncond + 3.0 * (plain - v_uncond)) <= 1e-5
+    assert rel_err(vanilla, v_uncond + 3.0 * (plain - v_uncond)) <= stack_tol(width, depth, cfg_scale=3.0)
     # The same with per-item inpainting conditioning, which both CFG halves must receive item by item.
     local = io["local_add_cond"]
     v_cond = _call(model, io, local_add_cond=local)
     v_uncond = _call(model, io, local_add_cond=local, cross_attn_cond=np.zeros_like(io["cross_attn_cond"]))
     vanilla = _call(model, io, local_add_cond=local, cfg_scale=3.0, apg_scale=0.0)
-    assert rel_err(vanilla, v_uncond + 3.0 * (v_cond - v_uncond)) <= 1e-5
+    assert rel_err(vanilla, v_uncond + 3.0 * (v_cond - v_uncond)) <= stack_tol(width, depth, cfg_scale=3.0)
 
 
 def test_guide_apg_blend_and_rescale():
@@ -244,8 +246,9 @@ def test_variable_length_against_diffusers(with_diffusers):
 
 # ------------------------------------------------------------------------------------------------ half precision
 
-# Measured on the tiny fixtures (cfg 1 and 3): float16 <= 2.8e-3, bfloat16 <= 2.3e-2 of max|v|.
-HALF_TOL = {mx.float16: 5e-3, mx.bfloat16: 3e-2}
+# Half precision against float32: a few roundings of the half dtype relative to max|v| (5 eps: 4.9e-3 for float16,
+# 3.9e-2 for bfloat16; the tiny fixtures stay below 2.8e-3 / 2.3e-2 at cfg 1 and 3).
+HALF_TOL = {mx.float16: half_tol(mx.float16), mx.bfloat16: half_tol(mx.bfloat16)}
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
@@ -333,7 +336,8 @@ def test_polynomial_exp_accuracy():
     x = np.linspace(-87.0, 88.0, 200_001, dtype=np.float32)
     got = np.array(mx.compile(_exp)(mx.array(x)), np.float64)
     ref = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(got - ref) / ref) <= 5e-7
+    # a float32 result is off by half an ulp when correctly rounded; the polynomial and the 2^k scaling add a few more
+    assert np.max(np.abs(got - ref) / ref) <= 6 * EPS["float32"]
 
 
 def test_chunked_attention_matches_float64(monkeypatch):
@@ -350,7 +354,11 @@ def test_chunked_attention_matches_float64(monkeypatch):
         scores = q.astype(np.float64) @ k.swapaxes(-1, -2) * 32**-0.5
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         ref = weights / weights.sum(-1, keepdims=True) @ v
-        assert rel_err(ours, ref) <= 1e-6
+        # fp32 error budget: exp turns the rounding of a score s (about eps * |s|) into a relative weight error, the
+        # d-term dot product and the sums over the keys add about eps * sqrt(d) and eps * sqrt(keys).
+        eps = float(np.finfo(np.float32).eps)
+        tol = 2 * eps * (np.abs(scores).max() + np.sqrt(32) + np.sqrt(keys))
+        assert rel_err(ours, ref) <= tol, (queries, keys, tol)
 
 
 def test_fused_kernel_path_matches_fixture(monkeypatch):

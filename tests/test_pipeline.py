@@ -109,7 +109,7 @@ def test_continuation_and_a2a_with_inpainting(pipe):
         (dict(prompt=""), "non-empty prompt"),
         (dict(duration=0), "positive number"),
         (dict(duration=-1), "positive number"),
-        (dict(duration=1e4), "exceeds this model's maximum"),
+        (dict(duration=1e4), "too long: this model makes at most 47.554 s"),
         (dict(sampler="heun"), "unknown sampler"),
         (dict(steps=0), "steps must be at least 1"),
         (dict(init_noise_level=0.0, init_audio=(np.zeros((2, 100)), SR)), "init noise level"),

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_sa3 import same
 from mlx_sa3.loading import CheckpointError, open_source
 
-from .conftest import REF, SAME_TO_DIFFUSERS, rel_err
+from .conftest import REF, SAME_TO_DIFFUSERS, rel_err, stack_tol
 
 PARITY_TOL = 1e-4  # float32 against float32 torch
 STREAM_TOL = 1e-5  # decode_stream vs decode, relative to max|decode|
@@ -300,7 +300,8 @@ def test_encode_pads_like_zero_padded_audio(models, name):
     unit = ae.config.encoder.latent_multiple
     padded_length = -(-3 // unit) * unit * 4096
     padded = np.concatenate([audio, np.zeros((1, 2, padded_length - audio.shape[-1]), np.float32)], axis=-1)
-    assert rel_err(z, ae.encode(padded)[:, :, :3]) <= 1e-6
+    # zero padding changes which values the attention chunks and sums see: float32 rounding of the encoder stack
+    assert rel_err(z, ae.encode(padded)[:, :, :3]) <= stack_tol(ae.config.encoder.width, ae.config.encoder.depth)
 
 
 def test_bad_inputs_raise(models):

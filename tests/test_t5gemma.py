@@ -18,7 +18,7 @@ from mlx_sa3.t5gemma import (
     sanitize,
 )
 from mlx_sa3.t5gemma import dropped as dropped_keys
-from tests.conftest import rel_err
+from tests.conftest import half_tol, rel_err
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 PROMPTS = [
@@ -199,7 +199,7 @@ def test_official_conditioner_output(ref_dir, fixture):
     assert rel_err(np.array(emb), golden["prompt_embedding"]) <= 1e-4
 
 
-@pytest.mark.parametrize("dtype, tol", [(mx.float16, 5e-3), (mx.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tol", [(mx.float16, half_tol(mx.float16)), (mx.bfloat16, half_tol(mx.bfloat16))])
 def test_half_precision(small, fp32_encoder, dtype, tol):
     source, max_length = small
     encoder = load_text_encoder(source.text_encoder_dir(), max_length, dtype=dtype)

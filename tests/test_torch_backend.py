@@ -19,7 +19,7 @@ from mlx_sa3.dit import load_dit
 from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.pipeline import StableAudio3
 
-from .conftest import REF, rel_err
+from .conftest import EPS, REF, rel_err, stack_tol
 from .conftest import dit_call as _call
 
 SAME_FIXTURES = ["same_s_tiny_s0", "same_l_tiny_s0"]
@@ -140,7 +140,7 @@ def test_dit_interface(dit_fixture):
     for t in (io["t"], 0.5):
         stepped = np.array(model.step(mx.array(io["x"]), t, prepared, cfg_scale=3.0))
         called = _call(model, {**io, "t": t}, local_add_cond=io["local_add_cond"], cfg_scale=3.0)
-        assert rel_err(stepped, called) <= 1e-6
+        assert rel_err(stepped, called) <= stack_tol(model.config.embed_dim, model.config.depth, cfg_scale=3.0)
 
 
 def test_dit_negative_prompt_matches_mlx(dit_fixture):
@@ -201,7 +201,10 @@ def test_converted_weights_load(tmp_path, name):
     assert rel_err(mx.where(mask[..., None], hidden, padding), golden["prompt_embedding"]) <= PARITY_TOL
     z = random_latents(source.model_config["model"]["io_channels"], 5, seed=10)
     original = torch_backend.load_torch_autoencoder(REF / name)
-    assert rel_err(torch_backend.load_torch_autoencoder(source).decode(z), original.decode(z)) <= 1e-6
+    layers = original.config.encoder.depth + original.config.decoder.depth
+    # the same weights (folded differently by the converter) through the same layers: a few float32 roundings each
+    tol = 8 * EPS["float32"] * np.sqrt(layers)
+    assert rel_err(torch_backend.load_torch_autoencoder(source).decode(z), original.decode(z)) <= tol
 
 
 @pytest.mark.filterwarnings("ignore:cfg_scale")  # guidance on the distilled-style demo config is on purpose

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,13 @@ from ..loading import (
 )
 from ..models import dit, same, t5gemma
 from ..models.conditioners import Conditioners
+from ..outputs import (
+    OutputError,
+    check_replaceable_conversion,
+    remove_stale_temporaries,
+    temp_name,
+    write_conversion_marker,
+)
 from .diffusers import (
     DIFFUSERS_WEIGHTS,
     DiffusersCheckpoint,
@@ -299,8 +305,7 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
     out = Path(out).expanduser().absolute()
     target_dtype = parse_dtype(dtype or "float32")
     dtype_name = next(name for name, value in DTYPES.items() if value == target_dtype)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    check_replaceable_conversion(out, force)  # never replace anything but an earlier conversion, checked first
     source = open_checkpoint(src)
     if out.resolve() == source.root.resolve() or source.root.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out} is inside the source checkpoint {source.root}; choose another output")
@@ -316,9 +321,9 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
         log(f"note: {note}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".converting", dir=out.parent))
+    remove_stale_temporaries(out.parent)  # directories of conversions that died hard (their pid is gone)
+    tmp = _make_temp_dir(out.parent, "converting")  # short name: a 255-byte ``out`` name still works
     try:
-        _apply_umask(tmp)
         if kind == "sa3":
             _copy_text_encoder_files(text_encoder_dirs(source), tmp / CONVERTED_TEXT_ENCODER_DIR)
         if source.layout == "diffusers":
@@ -339,6 +344,7 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
         if notes:  # what the source layout did not record, and was assumed
             meta["notes"] = notes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_conversion_marker(tmp, {"format": CONVERTED_FORMAT, "version": FORMAT_VERSION})
         _replace(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,21 +367,33 @@ def _write_component(root: Path, component: Component, log: Callable[[str], None
     )
 
 
-def _apply_umask(path: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+def _make_temp_dir(parent: Path, kind: str) -> Path:
+    """A new hidden directory ``.sa3-<pid>-<hex>.<kind>`` with the permissions a plain mkdir gives (the umask's)."""
+    for _ in range(16):
+        path = parent / temp_name(kind)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise OutputError(f"cannot create a temporary directory in {parent}")
 
 
 def _replace(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished temporary directory to ``out``; with ``force`` the old ``out`` is removed only afterwards."""
-    if not out.exists():
-        os.rename(tmp, out)
+    """Move the finished temporary directory to ``out``; with ``force`` the old ``out`` is removed only afterwards.
+
+    ``out`` is checked again right before the move: whatever appeared there meanwhile must still be an earlier
+    conversion (its marker) for ``force`` to replace it.
+    """
+    if check_replaceable_conversion(out, force) is None:
+        try:
+            os.rename(tmp, out)  # fails if a file or a non-empty directory appeared meanwhile
+        except OSError:
+            if os.path.lexists(out):
+                raise FileExistsError(f"{out} appeared during the conversion; not replacing it") from None
+            raise
         return
-    if not force:
-        raise FileExistsError(f"{out} appeared during the conversion; not replacing it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = _make_temp_dir(out.parent, "old")
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

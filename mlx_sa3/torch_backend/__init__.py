@@ -6,7 +6,7 @@ shared code. Import it through :mod:`mlx_sa3.backend`; importing it does not imp
 through :func:`require_torch`). How it differs from diffusers and the official code: docs/ARCHITECTURE.md.
 """
 
-from .common import INSTALL_HINT, require_torch
+from .common import INSTALL_HINT, describe_torch, require_torch
 from .dit import TorchDiT, TorchPrepared, _dit_state, load_torch_dit, torch_dit_from_mlx
 from .same import TorchAutoencoder, load_torch_autoencoder, torch_autoencoder_from_mlx
 from .t5gemma import TorchTextEncoder, load_torch_text_encoder, torch_text_encoder_from_mlx
@@ -17,6 +17,7 @@ __all__ = [
     "TorchDiT",
     "TorchPrepared",
     "TorchTextEncoder",
+    "describe_torch",
     "load_torch_autoencoder",
     "load_torch_dit",
     "load_torch_text_encoder",

@@ -32,6 +32,17 @@ def require_torch(*modules: str):
     return loaded[0] if not modules else loaded
 
 
+def describe_torch() -> str:
+    """The torch backend for ``python -m mlx_sa3.info``: version and threads under mlx_sa3's policy, or why not."""
+    try:
+        torch = require_torch()
+    except ImportError:
+        return f"not installed (the torch backend needs: {INSTALL_HINT})"
+    except Exception as err:  # a broken install must not stop the report
+        return f"installed but fails to import ({type(err).__name__}: {err})"
+    return f"{torch.__version__} (threads: {torch.get_num_threads()})"
+
+
 # ----------------------------------------------------------------------------------------------------- conversions
 
 

@@ -1,0 +1,174 @@
+"""One validation path for input audio (file, (array, rate), bare array), durations with real limits, and the
+diagnosis of non-finite results (input, checkpoint or sampling)."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
+
+SR = SAMPLE_RATE
+
+
+def tone(n, freq=440.0):
+    return (0.5 * np.sin(2 * np.pi * freq * np.arange(n) / SR)).astype(np.float32)
+
+
+# -- layouts and dtypes -----------------------------------------------------------------------------------------
+
+
+def test_every_layout_gives_the_same_stereo():
+    mono = tone(1000)
+    stereo = np.stack([mono, mono])
+    for given in (mono, mono[None], stereo, stereo.T, mono[:, None], (stereo, SR), (SR, stereo), (stereo.T, SR)):
+        out = load_audio_input(given)
+        assert out.shape == (2, 1000) and out.dtype == np.float32
+        np.testing.assert_array_equal(out, stereo)
+
+
+def test_integer_pcm_is_scaled_like_soundfile(tmp_path):
+    pcm = (tone(2000) * 32767).astype(np.int16)
+    path = tmp_path / "pcm16.wav"
+    sf.write(path, pcm, SR, subtype="PCM_16")
+    from_file = read_audio(path)
+    np.testing.assert_array_equal(load_audio_input(pcm), from_file)  # exactly what reading the file gives
+    np.testing.assert_array_equal(load_audio_input((pcm, SR))[0], pcm / 32768.0)
+    np.testing.assert_array_equal(load_audio_input(np.array([0, 2**31 - 2**24], np.int32))[0], [0, 1 - 2**-7])
+    np.testing.assert_array_equal(load_audio_input(np.array([0, 128, 255], np.uint8))[0], [-1, 0, 127 / 128])
+    with pytest.raises(AudioError, match="unsupported sample type int64"):
+        load_audio_input(np.zeros(10, np.int64))
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        (np.zeros((3, 100), np.float32), "3 channels"),
+        (np.zeros((100, 6), np.float32), "expected|channels"),
+        (np.zeros((1, 2, 100), np.float32), "expected .samples,. or .channels, samples."),
+        (np.zeros((2, 0), np.float32), "no samples"),
+        (np.zeros(0, np.float32), "no samples"),
+        ((np.zeros((2, 100)), 0), "positive"),
+        ((np.zeros((2, 100)), -44100), "positive"),
+        ((np.zeros((2, 100)), 22050.5), "whole number"),
+        ((np.zeros((2, 100)), True), "pass a file path"),
+        ((np.zeros((2, 100)),), "pass a file path"),
+        (np.array(["a", "b"], dtype=object), "pass a file path"),
+        (np.array([0.0, np.nan, np.inf], np.float32), "2 NaN or infinite samples .the first at sample 1."),
+        (np.array([0.0, 1e39]), "1 NaN or infinite"),  # float64 beyond float32's range
+    ],
+)
+def test_bad_arrays_are_refused(given, words):
+    with pytest.raises(AudioError, match=words):
+        load_audio_input(given, "init audio")
+
+
+def test_nan_in_an_input_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.wav"
+    data = np.zeros((100, 2), np.float32)
+    data[40, 1] = np.nan
+    sf.write(path, data, SR, subtype="FLOAT")
+    with pytest.raises(
+        AudioError, match=r"broken.wav \(input file\): 1 NaN or infinite samples \(the first at sample 40\)"
+    ):
+        read_audio(path)
+
+
+def test_too_short_to_resample_is_refused():
+    with pytest.raises(AudioError, match="too short"):
+        load_audio_input((np.zeros(1, np.float32), 8 * SR))
+
+
+# -- durations --------------------------------------------------------------------------------------------------
+
+
+def test_duration_limits_state_real_values():
+    demo_canvas = 2097152  # the demo model's sample_size: 47.554... s
+    assert check_duration(30, SR, demo_canvas) == 30 * SR
+    assert check_duration(demo_canvas / SR, SR, demo_canvas) == demo_canvas
+    with pytest.raises(ValueError, match=r"^duration 47.6 s is too long: this model makes at most 47.554 s$"):
+        check_duration(47.6, SR, demo_canvas)
+    with pytest.raises(ValueError, match=r"47.5545 s is too long: .* at most 47.554 s"):
+        check_duration(47.5545, SR, demo_canvas)
+    assert format_seconds(5292032 / SR) == "120" and format_seconds(16777216 / SR) == "380.435"
+    with pytest.raises(ValueError, match=r"1e-05 s is less than one sample at 44100 Hz \(at least 2.27e-05 s\)"):
+        check_duration(0.00001, SR)
+    assert check_duration(2.27e-05, SR) == 1
+    for bad in (0, -1, float("nan"), float("inf"), "x", None):
+        with pytest.raises(ValueError, match="duration must be"):
+            check_duration(bad, SR)
+
+
+# -- the pipeline: init and inpaint audio take the same path ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from mlx_sa3.pipeline import StableAudio3
+
+    return StableAudio3.from_pretrained("demo")
+
+
+def test_bare_init_audio_is_validated_like_inpaint_audio(pipe):
+    stereo = np.stack([tone(SR), tone(SR, 660.0)])
+    reference = pipe.plan("x", duration=1.0, init_audio=(stereo, SR), seed=1).init_latents
+    for given in (stereo, stereo.T, (stereo * 32768).clip(-32768, 32767).astype(np.int16)):
+        plan = pipe.plan("x", duration=1.0, init_audio=given, seed=1)
+        np.testing.assert_allclose(np.array(plan.init_latents), np.array(reference), atol=1e-3)
+    mono = tone(SR)
+    np.testing.assert_allclose(
+        np.array(pipe.plan("x", duration=1.0, init_audio=mono, seed=1).init_latents),
+        np.array(pipe.plan("x", duration=1.0, init_audio=(mono, SR), seed=1).init_latents),
+    )
+    for key in ("init_audio", "inpaint_audio"):
+        with pytest.raises(AudioError, match="NaN"):
+            pipe.plan("x", duration=2.0, **{key: np.full((2, SR), np.nan, np.float32)})
+        with pytest.raises(AudioError, match="3 channels"):
+            pipe.plan("x", duration=2.0, **{key: np.zeros((3, SR), np.float32)})
+
+
+# -- non-finite diagnosis ---------------------------------------------------------------------------------------
+
+
+def poison_first(component):
+    """Put a NaN in the first floating-point weight of an MLX module; returns its name."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    name, value = next((n, v) for n, v in tree_flatten(component.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    poisoned = np.array(value)
+    poisoned.flat[0] = np.nan
+    component.load_weights([(name, mx.array(poisoned))], strict=False)
+    return name
+
+
+def test_diagnosis_names_the_broken_component():
+    from mlx_sa3.demo import demo_model
+    from mlx_sa3.diagnosis import broken_weights, explain_non_finite
+
+    model = demo_model()
+    healthy = explain_non_finite(model, dtype="float32")
+    assert healthy.startswith("sampling produced non-finite values with finite inputs and weights")
+    assert "--cfg-scale" in healthy and "--dtype float32" not in healthy
+    assert "--dtype float32" in explain_non_finite(model, dtype="bfloat16")
+    name = poison_first(model.dit)
+    assert broken_weights(model) == {"DiT": [name]}
+    message = explain_non_finite(model, "sampling", source="./sa3-small")
+    assert message == (
+        f"sampling produced non-finite values because the checkpoint ./sa3-small holds NaN/inf "
+        f"weights (DiT: 1 tensors, e.g. {name}); re-download or re-convert it"
+    )
+    ae_name = poison_first(model.autoencoder)
+    assert broken_weights(model) == {"DiT": [name], "SAME autoencoder": [ae_name]}
+
+
+def test_diagnosis_on_the_torch_backend():
+    torch = pytest.importorskip("torch")
+    from mlx_sa3.demo import demo_model
+    from mlx_sa3.diagnosis import broken_weights
+
+    model = demo_model(backend="torch")
+    assert broken_weights(model) == {}
+    name, tensor = next(iter(model.autoencoder.net.state_dict().items()))
+    with torch.no_grad():
+        tensor.view(-1)[0] = float("inf")
+    assert broken_weights(model) == {"SAME autoencoder": [f"net.{name}"]}

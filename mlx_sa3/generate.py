@@ -233,7 +233,7 @@ def _run(args) -> int:
         return _fail(str(err))
     except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
         return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items() if isinstance(v, float))
     seeds = f"seeds {', '.join(map(str, out.seeds))}" if len(set(out.seeds)) > 1 else f"seed {out.seed}"
     print(f"wrote {', '.join(map(str, out.paths))} ({seeds}; {stages})")
     return 0

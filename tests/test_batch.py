@@ -103,6 +103,14 @@ def test_cli_one_file_per_prompt(tmp_path, capsys):
     assert rel_err(second, solo) <= TOL
 
 
+def test_cli_existing_item_file_refused_before_loading(tmp_path, capsys, monkeypatch):
+    (tmp_path / "x-2.wav").write_bytes(b"mine")
+    monkeypatch.setattr(StableAudio3, "from_pretrained", lambda *a, **k: pytest.fail("the model must not load"))
+    assert cli("-p", "a", "-p", "b", "--duration", 1, "-o", tmp_path / "x.wav") == 2
+    assert "x-2.wav already exists" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["x-2.wav"] and (tmp_path / "x-2.wav").read_bytes() == b"mine"
+
+
 def test_cli_single_value_broadcasts(tmp_path):
     assert cli("-p", "rain", "-p", "thunder", "--duration", 1, "--seed", 5, "-o", tmp_path / "b.flac") == 0
     assert [sf.info(tmp_path / f"b-{i}.flac").frames for i in (1, 2)] == [SR, SR]
@@ -114,6 +122,8 @@ def test_cli_single_value_broadcasts(tmp_path):
         (["-p", "a", "-p", "b", "--duration", 1, "--duration", 2, "--duration", 3], "2 -p, 3 --duration"),
         (["-p", "a", "-p", "b", "--seed", 1, "--seed", 2, "--seed", 3], "2 -p, 3 --seed"),
         (["-p", "a", "-p", "b", "--duration", 1, "--batch", 2], "--batch makes variations"),
+        (["-p", "a", "-p", "b", "--duration", 1, "--duration", 1000], "too long"),
+        (["-p", "a", "-p", "", "--duration", 1], "non-empty prompt"),
     ],
 )
 def test_cli_mismatched_counts_refused_before_loading(tmp_path, capsys, monkeypatch, args, message):

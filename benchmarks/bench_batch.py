@@ -123,6 +123,7 @@ def run_jobs(pipe, jobs, max_batch: int, out_dir: Path, rank: int = 0, size: int
             duration=[j.settings["duration"] for j in group],
             seed=[j.seed for j in group],
             steps=group[0].settings["steps"],
+            overwrite=True,  # the same names in each round of the table
         )
     return time.perf_counter() - start
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -25,6 +26,10 @@ EXAMPLES = """examples:
   # several clips in one call, each with its own prompt, duration and seed: rain-1.wav, rain-2.wav
   python -m mlx_sa3.generate --model ./sa3-small-sfx -p "light rain" -p "thunder" --duration 4 --duration 7 \\
       --seed 1 --seed 2 -o rain.wav
+
+  # with a LoRA at strength 0.8, active only in the first (noisiest) part of sampling
+  python -m mlx_sa3.generate --model ./sa3-small-music -p "808 trap beat" --lora trap.safetensors \\
+      --lora-strength 0.8 --lora-interval 0.5,1 -o trap.wav
 
   # continue a clip past its end (no regions: everything after the clip is generated)
   python -m mlx_sa3.generate --model ./sa3-small-music -p "ambient drone" --inpaint-audio intro.wav \\
@@ -89,7 +94,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    _add_lora_arguments(p)
     return p
+
+
+def _add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA adapters (see docs/LORA.md)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH", help="LoRA .safetensors file; repeatable")
+    g.add_argument(
+        "--lora-strength",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="strength of the n-th --lora (by position; the rest default to 1)",
+    )
+    g.add_argument(
+        "--lora-interval",
+        action="append",
+        default=[],
+        metavar="LO,HI",
+        help="sigma interval in which a LoRA acts (0,1 = always): one for every --lora, or one per --lora",
+    )
+
+
+def _parse_interval(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"--lora-interval {text}: expected LO,HI (two numbers)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"--lora-interval {text}: expected finite LO <= HI")
+    return lo, hi
+
+
+def lora_entries(args) -> list[tuple]:
+    """``--lora`` / ``--lora-strength`` / ``--lora-interval`` -> ``[(path, strength, interval), ...]`` for
+    ``StableAudio3.from_pretrained(loras=...)``, checked before any model loads (raises ValueError/CheckpointError)."""
+    from .converter.safetensors_io import read_safetensors_header
+    from .lora import check_lora_file
+
+    paths, strengths, intervals = args.lora, args.lora_strength, args.lora_interval
+    if not paths and (strengths or intervals):
+        raise ValueError("--lora-strength / --lora-interval given without --lora")
+    if len(strengths) > len(paths):
+        raise ValueError(f"{len(strengths)} --lora-strength for {len(paths)} --lora")
+    if len(intervals) not in (0, 1, len(paths)):
+        raise ValueError(f"{len(intervals)} --lora-interval for {len(paths)} --lora: give one for all or one each")
+    for s in strengths:
+        if not math.isfinite(s):
+            raise ValueError(f"--lora-strength {s}: not a finite number")
+    strengths = strengths + [1.0] * (len(paths) - len(strengths))
+    intervals = [_parse_interval(v) for v in intervals] * (len(paths) if len(intervals) == 1 else 1)
+    intervals = intervals or [None] * len(paths)
+    checked = [check_lora_file(p) for p in paths]
+    for path in checked:
+        read_safetensors_header(path)  # complete file: a truncated download fails here, not after loading
+    return list(zip(checked, strengths, intervals))
 
 
 def _progress(quiet: bool):
@@ -127,6 +189,12 @@ def main(argv=None) -> int:
     try:
         args.items = per_item_options(args)
     except ValueError as err:
+        return _fail(str(err))
+    from .loading import CheckpointError
+
+    try:
+        args.loras = lora_entries(args)
+    except (ValueError, CheckpointError) as err:
         return _fail(str(err))
     from .platform import blas_warning
 
@@ -200,7 +268,9 @@ def _run(args) -> int:
         with handle_signals():
             seed, init_audio, inpaint_audio = _preflight(args)
             start = time.perf_counter()
-            pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+            pipe = StableAudio3.from_pretrained(
+                args.model, dtype=args.dtype, backend=args.backend, loras=getattr(args, "loras", None)
+            )
             load_time = time.perf_counter() - start
             if args.model == "demo":
                 print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)

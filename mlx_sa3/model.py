@@ -8,6 +8,7 @@ The generation modes and file output live in :mod:`mlx_sa3.pipeline`.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import mlx.core as mx
@@ -142,25 +143,36 @@ class SA3Model:
         if init_latents is not None:
             x = to_mx(init_latents) * (1 - sigma_max) + x * sigma_max
         guided = cfg_scale != 1.0
-        prepared = self.dit.prepare(
-            cond["cross_attn_cond"],
-            cond["global_cond"],
-            cond.get("local_add_cond"),
-            negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
-            negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
-            cfg=guided,
-        )
+
+        def prepare():
+            return self.dit.prepare(
+                cond["cross_attn_cond"],
+                cond["global_cond"],
+                cond.get("local_add_cond"),
+                negative_cross_attn_cond=cond.get("negative_cross_attn_cond"),
+                negative_cross_attn_mask=cond.get("negative_cross_attn_mask"),
+                cfg=guided,
+            )
+
+        self._lora_at(sigmas[0])
+        prepared = prepare()
         dtype = self.dit.dtype
         x = x.astype(dtype)
 
         def velocity(x, t):
+            nonlocal prepared
+            if self._lora_at(t):  # a LoRA's sigma interval switched it: the prepared conditioning is stale
+                prepared = prepare()
             return self.dit.step(
                 x, mx.full((batch,), t, dtype=mx.float32), prepared, cfg_scale=cfg_scale, apg_scale=apg_scale
             )
 
         if noise_fn is None and sampler == "pingpong":
             noise_fn = gaussian_noise(key if key is not None else mx.random.key(0))
-        yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
+        try:
+            yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
+        finally:
+            self._lora_at(None)  # outside sampling every LoRA acts again, whatever its sigma interval
 
     def sample(
         self,
@@ -185,6 +197,61 @@ class SA3Model:
         ):
             pass
         return last.x.astype(mx.float32)
+
+    # -- LoRA adapters (logic in mlx_sa3.lora) --------------------------------------------------------------------
+
+    def load_lora(self, paths, strength=1.0, interval=None, layer_filter: str = "") -> list[int]:
+        """Load LoRA files (a path or a list) after those already loaded: ``lora_index`` 0, 1, ... in that order.
+
+        ``strength``: one value for all, or one per path. ``interval=(lo, hi)``: active only while the sampler's
+        sigma lies in [lo, hi] (one pair for all, or a list with one pair or None per path). ``layer_filter``:
+        comma-separated official DiT module names left unadapted. Returns the new LoRAs' indices. Files are
+        checked strictly before any weight changes.
+        """
+        from . import lora
+
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        strengths = strength if isinstance(strength, (list, tuple)) else [strength] * len(paths)
+        if len(strengths) != len(paths):
+            raise ValueError(f"{len(strengths)} strengths for {len(paths)} LoRA files")
+        return lora.attach(self, list(zip(paths, strengths)), interval=interval, layer_filter=layer_filter)
+
+    def set_lora_strength(self, strength: float, lora_index: int | None = None) -> None:
+        """Strength of one LoRA (``lora_index``) or of every loaded LoRA (None); 0 switches it off."""
+        from . import lora
+
+        lora.control(self, "strength", strength, lora_index)
+
+    def set_lora_interval(self, interval, lora_index: int | None = None) -> None:
+        """Sigma interval (lo, hi) in which a LoRA acts during sampling; None: always."""
+        from . import lora
+
+        lora.control(self, "interval", interval, lora_index)
+
+    def set_lora_layer_filter(self, layer_filter: str, lora_index: int | None = None) -> None:
+        """Comma-separated substrings of official DiT module names (``[a-b]`` ranges) on which a LoRA is off."""
+        from . import lora
+
+        lora.control(self, "layer_filter", layer_filter, lora_index)
+
+    def unload_lora(self, lora_index: int | None = None) -> None:
+        """Remove one LoRA (later ones move down one index) or all of them, restoring the original weights."""
+        from . import lora
+
+        lora.detach(self, lora_index)
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs in order: index, name, path, adapter_type, rank, alpha, strength, interval, filter."""
+        from . import lora
+
+        return lora.listing(self)
+
+    def _lora_at(self, t) -> bool:
+        """Sampler hook: apply the LoRAs' sigma intervals at time ``t``; True when the weights changed."""
+        from . import lora
+
+        return lora.at_sigma(self, t)
 
 
 def load_model(src, dtype=None, backend: str = "mlx") -> SA3Model:

@@ -178,15 +178,27 @@ class StableAudio3:
         self.model = model
 
     @classmethod
-    def from_pretrained(cls, src, dtype=None, backend: str = "mlx") -> "StableAudio3":
-        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``."""
+    def from_pretrained(cls, src, dtype=None, backend: str = "mlx", loras=None) -> "StableAudio3":
+        """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``.
+
+        ``loras``: LoRA files to apply in that order (``lora_index`` 0, 1, ...): bare paths (strength 1),
+        ``(path, strength)`` or ``(path, strength, (sigma_lo, sigma_hi))`` (see docs/LORA.md).
+        """
         if str(src) == "demo":
             from .demo import demo_model
 
-            return cls(demo_model(dtype=dtype, backend=backend))
+            return cls._with_loras(demo_model(dtype=dtype, backend=backend), loras)
         model = load_model(src, dtype=dtype, backend=backend)
         if model.source is not None and not model.source.converted:
             print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
+        return cls._with_loras(model, loras)
+
+    @classmethod
+    def _with_loras(cls, model: SA3Model, loras) -> "StableAudio3":
+        if loras:
+            from .lora import attach
+
+            attach(model, loras)
         return cls(model)
 
     @property

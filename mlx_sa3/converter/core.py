@@ -12,7 +12,7 @@ computed, written and released in turn, so peak memory stays near the size of th
 Output layout::
 
     OUT/config.json                     {"format": "mlx_sa3", "version": 1, "kind", "dtype", "model_config",
-                                         "source", "components", "dropped"}
+                                         "source", "components", "dropped", "loras" (with --lora)}
     OUT/dit.safetensors                 (SA3 only) DiT, in --dtype
     OUT/conditioners.safetensors        (SA3 only) prompt padding + seconds embedder, float32
     OUT/autoencoder.safetensors         SAME autoencoder, float32
@@ -293,20 +293,34 @@ def _copy_text_encoder_files(text_dirs: list[Path], target: Path) -> list[str]:
     return copied
 
 
-def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+def convert(
+    src,
+    out,
+    dtype: str = "float32",
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    loras=None,
+) -> Path:
     """Convert ``src`` (Hub repo id or directory: full SA3 repo, SAME repo or diffusers Stable Audio 3 pipeline
     folder) into the mlx_sa3 layout at ``out``.
 
     ``dtype`` applies to the DiT and the T5Gemma encoder; the SAME autoencoder and the conditioners are always
     float32. ``out`` is written into a temporary directory beside it and renamed at the end, so a failure or an
     interruption leaves nothing behind; an existing ``out`` is replaced only with ``force``. Returns ``out``.
+
+    ``loras``: ``[(path, strength), ...]`` (or bare paths, strength 1) merged into the DiT and the seconds
+    conditioner in that order, exactly as loading them at run time would (see docs/LORA.md); config.json then
+    lists them under ``loras``.
     """
     log = log or (lambda message: None)
     out = Path(out).expanduser().absolute()
     target_dtype = parse_dtype(dtype or "float32")
     dtype_name = next(name for name, value in DTYPES.items() if value == target_dtype)
     check_replaceable_conversion(out, force)  # never replace anything but an earlier conversion, checked first
+    loras = _checked_loras(loras)
     source = open_checkpoint(src)
+    if loras and source.layout == "same":
+        raise CheckpointError(f"{source.root} is a SAME autoencoder; LoRAs apply to a full SA3 checkpoint")
     if out.resolve() == source.root.resolve() or source.root.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out} is inside the source checkpoint {source.root}; choose another output")
     kind = "same" if source.layout == "same" else "sa3"
@@ -314,6 +328,7 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
     log(f"source: {source.root} ({described[source.layout]} checkpoint)")
 
     components = plan_source(source, target_dtype)
+    lora_record = _merge_loras(components, loras, source, log) if loras else []
     dropped = [name for c in components for name in c.dropped]
     _log_dropped(log, dropped)
     notes = source.notes if source.layout == "diffusers" else []
@@ -341,6 +356,8 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
             "components": {c.name: COMPONENT_FILES[c.name] for c in components},
             "dropped": dropped,
         }
+        if lora_record:  # which LoRAs are baked into dit/conditioners, in order
+            meta["loras"] = lora_record
         if notes:  # what the source layout did not record, and was assumed
             meta["notes"] = notes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -351,6 +368,39 @@ def convert(src, out, dtype: str = "float32", force: bool = False, log: Callable
         raise
     log(f"wrote {out}")
     return out
+
+
+def _checked_loras(loras) -> list[tuple[Path, float]]:
+    """``[(path, strength) | path, ...]`` with every file checked (exists, readable, safetensors, not a pickle)."""
+    from ..lora import check_lora_file
+
+    entries = [(entry, 1.0) if isinstance(entry, (str, os.PathLike)) else entry for entry in loras or ()]
+    checked = [(check_lora_file(path), float(strength)) for path, strength in entries]
+    for path, _ in checked:
+        read_safetensors_header(path)
+    return checked
+
+
+def _merge_loras(components: list[Component], loras, source, log: Callable[[str], None]) -> list[dict]:
+    """Bake ``loras`` into the planned DiT and conditioner tensors (kept in their output dtypes); the record."""
+    from .. import lora
+
+    parts = {c.name: c for c in components}
+    dit_part, conditioners = parts["dit"], parts["conditioners"]
+    bases_name = source.model_config.get("svd_bases_path")
+
+    def svd_bases():  # the source's bases file, read only for an -xs LoRA (as at run time)
+        return lora.load_svd_bases(source.root / bases_name) if bases_name else None
+
+    dit_part.tensors, conditioners.tensors, record = lora.merge_loras(
+        dit_part.tensors, conditioners.tensors, loras, svd_bases
+    )
+    for entry in record:
+        log(
+            f"merged LoRA {entry['file']} ({entry['adapter_type']}, rank {entry['rank']}, alpha {entry['alpha']:g}) "
+            f"at strength {entry['strength']:g}"
+        )
+    return record
 
 
 def _write_component(root: Path, component: Component, log: Callable[[str], None]) -> None:
@@ -438,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder must run in float32",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="merge a LoRA .safetensors into the DiT and the seconds conditioner (strength default 1); repeatable, "
+        "applied in order; config.json records file, sha256, type, rank, alpha and strength (see docs/LORA.md)",
+    )
     return parser
 
 
@@ -445,7 +503,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, log=print)
+        from ..lora import parse_lora_spec
+
+        loras = [parse_lora_spec(spec) for spec in args.lora]
+        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, log=print, loras=loras)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -141,6 +141,18 @@ class TorchDiT(DiffusionStep):
             out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
             return _to_mx(net.postprocess_conv(out) + out)
 
+    def update_weights(self, weights: dict) -> None:
+        """Replace some parameters, given in mlx_sa3 names and MLX layouts (e.g. LoRA-merged weights)."""
+        torch = require_torch()
+        params = dict(self.net.named_parameters())
+        state = _dit_state(weights)
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"no such torch DiT parameters: {', '.join(unknown)}")
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+
 
 def _check_float32(dtype) -> None:
     dtype = parse_dtype(dtype)

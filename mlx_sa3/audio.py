@@ -236,6 +236,18 @@ def subtype_for(fmt: str, bit_depth: int | None = None) -> tuple[str, str]:
     return container, subtype
 
 
+SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's sndfile.h; soundfile has no public call for it
+
+
+def _without_peak_chunk(writer: sf.SoundFile) -> sf.SoundFile:
+    """Drop the PEAK chunk libsndfile adds to float WAV files: it holds the write time, so the same audio written
+    twice would differ byte-wise (a distributed run's files must equal a single-process run's). Before any write."""
+    from soundfile import _ffi, _snd
+
+    _snd.sf_command(writer._file, SFC_SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)  # 0 = SF_FALSE
+    return writer
+
+
 def is_float_output(fmt: str, bit_depth: int | None = None) -> bool:
     """Whether the format keeps samples beyond [-1, 1] (32-bit float wav), i.e. where --no-clamp is meaningful."""
     return subtype_for(fmt, bit_depth)[1] == "FLOAT"
@@ -348,6 +360,8 @@ def open_writer(
     rate = output_sample_rate(fmt, sample_rate)
     f = sf.SoundFile(str(path), "w", samplerate=rate, channels=channels, format=container, subtype=subtype)
     try:
+        if container == "WAV":
+            _without_peak_chunk(f)
         _set_tags(f, tags)  # before the first write: flac, ogg and mp3 write their tags with the header
     except BaseException:
         f.close()

@@ -25,6 +25,10 @@ EXAMPLES = """examples:
   python -m mlx_sa3.generate --model ./sa3-medium -p "drum fill" --inpaint-audio song.wav --duration 20 \\
       --inpaint-start 4 --inpaint-end 6 --inpaint-start 12 --inpaint-end 13.5 -o fixed.flac
 
+  # several clips in one call, each with its own prompt, duration and seed: rain-1.wav, rain-2.wav
+  python -m mlx_sa3.generate --model ./sa3-small-sfx -p "light rain" -p "thunder" --duration 4 --duration 7 \\
+      --seed 1 --seed 2 -o rain.wav
+
   # with a LoRA at strength 0.8, active only in the first (noisiest) part of sampling
   python -m mlx_sa3.generate --model ./sa3-small-music -p "808 trap beat" --lora trap.safetensors \\
       --lora-strength 0.8 --lora-interval 0.5,1 -o trap.wav
@@ -42,14 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-p", "--prompt", help="what to generate")
-    p.add_argument("--negative-prompt", help="what to steer away from (needs --cfg-scale other than 1)")
+    p.add_argument("-p", "--prompt", action="append", help="what to generate; repeat for one file per prompt")
+    p.add_argument(
+        "--negative-prompt",
+        action="append",
+        help="what to steer away from (needs --cfg-scale other than 1); one, or one per -p",
+    )
     p.add_argument(
         "--model",
         default="stabilityai/stable-audio-3-small-music",
         help="Hub repo id, local directory (original or converted), or 'demo' (tiny random model, no download)",
     )
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of audio to write (default 30)")
+    p.add_argument(
+        "--duration", type=float, action="append", help="seconds of audio to write (default 30); one, or one per -p"
+    )
     p.add_argument("--steps", type=int, help="sampling steps (default 8)")
     p.add_argument("--sampler", help="pingpong, euler, dpmpp or rk4 (default: the checkpoint's official default)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 1: off)")
@@ -60,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="1 = adaptive projected guidance, 0 = plain CFG, between: a blend (default 1)",
     )
     p.add_argument(
-        "--seed", type=int, help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed)"
+        "--seed",
+        type=int,
+        action="append",
+        help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed); one, or one per -p",
     )
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
     p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
@@ -223,6 +236,10 @@ def main(argv=None) -> int:
         return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
     if args.output is None and not args.play:
         args.output = "output.wav"
+    try:
+        args.items = per_item_options(args)
+    except ValueError as err:
+        return _fail(str(err))
     from .loading import CheckpointError
 
     try:
@@ -260,7 +277,9 @@ def _preflight(args):
     from .pipeline import StableAudio3
     from .sampling import SAMPLERS
 
-    seed = resolve_seed(args.seed)
+    items = args.items
+    seed = [resolve_seed(s) for s in items["seed"]] if isinstance(items["seed"], list) else resolve_seed(items["seed"])
+    count = max([len(v) for v in items.values() if isinstance(v, list)], default=args.batch)
     if args.batch < 1:
         raise ValueError(f"batch size must be at least 1, got {args.batch}")
     if args.steps is not None and args.steps < 1:
@@ -275,11 +294,15 @@ def _preflight(args):
     if args.inpaint_start and args.inpaint_audio is None:
         raise ValueError("inpaint regions need inpaint audio (the audio to keep outside the regions)")
     has_audio = args.init_audio is not None or args.inpaint_audio is not None
-    StableAudio3._prompts(args.prompt, args.batch, required=not has_audio)
+    prompt = items["prompt"]
+    StableAudio3._prompts(prompt, len(prompt) if isinstance(prompt, list) else args.batch, required=not has_audio)
     if args.output is not None:  # --play alone writes nothing
         format_for(args.output, args.format)
-        check_output_targets(batch_targets(args.output, args.batch), args.overwrite)
-    check_duration(args.duration, SAMPLE_RATE, _max_samples(args.model))
+        check_output_targets(batch_targets(args.output, count), args.overwrite)
+    durations = items["duration"] if isinstance(items["duration"], list) else [items["duration"]]
+    max_samples = _max_samples(args.model)
+    for duration in durations:
+        check_duration(duration, SAMPLE_RATE, max_samples)
     init = load_audio_input(args.init_audio, "--init-audio") if args.init_audio is not None else None
     inpaint = load_audio_input(args.inpaint_audio, "--inpaint-audio") if args.inpaint_audio is not None else None
     return seed, init, inpaint
@@ -310,14 +333,11 @@ def _run(args) -> int:
             if args.model == "demo":
                 print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
             request = GenerationRequest(
-                args.prompt,
-                args.duration,
-                negative_prompt=args.negative_prompt,
+                **{**args.items, "seed": seed},
                 steps=args.steps,
                 sampler=args.sampler,
                 cfg_scale=args.cfg_scale,
                 apg_scale=args.apg_scale,
-                seed=seed,
                 init_audio=init_audio,
                 init_noise_level=args.init_noise_level,
                 inpaint_audio=inpaint_audio,
@@ -404,11 +424,12 @@ def _check_before_loading(args, request) -> None:
 
 
 def _summary(out, load_time: float) -> None:
-    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items())
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_time, **out.timings}.items() if isinstance(v, float))
+    seeds = f"seeds {', '.join(map(str, out.seeds))}" if len(set(out.seeds)) > 1 else f"seed {out.seed}"
     if hasattr(out, "paths"):
-        print(f"wrote {', '.join(map(str, out.paths))} (seed {out.seed}; {stages})")
+        print(f"wrote {', '.join(map(str, out.paths))} ({seeds}; {stages})")
     else:
-        print(f"generated {out.audio.shape[-1] / out.sample_rate:.2f} s (seed {out.seed}; {stages})")
+        print(f"generated {out.audio.shape[-1] / out.sample_rate:.2f} s ({seeds}; {stages})")
     for i, report in enumerate(out.levels):
         prefix = f"levels {i + 1}" if len(out.levels) > 1 else "levels"
         print(f"{prefix}: {report.summary()}")
@@ -423,6 +444,28 @@ def _play(out) -> None:
     else:
         for audio in out.audio:
             playback.play(audio, out.sample_rate)
+
+
+PER_ITEM_FLAGS = {"prompt": "-p", "duration": "--duration", "seed": "--seed", "negative_prompt": "--negative-prompt"}
+
+
+def per_item_options(args) -> dict:
+    """The repeatable flags as request fields: one value broadcasts, several give one item each (checked here).
+
+    Every flag given more than once must be given as often as the others given more than once; ``--batch`` makes
+    variations of one prompt and does not combine with several items.
+    """
+    given = {field: getattr(args, field) or [] for field in PER_ITEM_FLAGS}
+    counts = {field: len(values) for field, values in given.items() if len(values) > 1}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{len(given[f])} {PER_ITEM_FLAGS[f]}" for f in counts)
+        raise ValueError(f"got {listed}: give each of these once or once per item")
+    if counts and args.batch != 1:
+        raise ValueError("--batch makes variations of one prompt; with several -p/--duration/--seed leave it out")
+    options = {field: (values if len(values) > 1 else values[0] if values else None) for field, values in given.items()}
+    if options["duration"] is None:
+        options["duration"] = 30.0
+    return options
 
 
 def _fail(message: str, status: int = 2) -> int:

@@ -35,6 +35,7 @@ from .audio import (
 )
 from .backend import resolve_backend
 from .diagnosis import explain_non_finite
+from .items import collect_items, is_per_item, item_count, pad_items, stream_items
 from .levels import (
     DEFAULT_CEILING_DBFS,
     DEFAULT_TARGET_LUFS,
@@ -80,6 +81,7 @@ class AudioEvent:
     offset: int
     total: int
     stage: str = "decoding"
+    item: int | None = None  # per-item requests: the item this (1, 2, n) piece belongs to; None = every item
 
 
 @dataclass
@@ -91,6 +93,7 @@ class DoneEvent:
     timings: dict
     stage: str = "done"
     levels: list = field(default_factory=list)  # LevelReport per item, gain_db = the requested normalisation's
+    seeds: list | None = None  # per-item requests: every item's seed (latents is then a per-item list)
 
 
 @dataclass
@@ -101,6 +104,14 @@ class GenerationOutput:
     seed: int
     timings: dict = field(default_factory=dict)
     levels: list = field(default_factory=list)  # LevelReport per item: the raw decoder output, gain applied
+    items: list | None = None  # item i's audio (2, N_i); per-item requests give each item exactly its own length
+    seeds: list | None = None  # item i's seed
+
+    def __post_init__(self):
+        if self.items is None:
+            self.items = list(self.audio)
+        if self.seeds is None:
+            self.seeds = [self.seed] * len(self.items)
 
 
 @dataclass
@@ -110,6 +121,11 @@ class FileOutput:
     seed: int
     timings: dict = field(default_factory=dict)
     levels: list = field(default_factory=list)  # LevelReport per item: the raw decoder output, gain applied
+    seeds: list | None = None  # item i's seed (per-item requests: each its own)
+
+    def __post_init__(self):
+        if self.seeds is None:
+            self.seeds = [self.seed] * len(self.paths)
 
 
 # -- request planning -----------------------------------------------------------------------------------------------
@@ -132,16 +148,18 @@ class GenerationRequest:
     starts at ``init_noise_level``), ``duration_padding_sec`` 6, ``dist_shift`` (None: the checkpoint's).
     Levels (see :mod:`mlx_sa3.levels`): ``normalize`` None / "peak" (to ``ceiling_dbfs``, -1) / "loudness" (to
     ``target_lufs``, -14, true peak kept under the ceiling); ``clamp=False`` keeps the raw decoder output.
+    Per item (:mod:`mlx_sa3.items`): a list of prompts with a list (or one value) of ``duration``, ``seed`` and
+    ``negative_prompt`` gives every item its own length, conditioning and seed, as if generated alone.
     """
 
     prompt: object = None
-    duration: float = 30.0
+    duration: float | list = 30.0
     negative_prompt: object = None
     steps: int | None = None
     sampler: str | None = None
     cfg_scale: float | None = None
     apg_scale: float = 1.0
-    seed: int | None = None
+    seed: int | list | None = None
     noise: object = None
     init_audio: object = None
     init_noise_level: float = 0.9
@@ -487,8 +505,11 @@ class StableAudio3:
         (unless ``clamp=False``) but carry no normalisation gain, which needs the whole signal: the
         :class:`DoneEvent`'s ``levels[i].gain_db`` is that gain (``generate`` and ``generate_to_file`` apply it).
         """
-        plan = self._plan(GenerationRequest.of(request, prompt, duration, **kwargs))
-        yield from self._events(plan, chunk_latents=chunk_latents, callback=callback)
+        request = GenerationRequest.of(request, prompt, duration, **kwargs)
+        if is_per_item(request):
+            yield from stream_items(self, request, chunk_latents=chunk_latents, callback=callback)
+            return
+        yield from self._events(self._plan(request), chunk_latents=chunk_latents, callback=callback)
 
     def _events(self, plan: Plan, *, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
         """The events of :meth:`stream` for a plan; ``raw=True`` yields the decoder output without the clamp."""
@@ -588,7 +609,13 @@ class StableAudio3:
         Takes a :class:`GenerationRequest` or its fields as keyword arguments.
         """
         pieces, done = [], None
-        plan = self._plan(GenerationRequest.of(request, prompt, duration, **options))
+        request = GenerationRequest.of(request, prompt, duration, **options)
+        if is_per_item(request):  # lists of prompts/durations/seeds: out.items[i] has exactly item i's length
+            _refuse_per_item_normalize(request)
+            return _items_output(
+                self.sample_rate, *collect_items(self.stream(request=request, callback=callback), item_count(request))
+            )
+        plan = self._plan(request)
         raw = plan.normalize is not None  # the gain is known at the end: keep the raw pieces until then
         for event in self._events(plan, callback=callback, raw=raw):
             if isinstance(event, AudioEvent):
@@ -625,19 +652,25 @@ class StableAudio3:
         only when the whole batch is complete, so an error, a cancel, Ctrl-C or SIGTERM leaves nothing at the output
         paths. Write errors raise a one-line :class:`~mlx_sa3.outputs.OutputError` ("no space left on device" ...).
         Returns the written paths (as given, symlinks not resolved) with the seed, the seconds per stage and the
-        levels.
+        levels. Per item, one file per item with exactly its length; ``path`` may also be a list with one path per
+        output.
         """
-        path = Path(path)
-        fmt = format_for(path, fmt)
+        fmt = format_for(path[0] if isinstance(path, (list, tuple)) else path, fmt)
         stream_options = {k: kwargs.pop(k) for k in ("chunk_latents",) if k in kwargs}  # the decoder's option
         request = GenerationRequest.of(request, prompt, duration, **kwargs)
         if not request.clamp and not is_float_output(fmt, bit_depth):
             raise ValueError(f"clamp=False (--no-clamp) needs a float format (wav, 32-bit); {fmt} cannot hold it")
-        plan = self._plan(request)  # before the writers: the tags carry the seed
-        tags = generation_tags(_tag_prompt(plan.prompts), plan.seed, self.name, plan.steps)
-        normalize = plan.normalize is not None
-        names = batch_targets(path, len(plan.prompts))
+        names = _file_targets(path, request)
         sr = self.sample_rate
+        if is_per_item(request):  # every item planned alone (mlx_sa3.items): its own seed, length and tags
+            _refuse_per_item_normalize(request)
+            plan, tags, normalize = None, None, False
+            events = self.stream(request=request, callback=callback, **stream_options)
+        else:
+            plan = self._plan(request)  # before the writers: the tags carry the seed
+            tags = generation_tags(_tag_prompt(plan.prompts), plan.seed, self.name, plan.steps)
+            normalize = plan.normalize is not None
+            events = self._events(plan, callback=callback, raw=normalize, **stream_options)
         with AtomicFiles(names, overwrite=overwrite) as files:
             writers, raws = [], []
             try:
@@ -648,8 +681,10 @@ class StableAudio3:
                     else:
                         opener = lambda t=temp: open_writer(t, 2, sr, fmt, bit_depth=bit_depth, tags=tags)  # noqa: E731
                         writers.append(_written(name, opener))
-                for event in self._events(plan, callback=callback, raw=normalize, **stream_options):
-                    if isinstance(event, AudioEvent):
+                for event in events:
+                    if isinstance(event, AudioEvent) and event.item is not None:
+                        _written(names[event.item], lambda e=event: writers[e.item].write(e.audio[0].T))
+                    elif isinstance(event, AudioEvent):
                         for writer, audio, name in zip(writers, event.audio, names):
                             _written(name, lambda w=writer, a=audio: w.write(a.T))
                     elif isinstance(event, DoneEvent):
@@ -669,7 +704,9 @@ class StableAudio3:
                 for raw_file in raws:
                     raw_file.unlink(missing_ok=True)
             files.commit()
-        return FileOutput(names, output_sample_rate(fmt, sr), done.seed, done.timings, done.levels)
+        return FileOutput(
+            names, output_sample_rate(fmt, sr), done.seed, done.timings, levels=done.levels, seeds=done.seeds
+        )
 
 
 def _written(name, write: Callable):
@@ -692,6 +729,33 @@ def _tag_prompt(prompts: list) -> str | None:
     """The prompt tag: the batch's prompt, or all of them when they differ."""
     unique = list(dict.fromkeys(prompts))
     return unique[0] if len(unique) == 1 else " | ".join(unique)
+
+
+# -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
+
+
+def _items_output(sample_rate: int, items: list, done: DoneEvent) -> GenerationOutput:
+    return GenerationOutput(
+        pad_items(items), sample_rate, done.latents, done.seed, done.timings, items=items, seeds=done.seeds
+    )
+
+
+def _file_targets(path, request: GenerationRequest) -> list:
+    """One target per output: the given list, or ``path`` / ``stem-1.ext``, ``stem-2.ext`` ... as for a batch."""
+    count = item_count(request) if is_per_item(request) else int(request.batch_size)
+    if isinstance(path, (list, tuple)):
+        if len(path) != count:
+            raise ValueError(f"got {len(path)} output paths for {count} outputs")
+        return [Path(p) for p in path]
+    return batch_targets(path, count)
+
+
+def _refuse_per_item_normalize(request: GenerationRequest) -> None:
+    if request.normalize is not None:
+        raise ValueError(
+            "normalize works on one request's batch; per-item lists (several prompts/durations/seeds) "
+            "are not normalised yet: generate them one by one"
+        )
 
 
 __all__ = [

@@ -28,13 +28,13 @@ from pathlib import Path
 import mlx_sa3  # noqa: F401  (loads OpenBLAS: must come before the first import of mlx)
 
 # isort: split
-import mlx.core as mx
-from common import CONTEXT_TOKENS
-
 from mlx_sa3 import batch
 from mlx_sa3.demo import full_size_parts, random_model
 from mlx_sa3.models.dit import DiT, DiTConfig
 from mlx_sa3.pipeline import StableAudio3
+
+import mlx.core as mx
+from common import CONTEXT_TOKENS
 
 
 def timed(fn, repeats: int) -> float:

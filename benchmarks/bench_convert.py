@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.convert import write_safetensors
 from mlx_sa3.info import describe, gemm_gflops
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MLX_SA3_SHARED", REPO.parent / "shared")) / "reference"

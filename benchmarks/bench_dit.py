@@ -19,13 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
-from common import CONTEXT_TOKENS, latent_length, step_flops
-
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe, gemm_gflops
 from mlx_sa3.loading import parse_dtype
+
+import mlx.core as mx  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, step_flops
 
 CONFIGS = {"small": DiTConfig.small, "medium": DiTConfig.medium}
 

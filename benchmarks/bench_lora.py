@@ -26,14 +26,14 @@ from pathlib import Path
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx: must stay above the mlx imports)
 
 # isort: split
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-
 from mlx_sa3 import lora
 from mlx_sa3.dit import DiT, DiTConfig
 from mlx_sa3.info import describe
 from mlx_sa3.model import Conditioners, SA3Config, SA3Model
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 SAMPLE_RATE, LATENT_HOP, CONTEXT_TOKENS = 44100, 4096, 257
 RANK, ALPHA = 16, 16.0

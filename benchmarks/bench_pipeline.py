@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import decoder_flops, peak_rss_mb, step_flops  # noqa: E402
-
 import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx)
 from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
 from mlx_sa3.demo import random_model  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
+
+from common import decoder_flops, peak_rss_mb, step_flops  # noqa: E402
 
 HEADROOM_LATENTS = 64
 

@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
-from common import decoder_flops, latents_for, peak_rss_mb  # noqa: E402
-
 import mlx_sa3  # noqa: E402,F401  (loads OpenBLAS before mlx)
 from mlx_sa3.same import SAMEAutoencoder, SAMEConfig  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+from common import decoder_flops, latents_for, peak_rss_mb  # noqa: E402
 
 SECONDS = {"same-s": [30, 60, 120], "same-l": [30, 60, 120, 380]}
 

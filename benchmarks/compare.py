@@ -48,15 +48,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from common import CONTEXT_TOKENS, latent_length, latents_for, peak_rss_mb  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
 import mlx_sa3  # noqa: E402  (loads OpenBLAS before mlx unless MLX_SA3_NO_OPENBLAS is set)
 from mlx_sa3.checkpoint import full_size_configs as full_size_parts  # noqa: E402
 from mlx_sa3.demo import random_model, to_torch_backend, train_tokenizer  # noqa: E402
 from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from common import CONTEXT_TOKENS, latent_length, latents_for, peak_rss_mb  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
@@ -180,10 +180,10 @@ def mlx_sa3_job(model, work: Workload, refblas: bool):
 
 def diffusers_dit(model):
     """Stock ``StableAudio3DiTModel`` holding the mlx_sa3 DiT's weights (and the conditioner's padding embedding)."""
+    from mlx_sa3.torch_backend import _dit_state
+
     import torch
     from diffusers import StableAudio3DiTModel
-
-    from mlx_sa3.torch_backend import _dit_state
 
     c = model.dit.config
     net = StableAudio3DiTModel(
@@ -232,13 +232,13 @@ def diffusers_same(same_config):
 def diffusers_pipeline(model, tokenizer_dir: Path):
     """``StableAudio3Pipeline`` from the modules above, the mlx_sa3 text encoder / seconds embedder weights and a
     Gemma tokenizer read from ``tokenizer_dir`` (no network)."""
+    from mlx_sa3.model import Conditioners
+    from mlx_sa3.torch_backend import torch_text_encoder_from_mlx
+
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, StableAudio3Pipeline
     from diffusers.pipelines.stable_audio_3.modeling_stable_audio_3 import StableAudio3DurationEmbedder
     from transformers import GemmaTokenizer
-
-    from mlx_sa3.model import Conditioners
-    from mlx_sa3.torch_backend import torch_text_encoder_from_mlx
 
     cfg = model.config
     duration = StableAudio3DurationEmbedder(output_dim=cfg.cond_dim, min_val=cfg.seconds_min, max_val=cfg.seconds_max)

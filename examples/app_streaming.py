@@ -6,10 +6,10 @@ python examples/app_streaming.py --model ./sa3-small-music
 import argparse
 import time
 
-import numpy as np
-
 import mlx_sa3
 from mlx_sa3.pipeline import AudioEvent, DoneEvent, StepEvent
+
+import numpy as np
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="demo")

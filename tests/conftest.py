@@ -2,10 +2,10 @@ import math
 import os
 from pathlib import Path
 
+import mlx_sa3  # noqa: F401  (loads OpenBLAS before anything imports mlx)
+
 import numpy as np
 import pytest
-
-import mlx_sa3  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 
 SHARED = Path(os.environ.get("MLX_SA3_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 REF = SHARED / "reference"

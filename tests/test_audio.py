@@ -1,8 +1,8 @@
+from mlx_sa3.audio import AudioError, load_audio_input, read_audio, write_audio
+
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3.audio import AudioError, load_audio_input, read_audio, write_audio
 
 
 def tone(n, sr, freq=440.0):

@@ -1,11 +1,11 @@
 """Output formats: every format this libsndfile can encode round-trips with its length, channels and tags."""
 
+from mlx_sa3 import audio as audio_mod
+from mlx_sa3.audio import AudioError, generation_tags, is_float_output, open_writer, read_tags, subtype_for, write_audio
+
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3 import audio as audio_mod
-from mlx_sa3.audio import AudioError, generation_tags, is_float_output, open_writer, read_tags, subtype_for, write_audio
 
 SR = 44100
 # (format, bit depth) -> max round-trip error: exact for float; for b-bit PCM half a step plus libsndfile's scale

@@ -3,10 +3,10 @@ the CLI summary says which ran and why."""
 
 import importlib.util
 
-import pytest
-
 from mlx_sa3 import backend
 from mlx_sa3.pipeline import StableAudio3
+
+import pytest
 
 from .conftest import REF
 

@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_sa3 import StableAudio3, batch
+
 import numpy as np
 import pytest
 import soundfile as sf
 
-from mlx_sa3 import StableAudio3, batch
 from tests.conftest import rel_err
 
 SR = 44100

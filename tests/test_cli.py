@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlx_sa3 import generate
+from mlx_sa3.audio import open_writer
+
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3 import generate
-from mlx_sa3.audio import open_writer
 
 SR = 44100
 # subprocesses import this checkout, whatever is installed

@@ -7,15 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import soundfile as sf
-
 from mlx_sa3 import StableAudio3, generate, levels
 from mlx_sa3.audio import WRITE_FORMATS, AudioError, read_tags, subtype_for
 from mlx_sa3.models import diffusion
 from mlx_sa3.pipeline import StepEvent
 from mlx_sa3.sampling import build_schedule
+
+import numpy as np
+import pytest
+import soundfile as sf
 
 SR = 44100
 REPO = Path(__file__).resolve().parents[1]

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlx_sa3 import convert as cv
 from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.model import load_model
 from mlx_sa3.same import load_autoencoder
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .conftest import EPS, REF, SAME_TO_DIFFUSERS, half_tol, rel_err
 

@@ -1,8 +1,8 @@
 """mlx_sa3.cpu_kernels: the OPENBLAS_CORETYPE choice from CPU flags and the OpenBLAS version."""
 
-import pytest
-
 from mlx_sa3.cpu_kernels import choose_openblas_coretype, cpu_flags, openblas_version_from_path, parse_version
+
+import pytest
 
 HASWELL = {"sse4_2", "avx", "avx2", "fma", "f16c"}
 SKYLAKEX = HASWELL | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}

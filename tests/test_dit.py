@@ -5,13 +5,13 @@ v_plain (all-zero local conditioning), v_inpaint (the given local_add_cond), v_n
 v_cfg3_apg1 (cfg_scale 3, apg_scale 1, zero local conditioning), all float32 on CPU.
 """
 
+from mlx_sa3.dit import DiT, DiTConfig, guide, load_dit, sanitize
+from mlx_sa3.loading import CheckpointError, open_source
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from mlx_sa3.dit import DiT, DiTConfig, guide, load_dit, sanitize
-from mlx_sa3.loading import CheckpointError, open_source
 
 from .conftest import EPS, REF, half_tol, rel_err, stack_tol
 from .conftest import dit_call as _call

@@ -8,14 +8,14 @@ with ``torch.std`` (unbiased) over channels), in float64.
 
 import math
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlx_sa3 import options
 from mlx_sa3.dit import guide, load_dit
 from mlx_sa3.options import OptionError
 from mlx_sa3.sampling import build_schedule, sample_iter
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .conftest import REF, rel_err
 

@@ -1,11 +1,11 @@
 """One validation path for input audio (file, (array, rate), bare array), durations with real limits, and the
 diagnosis of non-finite results (input, checkpoint or sampling)."""
 
+from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
+
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
 
 SR = SAMPLE_RATE
 

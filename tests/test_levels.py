@@ -7,11 +7,6 @@ meter must equal it for any piece size. Known values: a full-scale 997 Hz sine o
 
 import math
 
-import numpy as np
-import pyloudnorm
-import pytest
-import soundfile as sf
-
 from mlx_sa3.audio import open_writer, write_audio
 from mlx_sa3.levels import (
     CLIP_WARNING_FRACTION,
@@ -25,6 +20,11 @@ from mlx_sa3.levels import (
     normalization_gain,
     validate_normalization,
 )
+
+import numpy as np
+import pyloudnorm
+import pytest
+import soundfile as sf
 
 SR = 44100
 # pyloudnorm and the streamed meter both work in float64; the streamed one only regroups the sums

@@ -1,13 +1,13 @@
 """Component lifetimes: one-shot pipelines hold one network at a time, long-lived ones keep them, and plain
 text-to-audio never reads the SAME encoder. Same outputs either way (the same arithmetic on the same weights)."""
 
-import numpy as np
-import pytest
-
 from mlx_sa3 import StableAudio3
 from mlx_sa3.checkpoint import DecoderFirstSAME
 from mlx_sa3.model import load_model
 from mlx_sa3.pipeline import AudioEvent, StepEvent
+
+import numpy as np
+import pytest
 
 from .conftest import REF
 
@@ -107,11 +107,11 @@ def test_lazy_load_refuses_a_bad_dit_before_any_network_runs(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_text_embedding_stays_in_the_file(tmp_path, dtype):
-    from mlx.utils import tree_flatten
-
     from mlx_sa3.checkpoint import MappedEmbedding, load_text_encoder
     from mlx_sa3.convert import convert
     from mlx_sa3.loading import open_source
+
+    from mlx.utils import tree_flatten
 
     prompts = ["warm analog synth pad", "x"]
     for src in (CHECKPOINT, convert(CHECKPOINT, tmp_path / "c", dtype=dtype)):

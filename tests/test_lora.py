@@ -9,13 +9,13 @@ values allow).
 
 import json
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import mlx_sa3
 from mlx_sa3 import lora
 from mlx_sa3.loading import CheckpointError, open_source
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from .conftest import REF, rel_err
 
@@ -413,10 +413,10 @@ def test_missing_file_refused(loaded, tmp_path):
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_merged_weights_reproduce_lora_outputs(fixture):
     """What the converter bakes in: loaded without any LoRA, the merged weights give the stacked LoRA outputs."""
-    from mlx.utils import tree_flatten
-
     from mlx_sa3.dit import DiT, DiTConfig
     from mlx_sa3.model import Conditioners, SA3Config
+
+    from mlx.utils import tree_flatten
 
     source = open_source(REF / fixture)
     base_model = mlx_sa3.load_model(source, dtype="float32")

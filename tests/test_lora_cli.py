@@ -9,13 +9,13 @@ import hashlib
 import json
 import shutil
 
-import numpy as np
-import pytest
-import soundfile as sf
-
 import mlx_sa3
 from mlx_sa3 import generate, lora
 from mlx_sa3.convert import main as convert_main
+
+import numpy as np
+import pytest
+import soundfile as sf
 
 from .conftest import REF
 from .test_lora import assert_matches, lora_file, outputs

@@ -1,10 +1,10 @@
 """The official sampling path end to end on the tiny full checkpoints: conditioning, schedules, Euler runs."""
 
+import mlx_sa3
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx_sa3
 
 from .conftest import REF, rel_err
 

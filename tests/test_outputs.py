@@ -15,10 +15,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-import soundfile as sf
-
 from mlx_sa3 import outputs
 from mlx_sa3.outputs import (
     AtomicFiles,
@@ -29,6 +25,10 @@ from mlx_sa3.outputs import (
     handle_signals,
     resolve_seed,
 )
+
+import numpy as np
+import pytest
+import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 

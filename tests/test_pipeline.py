@@ -3,14 +3,14 @@
 import math
 import os
 
+from mlx_sa3 import AudioError, GenerationCancelled, StableAudio3
+from mlx_sa3.pipeline import AudioEvent, DoneEvent, StepEvent
+from mlx_sa3.sampling import NonFiniteError
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3 import AudioError, GenerationCancelled, StableAudio3
-from mlx_sa3.pipeline import AudioEvent, DoneEvent, StepEvent
-from mlx_sa3.sampling import NonFiniteError
 
 SR = 44100
 

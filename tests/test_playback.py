@@ -1,11 +1,11 @@
 """--play: playback through a recording stand-in for sounddevice (there is no audio device on CI)."""
 
-import numpy as np
-import pytest
-
 from mlx_sa3 import playback
 from mlx_sa3.audio import write_audio
 from mlx_sa3.playback import PlaybackError
+
+import numpy as np
+import pytest
 
 
 class FakeSoundDevice:

@@ -3,11 +3,11 @@
 import importlib.util
 from pathlib import Path
 
+from mlx_sa3.dit import load_dit
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from mlx_sa3.dit import load_dit
 
 from .conftest import REF, rel_err
 

@@ -7,15 +7,15 @@ add in quadrature along the residual stream, whose layers have gain <= 1 at thes
 relative RMS error stays below eps_w * sqrt(L) for L quantized layers.
 """
 
+from mlx_sa3 import quantize as Q
+from mlx_sa3.dit import DiT, load_dit, sanitize
+from mlx_sa3.loading import check_strict, open_source
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
-
-from mlx_sa3 import quantize as Q
-from mlx_sa3.dit import DiT, load_dit, sanitize
-from mlx_sa3.loading import check_strict, open_source
 
 from .conftest import REF
 

@@ -7,16 +7,16 @@ layers. One Euler step from noise gives x = noise - v, so the latents err by ||d
 
 import json
 
+from mlx_sa3 import quantize as Q
+from mlx_sa3.checkpoint import load_dit
+from mlx_sa3.convert import convert
+from mlx_sa3.model import load_model
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
-
-from mlx_sa3 import quantize as Q
-from mlx_sa3.checkpoint import load_dit
-from mlx_sa3.convert import convert
-from mlx_sa3.model import load_model
 
 from .conftest import REF, rel_err
 from .test_convert import run_cli

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx_sa3
+
 import numpy as np
 import pytest
-
-import mlx_sa3
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "random_checkpoint.py"

@@ -4,13 +4,13 @@ import json
 import re
 import shutil
 
+from mlx_sa3 import same
+from mlx_sa3.loading import CheckpointError, open_source
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from mlx_sa3 import same
-from mlx_sa3.loading import CheckpointError, open_source
 
 from .conftest import REF, SAME_TO_DIFFUSERS, rel_err, stack_tol
 

@@ -2,11 +2,11 @@
 
 import math
 
+from mlx_sa3.sampling import NonFiniteError, build_schedule, sample_iter
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from mlx_sa3.sampling import NonFiniteError, build_schedule, sample_iter
 
 from .conftest import REF
 

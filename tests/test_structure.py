@@ -5,15 +5,15 @@ import copy
 import subprocess
 import sys
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlx_sa3 import demo
 from mlx_sa3.checkpoint import CheckpointConfig
 from mlx_sa3.loading import CheckpointError
 from mlx_sa3.models.dit import DiT
 from mlx_sa3.models.same import SAMEAutoencoder, stream_windows
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 BACKENDS = ["mlx", "torch"]
 

@@ -3,11 +3,6 @@ import random
 import re
 import shutil
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-
 from mlx_sa3.loading import CheckpointError, load_safetensors, open_source
 from mlx_sa3.t5gemma import (
     T5GemmaConfig,
@@ -18,6 +13,12 @@ from mlx_sa3.t5gemma import (
     sanitize,
 )
 from mlx_sa3.t5gemma import dropped as dropped_keys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
 from tests.conftest import half_tol, rel_err
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]

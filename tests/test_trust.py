@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_sa3 import generate, outputs
+
 import numpy as np
 import pytest
 import soundfile as sf
-
-from mlx_sa3 import generate, outputs
 
 SR = 44100
 REPO = Path(__file__).resolve().parents[1]
@@ -251,10 +251,10 @@ def test_nan_in_the_input_audio_names_the_input(tmp_path, capsys):
 
 
 def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):
+    from mlx_sa3.sampling import NonFiniteError
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-
-    from mlx_sa3.sampling import NonFiniteError
 
     dit = pipe.model.dit
     name, value = next((n, v) for n, v in tree_flatten(dit.parameters()) if v.ndim == 2)
@@ -271,9 +271,9 @@ def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):
 
 
 def test_nan_from_sampling_with_finite_weights_blames_the_sampling(pipe, tmp_path, monkeypatch):
-    import mlx.core as mx
-
     from mlx_sa3.sampling import NonFiniteError
+
+    import mlx.core as mx
 
     monkeypatch.setattr(pipe.model.dit, "step", lambda x, t, prepared, **kw: mx.full(x.shape, float("nan")))
     with pytest.raises(NonFiniteError, match="with finite inputs and weights"):
@@ -281,9 +281,9 @@ def test_nan_from_sampling_with_finite_weights_blames_the_sampling(pipe, tmp_pat
 
 
 def test_non_finite_decoded_audio_is_reported_not_clamped(pipe, monkeypatch):
-    import mlx.core as mx
-
     from mlx_sa3.sampling import NonFiniteError
+
+    import mlx.core as mx
 
     ae = pipe.model.autoencoder
     monkeypatch.setattr(ae, "decode_stream", lambda z, chunk_latents=None: iter([mx.full((1, 2, 4096 * 4), np.inf)]))

@@ -192,11 +192,16 @@ def _derived_seed(name: str, settings: dict) -> int:
     return int(_digest(f"{name}\0{_canonical(settings)}")[:8], 16) % 2**31
 
 
-def parse_jobs(path, max_duration: float | None = None, fmt: str = "wav") -> tuple[list[Job], list[Problem]]:
+def parse_jobs(
+    path, max_duration: float | None = None, fmt: str = "wav", loras=None
+) -> tuple[list[Job], list[Problem]]:
     """Read and validate every line of a JSONL job file; returns the jobs and every problem found (all of them).
 
     Blank lines are skipped. Relative audio paths are relative to the job file's folder. Without ``name`` a job is
     named from its prompt and a hash of its settings; without ``seed`` the seed is derived from the name and settings.
+    ``loras`` (the command line's ``[(path, strength, interval), ...]``) adds their strengths and intervals to every
+    job's settings after the name and seed are made, so the same job keeps its name and seed with other LoRA
+    settings (a rerun with other strengths is a changed job) and a LoRA's effect shows at the same seed.
     """
     from .sampling import SAMPLERS
 
@@ -243,9 +248,19 @@ def parse_jobs(path, max_duration: float | None = None, fmt: str = "wav") -> tup
             continue
         names[name] = number
         settings["seed"] = raw["seed"] if "seed" in raw else _derived_seed(name, settings)
+        if loras:
+            settings["loras"] = lora_settings(loras)
         audio = {k: str((base / raw[k]).resolve()) for k in ("init_audio", "inpaint_audio") if k in raw}
         jobs.append(Job(number, name, settings, f"{name}.{fmt}", audio))
     return jobs, problems
+
+
+def lora_settings(loras) -> list[dict]:
+    """Strength and sigma interval of each LoRA, by position (the files themselves are in :func:`model_identity`)."""
+    return [
+        {"strength": float(strength), "interval": None if interval is None else [float(v) for v in interval]}
+        for _, strength, interval in loras
+    ]
 
 
 # -- grouping and the split between ranks ---------------------------------------------------------------------------
@@ -318,13 +333,29 @@ def _file_fingerprint(path: Path, digest) -> None:
             digest.update(f.read(_SAMPLE_BYTES))
 
 
-def model_identity(src) -> dict:
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(src, loras=None) -> dict:
     """Model id and a cheap fingerprint of its weights (not a full hash: headers, sizes and sampled bytes).
 
     A fine-tune changes sampled bytes, so it changes the fingerprint; reading ~1 MiB per file keeps it cheap for
     multi-GB checkpoints. The demo model is identified by its config (its weights are drawn from a fixed seed).
-    When ``--lora`` lands, add each adapter file here (and its scale to the job settings).
+    ``loras`` (``[(path, strength, interval), ...]``) adds ``"loras"``: each adapter file's path and full sha256, in
+    load order (adapters are small enough to hash whole); their strengths and intervals are job settings.
     """
+    identity = _base_identity(src)
+    if loras:
+        identity["loras"] = [{"file": str(path), "sha256": _sha256_file(Path(path))} for path, *_ in loras]
+    return identity
+
+
+def _base_identity(src) -> dict:
     if str(src) == "demo":
         from .demo import DEMO_CONFIG, DEMO_TEXT_CONFIG
 
@@ -339,6 +370,13 @@ def model_identity(src) -> dict:
         digest.update(str(path.relative_to(root)).encode())
         _file_fingerprint(path, digest)
     return {"id": str(src), "weights_hash": digest.hexdigest(), "hash_method": HASH_METHOD}
+
+
+def same_weights(recorded: dict, identity: dict) -> bool:
+    """The same base weights and the same LoRA files in the same order (by content: moving a file is no change)."""
+    return recorded.get("weights_hash") == identity["weights_hash"] and [
+        lora.get("sha256") for lora in recorded.get("loras", [])
+    ] == [lora["sha256"] for lora in identity.get("loras", [])]
 
 
 def max_duration_of(src) -> float:
@@ -446,7 +484,7 @@ def job_state(job: Job, entry: dict | None, out_dir: Path, identity: dict) -> st
         and target.is_file()
         and target.stat().st_size == entry.get("bytes")
         and entry.get("settings") == job.settings
-        and entry.get("model", {}).get("weights_hash") == identity["weights_hash"]
+        and same_weights(entry.get("model", {}), identity)
     ):
         return "done"
     return "conflict"
@@ -465,7 +503,12 @@ def conflict_reason(job: Job, entry: dict | None, out_dir: Path, identity: dict)
             if job.settings.get(k) != entry.get("settings", {}).get(k)
         )
         return f"job {job.name!r} changed ({', '.join(changed)}) since it was made; pass --overwrite to regenerate it"
-    return f"job {job.name!r} was made with other weights ({entry.get('model', {}).get('id')}); pass --overwrite"
+    recorded = entry.get("model", {})
+    loras = ", ".join(Path(lora.get("file", "?")).name for lora in recorded.get("loras", [])) or "none"
+    return (
+        f"job {job.name!r} was made with other weights (recorded: {recorded.get('id')}, LoRA files: {loras}); "
+        "pass --overwrite to regenerate it"
+    )
 
 
 # -- distributed ----------------------------------------------------------------------------------------------------
@@ -641,6 +684,8 @@ def _progress(total: int, initial: int, rank: Ranks, quiet: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import _add_lora_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m mlx_sa3.batch",
         description=__doc__,
@@ -660,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DiT/text precision (default: half on Metal, float32 on CPU)",
     )
     p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
-    # --lora goes here once the pipeline loads adapters: add its files to model_identity and its scale to the settings
+    _add_lora_arguments(p)  # parsed by generate.lora_entries, exactly as python -m mlx_sa3.generate does
     p.add_argument("--max-batch", type=int, default=1, help="most jobs per DiT batch (default 1)")
     p.add_argument("--format", choices=("wav", "flac"), default="wav", help="output format (default wav)")
     p.add_argument(
@@ -681,19 +726,24 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    from .generate import lora_entries
     from .loading import CheckpointError
 
     if args.max_batch < 1:
         raise BatchError(f"--max-batch must be at least 1, got {args.max_batch}")
+    try:
+        loras = lora_entries(args)  # every LoRA file checked before the job file, the manifest or the model
+    except (ValueError, CheckpointError) as err:
+        raise BatchError(str(err)) from None
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BatchError(f"output folder {out_dir} is not a directory")
     try:
         max_duration = max_duration_of(args.model)
-        identity = model_identity(args.model)
+        identity = model_identity(args.model, loras)
     except (CheckpointError, OSError) as err:
         raise BatchError(str(err)) from None
-    jobs, problems = parse_jobs(args.jobs, max_duration, args.format)
+    jobs, problems = parse_jobs(args.jobs, max_duration, args.format, loras)
     ranks = Ranks()
 
     # every rank checks everything; all stop if any rank found a problem (per-host folders can differ)
@@ -735,7 +785,7 @@ def _main(args) -> int:
     try:
         from .pipeline import StableAudio3
 
-        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+        pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend, loras=loras)
     except (CheckpointError, ValueError, OSError) as err:
         raise BatchError(str(err)) from None
     stamp = {"model": identity, "backend": args.backend, "dtype": args.dtype, "rank": ranks.rank}

@@ -1,5 +1,6 @@
 """Per-item batches (mlx_sa3.items) and the job runner (python -m mlx_sa3.batch), with the in-process demo model."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -170,8 +171,8 @@ def write_jobs(path: Path, jobs) -> Path:
     return path
 
 
-def run_cli(*args, env=None, launcher=()):
-    cmd = [*launcher, sys.executable, "-m", "mlx_sa3.batch", *map(str, args), "--model", "demo", "--quiet"]
+def run_cli(*args, env=None, launcher=(), model="demo"):
+    cmd = [*launcher, sys.executable, "-m", "mlx_sa3.batch", *map(str, args), "--model", str(model), "--quiet"]
     return subprocess.run(cmd, env=env or REPO_ENV, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -330,6 +331,68 @@ def test_changed_line_refused_unless_overwrite(tmp_path):
     proc = run_cli(jobs, out, "--overwrite")
     assert proc.returncode == 0 and "1 done, 1 skipped" in proc.stdout
     assert {e["name"]: e["settings"]["prompt"] for e in manifest(out)}["clip01"] == "something else"
+
+
+TINY = REPO.parent / "shared" / "reference" / "sa3_small_tiny_s0"  # a real (tiny) checkpoint with official LoRAs
+LORA = TINY / "lora" / "lora_r4.safetensors"
+
+
+def test_lora_changes_audio_and_is_recorded(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(2, duration=1.0, steps=2))
+    plain, adapted = tmp_path / "plain", tmp_path / "lora"
+    assert run_cli(jobs, plain, model=TINY).returncode == 0
+    proc = run_cli(jobs, adapted, "--lora", LORA, "--lora-strength", "0.8", "--lora-interval", "0,1", model=TINY)
+    assert proc.returncode == 0, proc.stderr
+    for with_lora, without in zip(manifest(adapted), manifest(plain)):
+        assert with_lora["seed"] == without["seed"]  # same job, same seed: only the adapter differs
+        a = sf.read(adapted / with_lora["file"], dtype="float32")[0]
+        b = sf.read(plain / without["file"], dtype="float32")[0]
+        assert a.shape == b.shape and rel_err(a, b) > 1e-3  # lora_r4 moves v by ~30% (CASES.txt)
+        assert with_lora["settings"]["loras"] == [{"strength": 0.8, "interval": [0.0, 1.0]}]
+        assert "loras" not in without["settings"] and "loras" not in without["model"]
+        assert [entry["sha256"] for entry in with_lora["model"]["loras"]] == [
+            hashlib.sha256(LORA.read_bytes()).hexdigest()
+        ]
+        assert with_lora["model"]["weights_hash"] == without["model"]["weights_hash"]  # the base is the same
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--lora", LORA, "--lora-strength", "0.5"], "changed (loras)"),
+        (["--lora", TINY / "lora" / "bora.safetensors", "--lora-strength", "0.8"], "was made with other weights"),
+        ([], "changed (loras)"),
+    ],
+)
+def test_rerun_with_other_lora_refused_unless_overwrite(tmp_path, args, reason):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1, duration=1.0, steps=2))
+    out = tmp_path / "out"
+    assert run_cli(jobs, out, "--lora", LORA, "--lora-strength", "0.8", model=TINY).returncode == 0
+    again = run_cli(jobs, out, "--lora", LORA, "--lora-strength", "0.8", model=TINY)
+    assert again.returncode == 0 and "0 done, 1 skipped" in again.stdout
+    target = out / "clip00.wav"
+    stamp = (target.stat().st_ino, target.stat().st_mtime_ns, target.read_bytes())
+    proc = run_cli(jobs, out, *args, model=TINY)
+    assert proc.returncode == 2 and reason in proc.stderr and "pass --overwrite" in proc.stderr
+    assert (target.stat().st_ino, target.stat().st_mtime_ns, target.read_bytes()) == stamp
+    proc = run_cli(jobs, out, *args, "--overwrite", model=TINY)
+    assert proc.returncode == 0 and "1 done, 0 skipped" in proc.stdout, proc.stderr
+    assert target.read_bytes() != stamp[2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora-strength", "0.5"], "--lora-strength / --lora-interval given without --lora"),
+        (["--lora", LORA, "--lora-interval", "1,0"], "--lora-interval 1,0: expected finite LO <= HI"),
+        (["--lora", "/nonexistent/x.safetensors"], "no such LoRA file"),
+    ],
+)
+def test_bad_lora_flags_refused_before_anything(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run_cli(tmp_path / "missing.jsonl", out, *args, model=TINY)  # the job file is not even read
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_foreign_file_is_never_replaced(tmp_path):

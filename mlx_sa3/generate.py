@@ -343,16 +343,7 @@ def _run(args) -> int:
                 inpaint_audio=inpaint_audio,
                 inpaint_regions=list(zip(args.inpaint_start, args.inpaint_end)) or None,
                 batch_size=args.batch,
-                cfg_interval=args.cfg_interval,
-                scale_phi=args.cfg_rescale,
-                cfg_norm_threshold=args.cfg_norm_threshold,
-                sigma_max=args.sigma_max,
-                duration_padding_sec=args.headroom,
-                dist_shift=args.dist_shift,
-                normalize=args.normalize,
-                ceiling_dbfs=args.ceiling,
-                target_lufs=args.target_lufs,
-                clamp=not args.no_clamp,
+                **_control_fields(args),
             )
             if args.output is None:  # --play only: nothing touches the disk
                 out = pipe.generate(callback=_progress(args.quiet), request=request)
@@ -384,6 +375,22 @@ def _run(args) -> int:
     return 0
 
 
+def _control_fields(args) -> dict:
+    """The guidance, schedule and level controls as GenerationRequest fields (CLI flag -> library name)."""
+    return {
+        "cfg_interval": args.cfg_interval,
+        "scale_phi": args.cfg_rescale,
+        "cfg_norm_threshold": args.cfg_norm_threshold,
+        "sigma_max": args.sigma_max,
+        "duration_padding_sec": args.headroom,
+        "dist_shift": args.dist_shift,
+        "normalize": args.normalize,
+        "ceiling_dbfs": args.ceiling,
+        "target_lufs": args.target_lufs,
+        "clamp": not args.no_clamp,
+    }
+
+
 def _controls_request(args, request_class):
     """A request holding just the controls, to check them before a model loads."""
     return request_class(
@@ -391,16 +398,7 @@ def _controls_request(args, request_class):
         init_audio=args.init_audio,
         init_noise_level=args.init_noise_level,
         apg_scale=args.apg_scale,
-        cfg_interval=args.cfg_interval,
-        scale_phi=args.cfg_rescale,
-        cfg_norm_threshold=args.cfg_norm_threshold,
-        sigma_max=args.sigma_max,
-        duration_padding_sec=args.headroom,
-        dist_shift=args.dist_shift,
-        normalize=args.normalize,
-        ceiling_dbfs=args.ceiling,
-        target_lufs=args.target_lufs,
-        clamp=not args.no_clamp,
+        **_control_fields(args),
     )
 
 

@@ -5,7 +5,13 @@
 
 For fp32, int8 and int4 (group 64): bytes of the DiT parameters, best-of-N step time (CFG off, plain text-to-audio),
 and the velocity of one step on the same inputs against fp32: cosine similarity and relative L2 error, at t = 0.9,
-0.5 and 0.1. With random weights these measure the arithmetic, not audio quality.
+0.5 and 0.1, with MLX's peak memory while the variant loads and steps. With random weights these measure the
+arithmetic, not audio quality.
+
+End to end (``--e2e-steps``, default 8; 0 skips): one generation per variant through ``StableAudio3`` with the same
+prompt, seed and schedule, the fp32 DiT swapped for the variant's: the velocity of every step against the fp32 DiT's
+on the same input (cosine / relative L2), the sampled latents' relative L2 error against the fp32 generation's, and
+the cosine of the decoded audio's RMS envelopes (frame RMS over 2048-sample windows, hop 512, per channel).
 
 On MLX's CPU backend quantized matmuls run at ~3 GFLOP/s (measured: 451x1024x4096, int8 and int4, vs ~290 fp32),
 so a full-size quantized step takes minutes there: use --seconds 1 on a CPU, or a GPU. ``--cpu-path`` measures what
@@ -20,9 +26,12 @@ import argparse
 import json
 import time
 
+import numpy as np
+
 import mlx_sa3  # noqa: F401
 from mlx_sa3 import quantize as Q
 from mlx_sa3.dit import DiT, load_dit
+from mlx_sa3.pipeline import StableAudio3
 from mlx.utils import tree_flatten
 
 import mlx.core as mx
@@ -62,12 +71,8 @@ def run(src: str, seconds: float, repeats: int, group_size: int, cpu_path: bool 
     length = round(seconds * 44100 / 4096) + 64  # ceil(duration) + 6 s headroom, as the pipeline samples
     rows, reference = [], None
     for bits in (None, 8, 4):
-        dit = load_dit(src)
-        stored = None
-        if bits:
-            config = Q.quantize_dit(dit, bits=bits, group_size=group_size)
-            if cpu_path:
-                stored, dit = Q.quantized_bytes(dit), _dequantized(dit, config)
+        mx.reset_peak_memory()
+        dit, stored = _variant(src, bits, group_size, cpu_path)
         x, cond, glob = _inputs(dit.config, length)
         prepared = dit.prepare(cond, glob)
         velocities = [dit.step(x, mx.array([t]), prepared) for t in (0.9, 0.5, 0.1)]
@@ -77,6 +82,7 @@ def run(src: str, seconds: float, repeats: int, group_size: int, cpu_path: bool 
             "bytes": Q.quantized_bytes(dit) if stored is None else stored,
             "resident_bytes": Q.quantized_bytes(dit),
             "step_s": _step_time(dit, x, prepared, repeats),
+            "peak_mb": mx.get_peak_memory() / 2**20,
         }
         if reference is None:
             reference = velocities
@@ -85,6 +91,74 @@ def run(src: str, seconds: float, repeats: int, group_size: int, cpu_path: bool 
             row["rel_l2"] = [_rel(v, r) for v, r in zip(velocities, reference)]
         rows.append(row)
         del dit, prepared
+        mx.clear_cache()
+    return rows
+
+
+def _variant(src: str, bits, group_size: int, cpu_path: bool):
+    """The DiT of one row and its stored bytes (None: as resident)."""
+    dit = load_dit(src)
+    if not bits:
+        return dit, None
+    config = Q.quantize_dit(dit, bits=bits, group_size=group_size)
+    if not cpu_path:
+        return dit, None
+    return _dequantized(dit, config), Q.quantized_bytes(dit)
+
+
+class _Tracked:
+    """A variant DiT that also runs the fp32 DiT on every step's input and records how far its velocity is."""
+
+    def __init__(self, dit, reference):
+        self.dit, self.reference, self.cosine, self.rel_l2 = dit, reference, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.dit, name)
+
+    def prepare(self, *args, **kwargs):
+        return self.dit.prepare(*args, **kwargs), self.reference.prepare(*args, **kwargs)
+
+    def step(self, x, t, prepared, **kwargs):
+        v, v_ref = self.dit.step(x, t, prepared[0], **kwargs), self.reference.step(x, t, prepared[1], **kwargs)
+        mx.eval(v, v_ref)
+        self.cosine.append(_cosine(v, v_ref))
+        self.rel_l2.append(_rel(v, v_ref))
+        return v
+
+
+def _envelope(audio: np.ndarray, window: int = 2048, hop: int = 512) -> np.ndarray:
+    frames = np.lib.stride_tricks.sliding_window_view(audio, window, axis=-1)[..., ::hop, :]
+    return np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=-1)).ravel()
+
+
+def end_to_end(src: str, seconds: float, steps: int, group_size: int, cpu_path: bool, prompt: str) -> list[dict]:
+    """Generate once per variant with the same prompt and seed; compare latents and decoded envelopes to fp32."""
+    pipe = StableAudio3.from_pretrained(src, backend="mlx", keep_loaded=True)
+    reference_dit = pipe.model.dit
+    options = {"duration": seconds, "seed": 0, "steps": steps}
+    start = time.perf_counter()
+    ref = pipe.generate(prompt, **options)
+    rows = [{"dit": "fp32", "wall_s": time.perf_counter() - start}]
+    env_ref = _envelope(ref.audio)
+    for bits in (8, 4):
+        dit, _ = _variant(src, bits, group_size, cpu_path)
+        pipe.model.dit = tracked = _Tracked(dit, reference_dit)
+        start = time.perf_counter()
+        out = pipe.generate(prompt, **options)
+        env = _envelope(out.audio)
+        rows.append(
+            {
+                "dit": f"int{bits} g{group_size}" + (" deq" if cpu_path else ""),
+                "wall_s": time.perf_counter() - start,  # includes the fp32 DiT's step on every input
+                "step_cosine": tracked.cosine,
+                "step_rel_l2": tracked.rel_l2,
+                "latent_rel_l2": _rel(out.latents, ref.latents),
+                "envelope_cosine": float(env @ env_ref / np.sqrt((env @ env) * (env_ref @ env_ref))),
+                "waveform_cosine": _cosine(mx.array(out.audio), mx.array(ref.audio)),
+            }
+        )
+        pipe.model.dit = reference_dit
+        del dit, tracked, out
         mx.clear_cache()
     return rows
 
@@ -104,21 +178,42 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=Q.DEFAULT_GROUP_SIZE)
     parser.add_argument("--cpu-path", action="store_true", help="dequantize at load, as mlx_sa3 does on the CPU")
+    parser.add_argument("--e2e-steps", type=int, default=8, help="sampling steps of the end-to-end run (0: skip it)")
+    parser.add_argument("--prompt", default="warm analog synth pad with slow filter sweeps")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = run(args.src, args.seconds, args.repeats, args.group_size, args.cpu_path)
-    print(f"{'DiT':<16}{'MB':>8}{'res. MB':>8}{'step s':>8}  velocity cosine / rel L2 at t = 0.9, 0.5, 0.1")
+    print(
+        f"{'DiT':<16}{'MB':>8}{'res. MB':>8}{'peak MB':>8}{'step s':>8}  velocity cosine / rel L2 at t = 0.9, 0.5, 0.1"
+    )
     for row in rows:
         quality = ""
         if "cosine" in row:
             quality = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["cosine"], row["rel_l2"]))
         print(
             f"{row['dit']:<16}{row['bytes'] / 2**20:>8.0f}{row['resident_bytes'] / 2**20:>8.0f}"
-            f"{row['step_s']:>8.2f}  {quality}"
+            f"{row['peak_mb']:>8.0f}{row['step_s']:>8.2f}  {quality}"
         )
+    e2e = []
+    if args.e2e_steps > 0:
+        e2e = end_to_end(args.src, args.seconds, args.e2e_steps, args.group_size, args.cpu_path, args.prompt)
+        print(f"\nend to end, {args.e2e_steps} steps, {args.seconds:g} s, seed 0, prompt {args.prompt!r}:")
+        print(
+            f"{'DiT':<16}{'wall s':>8}{'latent rel':>12}{'env cos':>9}{'wave cos':>10}"
+            "  per-step velocity cosine / rel L2"
+        )
+        for row in e2e:
+            if "latent_rel_l2" not in row:
+                print(f"{row['dit']:<16}{row['wall_s']:>8.1f}")
+                continue
+            steps = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["step_cosine"], row["step_rel_l2"]))
+            print(
+                f"{row['dit']:<16}{row['wall_s']:>8.1f}{row['latent_rel_l2']:>12.5f}{row['envelope_cosine']:>9.5f}"
+                f"{row['waveform_cosine']:>10.5f}  {steps}"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"steps": rows, "end_to_end": e2e}, f, indent=2)
 
 
 if __name__ == "__main__":

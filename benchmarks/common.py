@@ -6,8 +6,10 @@ Benchmarks run as scripts (``python benchmarks/bench_x.py``), so this folder is 
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+from pathlib import Path
 
 from mlx_sa3.models.dit import DiTConfig
 from mlx_sa3.models.same import ResamplerConfig, SAMEConfig
@@ -56,6 +58,20 @@ def decoder_flops(
     blocks = sum(block(latents - i * dropped_per_block) for i in range(cfg.depth))
     frames = (latents - cfg.depth * dropped_per_block) * cfg.stride
     return blocks + 2 * latents * latent_dim * D + 2 * frames * D * frame_dim * cfg.mapping_kernel
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS mark at the current RSS (Linux >= 4.0), so ru_maxrss covers what follows only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_mb() -> float:

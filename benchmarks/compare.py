@@ -55,7 +55,7 @@ from mlx_sa3.info import describe, gemm_gflops  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from common import CONTEXT_TOKENS, latent_length, latents_for, peak_rss_mb  # noqa: E402
+from common import CONTEXT_TOKENS, current_rss_mb, latent_length, latents_for, peak_rss_mb, reset_peak_rss  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 IMPLS = {
@@ -104,20 +104,6 @@ QUICK = [
 
 
 # ---------------------------------------------------------------------------------------------- memory accounting
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS mark at the current RSS (Linux >= 4.0), so ru_maxrss covers what follows only."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def release(*_dropped) -> None:

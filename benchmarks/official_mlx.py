@@ -34,7 +34,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import mlx_sa3  # noqa: F401  (preloads OpenBLAS before the first mlx import, li
 # isort: split
 import mlx.core as mx
 import numpy as np
+from common import current_rss_mb, peak_rss_mb, reset_peak_rss
 from mlx.utils import tree_flatten
 
 PROMPT = "a slow ambient pad with field recordings and distant birds"  # compare.py's prompt
@@ -312,25 +312,6 @@ def official_call(
     finally:
         sys.argv = saved
     return log.getvalue()
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS mark at the current RSS (Linux >= 4.0), as compare.py does."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def run_once(runtime: Path, weights: Path, variant_name: str, seconds: float, steps: int, seed: int = 0) -> dict:

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from . import checkpoint
 from .loading import BACKENDS, Source, check_backend, open_source, parse_dtype  # noqa: F401  (BACKENDS: public)
+from .storage import storage_dtype
 
 
 def default_dtype() -> mx.Dtype:
@@ -75,22 +76,45 @@ def _open(src) -> Source:
     return src if isinstance(src, Source) else open_source(src)
 
 
-def load_dit(src, dtype=None, backend: str = "mlx"):
-    """The DiT of a full SA3 checkpoint on ``backend`` (MLX: ``dtype`` or the device default; torch: float32)."""
+def check_weights_dtype(weights_dtype, dtype=None, backend: str = "mlx") -> None:
+    """Refuse a ``weights_dtype`` that cannot apply, before anything loads (raises ValueError).
+
+    The storage option narrows the MLX backend's float32 compute (:mod:`mlx_sa3.storage`); the torch backend holds
+    float32 weights.
+    """
+    wanted = parse_dtype(weights_dtype)
+    narrow = wanted is not None and wanted != mx.float32
+    if backend == "torch" and narrow:
+        raise ValueError(
+            f"weights_dtype {weights_dtype} needs the MLX backend (backend='mlx', CLI --backend mlx); "
+            "the torch backend holds float32 weights"
+        )
+    if backend != "torch":
+        storage_dtype(parse_dtype(dtype) or default_dtype(), weights_dtype)
+
+
+def load_dit(src, dtype=None, backend: str = "mlx", weights_dtype=None):
+    """The DiT of a full SA3 checkpoint on ``backend`` (MLX: ``dtype`` or the device default; torch: float32).
+
+    ``weights_dtype`` (MLX): how the linear weights are held (:func:`mlx_sa3.checkpoint.load_dit`).
+    """
     check_backend(backend)
+    check_weights_dtype(weights_dtype, dtype, backend)
     source = _open(src)
     if backend == "torch":
         return _torch_backend().load_torch_dit(source, dtype)
-    return checkpoint.load_dit(source, dtype=parse_dtype(dtype) or default_dtype())
+    return checkpoint.load_dit(source, dtype=parse_dtype(dtype) or default_dtype(), weights_dtype=weights_dtype)
 
 
-def load_text_encoder(src, max_length: int, dtype=None, backend: str = "mlx"):
+def load_text_encoder(src, max_length: int, dtype=None, backend: str = "mlx", weights_dtype=None):
     """The T5Gemma text encoder (with its tokenizer) of a full SA3 checkpoint on ``backend``."""
     check_backend(backend)
+    check_weights_dtype(weights_dtype, dtype, backend)
     source = _open(src)
     if backend == "torch":
         return _torch_backend().load_torch_text_encoder(source, max_length)
-    return checkpoint.load_mlx_text_encoder(source, max_length, dtype=parse_dtype(dtype) or default_dtype())
+    compute = parse_dtype(dtype) or default_dtype()
+    return checkpoint.load_mlx_text_encoder(source, max_length, dtype=compute, weights_dtype=weights_dtype)
 
 
 def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True):

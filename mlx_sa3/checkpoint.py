@@ -32,7 +32,9 @@ from .models.dit import sanitize as sanitize_dit
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.same import sanitize as sanitize_same
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .quantize import KEEP as QUANTIZE_KEEP
 from .quantize import QuantizationConfig, apply_quantization, dequantize_weights
+from .storage import cast_to, load_cast, narrow_linears, storage_dtype, stored_dtypes
 
 TEXT_ENCODER_WEIGHTS = "model.safetensors"
 
@@ -212,19 +214,24 @@ def keeps_quantized() -> bool:
     return mx.default_device() != mx.cpu
 
 
-def load_dit(source, dtype=mx.float32, keep_quantized: bool | None = None) -> DiT:
-    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), weights in ``dtype``.
+def load_dit(source, dtype=mx.float32, keep_quantized: bool | None = None, weights_dtype=None) -> DiT:
+    """DiT from a checkpoint (directory, Hub repo id or :class:`~mlx_sa3.loading.Source`), computing in ``dtype``.
 
     A quantized checkpoint keeps its ``nn.QuantizedLinear`` layers where ``keep_quantized`` (default
-    :func:`keeps_quantized`: on a GPU) and is dequantized to ``dtype`` otherwise (the CPU).
+    :func:`keeps_quantized`: on a GPU) and is dequantized to ``dtype`` otherwise (the CPU). ``weights_dtype``
+    (default: ``dtype``) is how the linear weights are held: ``"bfloat16"`` with float32 compute rounds them to
+    bfloat16 as they are read and widens them per layer at call time (:mod:`mlx_sa3.storage`; ``project_in``, which
+    carries the compute dtype, stays). Tensors are cast as they are read, so the whole float32 DiT is never held.
     """
     source = _open(source)
     dtype = parse_dtype(dtype) or mx.float32
+    storage = storage_dtype(dtype, weights_dtype)
     keep = keeps_quantized() if keep_quantized is None else keep_quantized
     model, weights = dit_weights(source, dequantize=not keep, dtype=dtype)
-    # packed quantized weights are uint32: only floating tensors take the requested dtype
-    model.load_weights([(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()])
-    mx.eval(model.parameters())
+    model.set_dtype(dtype)  # floating parameters only: packed quantized weights stay uint32
+    if storage != dtype:
+        narrow_linears(model, storage, keep=QUANTIZE_KEEP)
+    load_cast(model, weights, cast_to(stored_dtypes(model)))
     return model
 
 
@@ -320,6 +327,7 @@ def load_text_encoder(
     weights: dict | None = None,
     map_embedding: bool = True,
     embedding_file: Path | None = None,
+    weights_dtype=None,
 ) -> TextEncoder:
     """Load the T5Gemma encoder and tokenizer from ``directory`` (config.json + tokenizer files).
 
@@ -327,9 +335,11 @@ def load_text_encoder(
     sanitized. ``weights`` are already-sanitized tensors (e.g. a converted checkpoint's text_encoder component,
     stored in ``embedding_file``). With ``map_embedding`` the token embedding stays in its file
     (:class:`MappedEmbedding`) when the file is known and mappable.
+    ``weights_dtype`` (default: ``dtype``): how the linear weights are held (see :func:`load_dit`).
     """
     directory = Path(directory)
     dtype = parse_dtype(dtype) or mx.float32
+    storage = storage_dtype(dtype, weights_dtype)
     table = None
     if weights is None:
         weights = t5gemma.sanitize(load_safetensors(directory / TEXT_ENCODER_WEIGHTS))
@@ -338,22 +348,28 @@ def load_text_encoder(
     elif map_embedding and embedding_file is not None:
         table = _memmap_tensor(Path(embedding_file), EMBEDDING)
     model = T5GemmaEncoder(T5GemmaConfig.from_dir(directory))
-    if table is None:
+    if table is None and storage == dtype:
         t5gemma.load_weights(model, weights, dtype)
     else:
         sanitize_checked(weights, None, model, "T5Gemma encoder checkpoint")
-        model.embed_tokens = MappedEmbedding(table, dtype)
-        model.load_weights([(k, v.astype(dtype)) for k, v in weights.items() if k != EMBEDDING], strict=False)
-        mx.eval(model.parameters())
+        weights = dict(weights)  # load_cast empties it: never the caller's dict
+        if table is not None:
+            model.embed_tokens = MappedEmbedding(table, dtype)
+            weights.pop(EMBEDDING)
+        model.set_dtype(dtype)
+        if storage != dtype:
+            narrow_linears(model, storage)
+        load_cast(model, weights, cast_to(stored_dtypes(model)))
     return TextEncoder(model, T5GemmaTokenizer.from_dir(directory, max_length))
 
 
-def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32) -> TextEncoder:
+def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32, weights_dtype=None) -> TextEncoder:
     converted = source.converted
     return load_text_encoder(
         source.text_encoder_dir(),
         max_length,
         dtype=dtype,
+        weights_dtype=weights_dtype,
         weights=source.component("text_encoder") if converted else None,
         embedding_file=source.root / source.meta["components"]["text_encoder"] if converted else None,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .backend import default_dtype, move_networks
+from .backend import check_weights_dtype, default_dtype, move_networks
 from .checkpoint import FULL_SIZE_TEXT_CONFIG, CheckpointConfig, SA3Config, full_size_configs
 from .loading import check_backend, parse_dtype
 from .model import SA3Model
@@ -21,6 +21,8 @@ from .models.conditioners import Conditioners
 from .models.dit import DiT, DiTConfig
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .quantize import KEEP as QUANTIZE_KEEP
+from .storage import narrow_linears, storage_dtype
 
 COND_DIM = 64
 LATENT_DIM = 16
@@ -198,9 +200,13 @@ def random_model(
     return model
 
 
-def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
-    """The demo model (see the module docstring), weights drawn from ``seed``; the same weights on either backend."""
+def demo_model(dtype=None, backend: str = "mlx", seed: int = 0, weights_dtype=None) -> SA3Model:
+    """The demo model (see the module docstring), weights drawn from ``seed``; the same weights on either backend.
+
+    ``weights_dtype`` (MLX): how the DiT's and text encoder's linear weights are held (:mod:`mlx_sa3.storage`).
+    """
     check_backend(backend)
+    check_weights_dtype(weights_dtype, dtype, backend)
     config = CheckpointConfig.from_dict(DEMO_CONFIG)
     model = random_model(
         config.sa3,
@@ -210,7 +216,14 @@ def demo_model(dtype=None, backend: str = "mlx", seed: int = 0) -> SA3Model:
         "float32" if backend == "torch" else dtype,
         seed,
     )
-    return to_torch_backend(model) if backend == "torch" else model
+    if backend == "torch":
+        return to_torch_backend(model)
+    storage = storage_dtype(model.dit.dtype, weights_dtype)
+    if storage != model.dit.dtype:
+        narrow_linears(model.dit, storage, keep=QUANTIZE_KEEP)
+        narrow_linears(model.text_encoder.model, storage)
+        mx.eval(model.dit.parameters(), model.text_encoder.model.parameters())
+    return model
 
 
 def to_torch_backend(model: SA3Model) -> SA3Model:

@@ -339,7 +339,7 @@ class SA3Model:
         return lora.at_sigma(self, t)
 
 
-def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3Model:
+def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weights_dtype=None) -> SA3Model:
     """Load a full SA3 checkpoint (Hub repo id, original directory or converted directory).
 
     ``dtype`` applies to the DiT and the text encoder (None: float16 on Metal, float32 on the CPU, where MLX half
@@ -351,8 +351,14 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3
     the file header): each network loads when first used and :meth:`SA3Model.release` frees it. The MLX SAME
     autoencoder is then loaded decoder first: its encoder half is read only when audio is encoded (never for plain
     text-to-audio).
+
+    ``weights_dtype`` (MLX; default: ``dtype``) is how the DiT's and the text encoder's linear weights are held:
+    ``"bfloat16"`` with float32 compute rounds them once at load and widens them per layer at call time, halving
+    their memory for a relative weight error <= 2^-9 (:mod:`mlx_sa3.storage`; docs/ARCHITECTURE.md, "Weight
+    storage"). The SAME decoder is never narrowed.
     """
     backend, _ = backends.resolve_backend(backend)
+    backends.check_weights_dtype(weights_dtype, dtype, backend)
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")
@@ -360,9 +366,11 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3
     parsed.check_sampleable()
     config = parsed.sa3
     loaders = {
-        "dit": lambda: backends.load_dit(source, dtype, backend),
+        "dit": lambda: backends.load_dit(source, dtype, backend, weights_dtype),
         "autoencoder": lambda: backends.load_autoencoder(source, backend=backend, encoder=not lazy),
-        "text_encoder": lambda: backends.load_text_encoder(source, config.prompt_max_length, dtype, backend),
+        "text_encoder": lambda: backends.load_text_encoder(
+            source, config.prompt_max_length, dtype, backend, weights_dtype
+        ),
     }
     conditioners = Conditioners(source.component("conditioners"), config)
     if lazy:

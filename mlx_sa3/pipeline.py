@@ -268,7 +268,7 @@ class StableAudio3:
 
     @classmethod
     def from_pretrained(
-        cls, src, dtype=None, backend: str = "mlx", loras=None, keep_loaded: bool = True
+        cls, src, dtype=None, backend: str = "mlx", loras=None, keep_loaded: bool = True, weights_dtype=None
     ) -> "StableAudio3":
         """Load from a converted directory, an original Hub-layout directory, a repo id, or ``"demo"``.
 
@@ -282,15 +282,16 @@ class StableAudio3:
         reloads them (LoRAs are re-applied only while the DiT stays loaded: use keep_loaded=True to generate many
         times with LoRAs). Either way the SAME encoder is read only when audio inputs need it. ``backend="auto"``
         picks MLX or torch (:func:`mlx_sa3.backend.choose_backend`); ``.backend`` / ``.backend_reason`` say which
-        and why.
+        and why. ``weights_dtype`` (MLX): how the DiT's and text encoder's linear weights are held, e.g.
+        ``"bfloat16"`` to halve their memory with float32 compute (:func:`mlx_sa3.load_model`).
         """
         backend, reason = resolve_backend(backend)
         if str(src) == "demo":
             from .demo import demo_model
 
-            model = demo_model(dtype=dtype, backend=backend)
+            model = demo_model(dtype=dtype, backend=backend, weights_dtype=weights_dtype)
         else:
-            model = load_model(src, dtype=dtype, backend=backend, lazy=True)
+            model = load_model(src, dtype=dtype, backend=backend, lazy=True, weights_dtype=weights_dtype)
             if keep_loaded:
                 for name in ("dit", "text_encoder", "autoencoder"):  # load now: an app pays once, up front
                     getattr(model, name)

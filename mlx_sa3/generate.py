@@ -327,6 +327,7 @@ def _run(args) -> int:
 
     try:
         with handle_signals():
+            _check_weights_dtype(args)
             seed, init_audio, inpaint_audio = _preflight(args)
             _check_before_loading(args, _controls_request(args, GenerationRequest))
             start = time.perf_counter()
@@ -429,6 +430,15 @@ def _check_before_loading(args, request) -> None:
         raise ValueError("--format and --bit-depth need an output file (-o)")
     if args.play:
         check_playback()
+
+
+def _check_weights_dtype(args) -> None:
+    """--weights-dtype against the backend that will run and the compute dtype (raises ValueError)."""
+    if args.weights_dtype is None:
+        return
+    from .backend import check_weights_dtype, resolve_backend
+
+    check_weights_dtype(args.weights_dtype, args.dtype, resolve_backend(args.backend)[0])
 
 
 def _summary(out, load_time: float) -> None:

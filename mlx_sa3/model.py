@@ -20,6 +20,7 @@ from .checkpoint import SA3Config, checkpoint_config, dit_weights
 from .loading import CheckpointError, Source, open_source, to_mx
 from .models.conditioners import Conditioners
 from .models.diffusion import RF_OBJECTIVES
+from .platform import trim_heap
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
 
 default_dtype = backends.default_dtype
@@ -90,6 +91,7 @@ class SA3Model:
                 self._parts[name] = None
         gc.collect()
         mx.clear_cache()
+        trim_heap()
 
     @property
     def downsampling_ratio(self) -> int:

@@ -96,6 +96,21 @@ def preload() -> str | None:
     return None
 
 
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where there is no glibc.
+
+    MLX's CPU buffers come from malloc, and glibc keeps freed large blocks in the heap once its dynamic mmap
+    threshold has grown, so a released network would otherwise stay in the process's resident memory and
+    fragment the next stage's allocations.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def blas_warning() -> str | None:
     """A warning when the BLAS that ``MLX_SA3_BLAS`` asks for is not the one in use (None when all is well)."""
     wanted = os.environ.get("MLX_SA3_BLAS")

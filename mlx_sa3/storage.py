@@ -25,6 +25,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .loading import parse_dtype
+from .platform import trim_heap
 
 #: storage dtypes the CLI offers (the library also accepts float16: exact to widen, but a software conversion on
 #: x86 CPUs, about 4x slower than bfloat16's)
@@ -127,6 +128,8 @@ def load_cast(module: nn.Module, weights: dict, cast: Callable[[str, mx.array], 
             group, size = [], 0
     if group:
         _load_group(module, group)
+    mx.clear_cache()  # the source groups' buffers are not needed again: hand them back
+    trim_heap()
 
 
 def _load_group(module: nn.Module, group: list) -> None:

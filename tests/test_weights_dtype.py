@@ -193,3 +193,19 @@ def test_cli_bad_weights_dtype_one_line_before_loading(tmp_path, capsys, extra, 
     assert status == 2
     assert err.strip().count("\n") == 0 and message in err
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_quantized_checkpoint_with_bfloat16_storage_on_the_cpu(tmp_path):
+    """A quantized checkpoint on the CPU is dequantized as it is read; bfloat16 storage then holds those weights."""
+    from mlx_sa3.convert import convert
+
+    quantized = convert(REF / FIXTURES[0], tmp_path / "int8", quantize=8, group_size=32)
+    fp32, bf16 = (
+        load_dit(quantized, keep_quantized=False),
+        load_dit(quantized, keep_quantized=False, weights_dtype="bfloat16"),
+    )
+    widened = _widened(bf16)
+    assert widened and all(m.weight.dtype == mx.bfloat16 for m in widened.values())
+    io = dict(np.load(REF / FIXTURES[0] / "io.npz"))
+    out, ref = _call(bf16, io, **_plain_inputs(io)), _call(fp32, io, **_plain_inputs(io))
+    assert rel_err(out, ref) <= bf16_tol(len(widened))

@@ -99,12 +99,12 @@ def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True
     ``src`` is a local directory, a Hub repo id or an opened ``loading.Source``. ``dtype`` (default float32)
     applies to the encoder; the bottleneck and decoder stay float32 because SAME's differential attention cancels
     badly in half precision. ``backend="torch"`` returns the torch CPU counterpart (same interface, float32).
-    ``encoder=False`` (MLX) defers reading the encoder half until the first ``encode``.
+    ``encoder=False`` defers reading the encoder half until the first ``encode`` (both backends).
     """
     check_backend(backend)
     source = _open(src)
     if backend == "torch":
-        return _torch_backend().load_torch_autoencoder(source)
+        return _torch_backend().load_torch_autoencoder(source, encoder=encoder)
     return checkpoint.load_mlx_autoencoder(source, dtype, encoder=encoder)
 
 

@@ -366,7 +366,7 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3
     }
     conditioners = Conditioners(source.component("conditioners"), config)
     if lazy:
-        dit_weights(source, dequantize=False)  # strict check now (headers only), before any network runs
+        dit_weights(source, dequantize=False, refs=True)  # strict check now (headers only), before any network runs
         return SA3Model(config, None, None, None, conditioners, source, loaders)
     parts = {name: loaders[name]() for name in ("dit", "autoencoder", "text_encoder")}
     return SA3Model(config, conditioners=conditioners, source=source, loaders=loaders, **parts)

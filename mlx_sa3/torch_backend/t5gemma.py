@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoint import EMBEDDING, _memmap_tensor, gather_rows, text_encoder_weights
+from ..checkpoint import EMBEDDING, MappedEmbedding, _memmap_tensor, gather_rows, text_encoder_weights
 from ..loading import Source, StoredTensor, TensorRef, open_source
 from ..models import t5gemma as mlx_t5
 from .common import _load_state, _state_dict, _to_mx, require_torch
@@ -58,7 +59,10 @@ def _hf_t5gemma(config: mlx_t5.T5GemmaConfig, weights: dict):
 
 
 def _mapped_embedding(ref):
-    """A ``TorchMappedEmbedding`` over the stored table of ``ref``, or None (not a plain mappable tensor)."""
+    """A ``TorchMappedEmbedding`` over the stored table of ``ref`` (a TensorRef or a numpy memmap), or None (not a
+    plain mappable tensor)."""
+    if isinstance(ref, np.memmap):
+        return _mapped_embedding_type()(ref)
     if not isinstance(ref, TensorRef) or ref.ops or not isinstance(ref.base, StoredTensor):
         return None
     table = _memmap_tensor(ref.base.path, ref.base.name)  # the MLX backend's MappedEmbedding reads the same map
@@ -114,5 +118,9 @@ def load_torch_text_encoder(source, max_length: int) -> TorchTextEncoder:
 
 
 def torch_text_encoder_from_mlx(text_encoder: mlx_t5.TextEncoder) -> TorchTextEncoder:
+    """The same encoder on torch; a memory-mapped MLX embedding (``MappedEmbedding``) shares its map."""
     model = text_encoder.model
-    return TorchTextEncoder(model.config, dict(tree_flatten(model.parameters())), text_encoder.tokenizer)
+    weights = dict(tree_flatten(model.parameters()))
+    if isinstance(model.embed_tokens, MappedEmbedding):
+        weights[EMBEDDING] = model.embed_tokens._table
+    return TorchTextEncoder(model.config, weights, text_encoder.tokenizer)

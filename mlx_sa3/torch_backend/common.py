@@ -130,6 +130,8 @@ class MappedReader:
     def settle(self, kept) -> None:
         """Give back the mapped pages read since the last call that the tensor ``kept`` (or None) does not view."""
         pending, self._pending = self._pending, []
+        if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise here (Windows): the pages go when the map does
+            return
         page = mmap.PAGESIZE
         for path, offset, nbytes in pending:
             mapped, whole = self._maps[path]

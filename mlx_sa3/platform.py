@@ -96,21 +96,6 @@ def preload() -> str | None:
     return None
 
 
-def trim_heap() -> bool:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); False where there is no glibc.
-
-    MLX's CPU buffers come from malloc, and glibc keeps freed large blocks in the heap once its dynamic mmap
-    threshold has grown, so a released network would otherwise stay in the process's resident memory and
-    fragment the next stage's allocations.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def blas_warning() -> str | None:
     """A warning when the BLAS that ``MLX_SA3_BLAS`` asks for is not the one in use (None when all is well)."""
     wanted = os.environ.get("MLX_SA3_BLAS")
@@ -131,6 +116,25 @@ def torch_thread_policy(torch) -> None:
     """
     if loaded_blas is not None and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``); False where there is no glibc.
+
+    Freed tensors and MLX buffers go back to malloc, which keeps them for reuse; once a network is released its
+    stage is over, so they are returned instead of staying under the next stage's peak (cheap: milliseconds).
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
 
 
 # -- python -m mlx_sa3.info -------------------------------------------------------------------------------------

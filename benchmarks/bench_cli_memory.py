@@ -1,9 +1,12 @@
 """Peak resident memory of one CLI generation (``python -m mlx_sa3.generate``) in a fresh process.
 
     flock /tmp/heavy.lock python benchmarks/bench_cli_memory.py /tmp/sa3rand/small --seconds 10 120 [--json out.json]
+    ... --backends torch mlx --rounds 3   (interleaved rounds; prints torch/mlx ratios per round)
 
 Each run is a child process; its peak RSS is ``ru_maxrss`` of the children (read in a fresh wrapper process per run,
 so one run's peak never hides another's). Use ``benchmarks/random_checkpoint.py`` for a full-size checkpoint.
+With ``--backends`` every round runs each duration on each backend in turn, so ratios compare runs made under the
+same machine load (``--backend auto`` is re-decided from these: ``backend.choose_backend``).
 """
 
 from __future__ import annotations
@@ -38,20 +41,38 @@ def main(argv=None) -> None:
     p.add_argument("model")
     p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 120.0])
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--backends", nargs="+", default=[None], help="--backend values to compare (interleaved)")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags (last)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = []
-    for seconds in args.seconds:
-        start = time.perf_counter()
-        rows.append(run_cli(args.model, seconds, args.steps, args.extra))
-        r = rows[-1]
-        status = "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}: {r['stderr']}"
-        print(
-            f"{seconds:6g} s x {args.steps} steps: peak RSS {r['peak_rss_mb']:7.0f} MB, wall {r['wall_s']:6.1f} s "
-            f"({time.perf_counter() - start:.0f} s) {status}",
-            flush=True,
-        )
+    for round_index in range(args.rounds):
+        for seconds in args.seconds:
+            this = {}
+            for backend in args.backends:
+                extra = args.extra if backend is None else ["--backend", backend, *args.extra]
+                start = time.perf_counter()
+                r = this[backend] = {
+                    "round": round_index,
+                    "backend": backend,
+                    **run_cli(args.model, seconds, args.steps, extra),
+                }
+                rows.append(r)
+                status = "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}: {r['stderr']}"
+                print(
+                    f"round {round_index} {backend or '-':>5} {seconds:6g} s x {args.steps} steps: peak RSS "
+                    f"{r['peak_rss_mb']:7.0f} MB, wall {r['wall_s']:6.1f} s "
+                    f"({time.perf_counter() - start:.0f} s) {status}",
+                    flush=True,
+                )
+            if len(this) == 2:
+                (a, ra), (b, rb) = this.items()
+                print(
+                    f"round {round_index} {seconds:6g} s: {a}/{b} wall {ra['wall_s'] / rb['wall_s']:.2f}x, "
+                    f"peak RSS {ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f}x",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -26,17 +26,26 @@ AUTO = "auto"
 TORCH_PACKAGES = ("torch", "diffusers", "transformers")
 
 
+#: What ``--backend auto`` runs on an x86-64 CPU without an MLX GPU: the one place to change when measurements do.
+#: Measured (one-shot CLI, full-size random small checkpoint, 8 steps, fp32, OpenBLAS preloaded for both; torch/MLX
+#: wall in interleaved rounds of ``benchmarks/bench_cli_memory.py --backends torch mlx --rounds 3``): 10 s 0.81-1.00x,
+#: 30 s 0.78-0.81x. docs/ARCHITECTURE.md ("The torch backend") has the table.
+X86_CPU_BACKEND = "torch"
+
+
 def choose_backend() -> tuple[str, str]:
     """What ``backend="auto"`` runs here, and why (one line).
 
-    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU the torch backend when its packages
-    are installed, because it measured faster there (README, "Speed on Linux"); MLX otherwise.
+    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU :data:`X86_CPU_BACKEND` (torch, when
+    its packages are installed: it measured faster there); MLX otherwise.
     """
     if mx.metal.is_available() or mx.default_device() == mx.gpu:
         return "mlx", "MLX has a GPU here"
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64"):
         return "mlx", f"{machine} CPU without an MLX GPU: MLX (torch was measured faster on x86-64 CPUs only)"
+    if X86_CPU_BACKEND == "mlx":
+        return "mlx", "x86-64 CPU without an MLX GPU: the MLX backend measured faster here"
     missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
@@ -99,12 +108,12 @@ def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True
     ``src`` is a local directory, a Hub repo id or an opened ``loading.Source``. ``dtype`` (default float32)
     applies to the encoder; the bottleneck and decoder stay float32 because SAME's differential attention cancels
     badly in half precision. ``backend="torch"`` returns the torch CPU counterpart (same interface, float32).
-    ``encoder=False`` (MLX) defers reading the encoder half until the first ``encode``.
+    ``encoder=False`` defers reading the encoder half until the first ``encode`` (both backends).
     """
     check_backend(backend)
     source = _open(src)
     if backend == "torch":
-        return _torch_backend().load_torch_autoencoder(source)
+        return _torch_backend().load_torch_autoencoder(source, encoder=encoder)
     return checkpoint.load_mlx_autoencoder(source, dtype, encoder=encoder)
 
 

@@ -186,12 +186,13 @@ def dit_quantization(source: Source) -> QuantizationConfig | None:
     return None if record is None else _parsed("quantization", lambda: QuantizationConfig.from_dict(record))
 
 
-def dit_weights(source: Source, dequantize: bool = True, dtype=mx.float32) -> tuple[DiT, dict]:
+def dit_weights(source: Source, dequantize: bool = True, dtype=mx.float32, refs: bool = False) -> tuple[DiT, dict]:
     """A fresh DiT module and its strictly checked tensors.
 
     A quantized checkpoint is checked against the quantized structure (``apply_quantization`` first); with
     ``dequantize`` the recorded layers come back as plain ``dtype`` weights for a plain DiT, otherwise the module keeps
-    ``nn.QuantizedLinear`` layers for the packed tensors.
+    ``nn.QuantizedLinear`` layers for the packed tensors. With ``refs`` the tensors are
+    :class:`~mlx_sa3.loading.TensorRef` (headers only), except where MLX must dequantize them.
     """
     config = checkpoint_config(source).dit
     model, quant = DiT(config), dit_quantization(source)
@@ -200,7 +201,8 @@ def dit_weights(source: Source, dequantize: bool = True, dtype=mx.float32) -> tu
             apply_quantization(model, quant)
         except ValueError as err:
             raise CheckpointError(f"{source.root}: {err}") from None
-    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint")
+    refs = refs and (quant is None or not dequantize)
+    weights = component_weights(source, "dit", sanitize_dit, model, "DiT checkpoint", refs=refs)
     if quant is not None and dequantize:
         model, weights = DiT(config), dequantize_weights(weights, quant, dtype)
     return model, weights
@@ -306,11 +308,17 @@ class MappedEmbedding(nn.Module):
         self._table, self._dtype = table, dtype  # plain attributes: not MLX parameters
 
     def __call__(self, ids) -> mx.array:
-        ids = np.asarray(ids)
-        rows = np.asarray(self._table[ids.reshape(-1)])
-        if rows.dtype == np.uint16:  # bfloat16 bits -> float32 (exact)
-            rows = (rows.astype(np.uint32) << 16).view(np.float32)
-        return mx.array(rows).reshape(*ids.shape, -1).astype(self._dtype)
+        return mx.array(gather_rows(self._table, ids)).astype(self._dtype)
+
+
+def gather_rows(table: np.ndarray, ids) -> np.ndarray:
+    """The rows ``ids`` (any shape) of a memory-mapped table, as stored (bfloat16 bits widened exactly to float32):
+    what both backends' mapped token embeddings read."""
+    ids = np.asarray(ids)
+    rows = np.asarray(table[ids.reshape(-1)])
+    if rows.dtype == np.uint16:  # bfloat16 bits -> float32 (exact)
+        rows = (rows.astype(np.uint32) << 16).view(np.float32)
+    return rows.reshape(*ids.shape, -1)
 
 
 def load_text_encoder(
@@ -359,6 +367,6 @@ def load_mlx_text_encoder(source: Source, max_length: int, dtype=mx.float32) -> 
     )
 
 
-def text_encoder_weights(source: Source, module) -> dict:
+def text_encoder_weights(source: Source, module, refs: bool = False) -> dict:
     """The T5Gemma encoder tensors of ``source`` in mlx_sa3 naming, strictly checked against ``module``."""
-    return component_weights(source, "text_encoder", t5gemma.sanitize, module, "T5Gemma encoder checkpoint")
+    return component_weights(source, "text_encoder", t5gemma.sanitize, module, "T5Gemma encoder checkpoint", refs=refs)

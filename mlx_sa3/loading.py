@@ -89,10 +89,171 @@ def load_safetensors(path: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
+# -- tensors not read yet (the torch backend's load path) --------------------------------------------------------
+
+#: safetensors dtype codes -> numpy (bfloat16: its bits, widened to float32 when read)
+SAFETENSORS_NUMPY = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """``{name: {"dtype", "shape", "offset", "nbytes"}}`` of a safetensors file (offsets from the file start)."""
+    refuse_pickle(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            end = f.seek(0, os.SEEK_END)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        try:
+            start, stop = (8 + size + int(o) for o in info["data_offsets"])
+            entry = {"dtype": info["dtype"], "shape": tuple(int(n) for n in info["shape"]), "offset": start}
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: bad header entry for {name}") from None
+        if (
+            entry["dtype"] not in SAFETENSORS_NUMPY
+            or stop > end
+            or stop - start != np.dtype(SAFETENSORS_NUMPY[entry["dtype"]]).itemsize * int(np.prod(entry["shape"]))
+        ):
+            raise CheckpointError(f"{path}: {name} has an unsupported dtype or lies outside the file")
+        out[name] = {**entry, "nbytes": stop - start}
+    return out
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file (``offset`` from the file start) and how it is stored."""
+
+    path: Path
+    name: str
+    dtype: str  # safetensors code: F32, F16, BF16, ...
+    shape: tuple
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class WeightNormFold:
+    """``g * v / ||v||`` (norm over all but dim 0) of two tensors not read yet (see :func:`fold_weight_norm`)."""
+
+    g: "TensorRef"
+    v: "TensorRef"
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.v.shape)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A checkpoint tensor that has not been read: where it lies, its shape, and the layout changes asked of it.
+
+    The model sanitizers run on these as on MLX arrays: ``shape``/``ndim``/``size`` answer from the header, and
+    ``transpose``/``reshape``/``astype`` (and the weight-norm fold) are recorded in ``ops``; the backend that reads
+    the tensor replays them (:func:`read_numpy` here, ``torch_backend.common.read_torch``). So the torch backend
+    goes through the same sanitize maps and strict check as MLX without creating MLX arrays of the weights.
+    """
+
+    shape: tuple
+    base: StoredTensor | WeightNormFold
+    ops: tuple = ()
+
+    @classmethod
+    def weight_norm(cls, g: "TensorRef", v: "TensorRef") -> "TensorRef":
+        fold = WeightNormFold(g, v)
+        return cls(fold.shape, fold)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _with(self, shape, op) -> "TensorRef":
+        return TensorRef(tuple(shape), self.base, self.ops + (op,))
+
+    def transpose(self, *axes) -> "TensorRef":
+        axes = tuple(axes[0]) if len(axes) == 1 and not isinstance(axes[0], int) else axes
+        axes = axes or tuple(reversed(range(self.ndim)))
+        return self._with([self.shape[a] for a in axes], ("transpose", axes))
+
+    def reshape(self, *shape) -> "TensorRef":
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        if -1 in shape:
+            known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+            shape = tuple(self.size // max(known, 1) if s == -1 else s for s in shape)
+        return self._with(shape, ("reshape", shape))
+
+    def astype(self, dtype) -> "TensorRef":
+        return self._with(self.shape, ("astype", dtype))
+
+    def __array__(self, dtype=None, copy=None):
+        out = read_numpy(self)
+        return out if dtype is None else out.astype(dtype)
+
+
+def tensor_refs(path: Path) -> dict[str, TensorRef]:
+    """Every tensor of a safetensors file as a :class:`TensorRef` (only the header is read)."""
+    path = Path(path)
+    return {
+        name: TensorRef(e["shape"], StoredTensor(path, name, e["dtype"], e["shape"], e["offset"], e["nbytes"]))
+        for name, e in safetensors_header(path).items()
+    }
+
+
+def read_stored_numpy(stored: StoredTensor) -> np.ndarray:
+    """A stored tensor read into memory as numpy (bfloat16 widened exactly to float32)."""
+    raw = np.fromfile(stored.path, dtype=np.uint8, count=stored.nbytes, offset=stored.offset)
+    out = raw.view(SAFETENSORS_NUMPY[stored.dtype]).reshape(stored.shape)
+    return (out.astype(np.uint32) << 16).view(np.float32) if stored.dtype == "BF16" else out
+
+
+_NUMPY_FROM_MX = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.float32}
+
+
+def read_numpy(ref: TensorRef) -> np.ndarray:
+    """Read a :class:`TensorRef` with numpy and replay its ops (for the small tensors sanitizers inspect)."""
+    if isinstance(ref.base, WeightNormFold):
+        g, v = (read_numpy(r).astype(np.float32) for r in (ref.base.g, ref.base.v))
+        norm = np.sqrt(np.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
+        out = g.reshape(norm.shape) * v / norm
+    else:
+        out = read_stored_numpy(ref.base)
+    for op, arg in ref.ops:
+        if op == "transpose":
+            out = out.transpose(arg)
+        elif op == "reshape":
+            out = out.reshape(arg)
+        else:
+            out = out.astype(_NUMPY_FROM_MX.get(arg, np.float32))
+    return out
+
+
 def fold_weight_norm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Replace every ``X.weight_g`` / ``X.weight_v`` pair by ``X.weight = g * v / ||v||`` (norm over all but dim 0).
 
-    Done once at load time in float32, so the model never pays for weight norm at run time.
+    Done once at load time in float32, so the model never pays for weight norm at run time. On
+    :class:`TensorRef` values (the torch backend's load path) the fold is recorded and done by the reading backend.
     """
     out = {}
     for key, value in weights.items():
@@ -103,6 +264,9 @@ def fold_weight_norm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             v_key = stem + ".weight_v"
             if v_key not in weights:
                 raise CheckpointError(f"{key} has no matching {v_key}")
+            if isinstance(value, TensorRef):
+                out[stem + ".weight"] = TensorRef.weight_norm(value, weights[v_key])
+                continue
             v = weights[v_key].astype(mx.float32)
             g = value.astype(mx.float32)
             norm = mx.sqrt(mx.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
@@ -150,9 +314,13 @@ def sanitize_checked(weights: dict, sanitize, module, what: str) -> dict:
     return out
 
 
-def component_weights(source: "Source", name: str, sanitize, module, what: str) -> dict:
-    """A component's tensors in mlx_sa3 naming, strictly checked (converted checkpoints are not sanitized again)."""
-    return sanitize_checked(source.component(name), None if source.converted else sanitize, module, what)
+def component_weights(source: "Source", name: str, sanitize, module, what: str, refs: bool = False) -> dict:
+    """A component's tensors in mlx_sa3 naming, strictly checked (converted checkpoints are not sanitized again).
+
+    With ``refs`` the values are :class:`TensorRef` (nothing but headers read; the torch backend reads them).
+    """
+    tensors = source.component(name, refs=refs)
+    return sanitize_checked(tensors, None if source.converted else sanitize, module, what)
 
 
 def to_mx(x, dtype=mx.float32) -> mx.array:
@@ -215,34 +383,38 @@ class Source:
     def converted(self) -> bool:
         return self.layout == "converted"
 
-    def component(self, name: str) -> dict[str, mx.array]:
-        """Tensors of one component: Hub names with the component prefix removed, or converted names as stored."""
+    def component(self, name: str, refs: bool = False) -> dict[str, mx.array]:
+        """Tensors of one component: Hub names with the component prefix removed, or converted names as stored.
+
+        MLX arrays (lazy), or with ``refs`` :class:`TensorRef` values (only the headers are read).
+        """
+        read = tensor_refs if refs else load_safetensors
         if self.converted:
             files = self.meta.get("components", {})
             if name not in files:
                 raise CheckpointError(f"{self.root}: converted checkpoint has no {name} component")
-            return load_safetensors(self.root / files[name])
+            return read(self.root / files[name])
         if self.layout == "same":
             if name != "autoencoder":
                 raise CheckpointError(f"{self.root} is a SAME autoencoder repo; it has no {name}")
-            return load_safetensors(self.root / "model.safetensors")
+            return read(self.root / "model.safetensors")
         if name == "text_encoder":
-            return load_safetensors(self.text_encoder_dir() / "model.safetensors")
+            return read(self.text_encoder_dir() / "model.safetensors")
         prefix = SA3_PREFIXES[name]
-        tensors = self._sa3_tensors()
+        tensors = self._sa3_tensors(read)
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def text_encoder_dir(self) -> Path:
         """Directory with the T5Gemma config, tokenizer and (for Hub layouts) weights."""
         return self.root / (CONVERTED_TEXT_ENCODER_DIR if self.converted else TEXT_ENCODER_SUBFOLDER)
 
-    def _sa3_tensors(self) -> dict[str, mx.array]:
+    def _sa3_tensors(self, read=load_safetensors) -> dict[str, mx.array]:
         # Read the (lazy, memory-mapped) file each time rather than caching the arrays: a cached dict would keep
         # every loaded component's buffers alive after the model released it. Tensors placed in meta["_tensors"]
         # (tests inject edited ones there) are used as given.
         if "_tensors" in self.meta:
             return self.meta["_tensors"]
-        return load_safetensors(self.root / "model.safetensors")
+        return read(self.root / "model.safetensors")
 
 
 def open_source(src, allow_patterns: Iterable[str] | None = None) -> Source:

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import backend as backends
+from . import platform
 from .checkpoint import SA3Config, checkpoint_config, dit_weights
 from .loading import CheckpointError, Source, open_source, to_mx
 from .models.conditioners import Conditioners
@@ -76,7 +77,8 @@ class SA3Model:
         return [name for name in COMPONENTS if self._parts[name] is not None]
 
     def release(self, *names: str) -> None:
-        """Free the named networks (all with no names) that can be loaded again, and MLX's buffer cache.
+        """Free the named networks (all with no names) that can be loaded again, MLX's buffer cache and the C heap's
+        free pages (``platform.trim_heap``).
 
         Networks without a loader (passed in built) are kept: dropping them could not be undone.
         """
@@ -90,6 +92,7 @@ class SA3Model:
                 self._parts[name] = None
         gc.collect()
         mx.clear_cache()
+        platform.trim_heap()
 
     @property
     def downsampling_ratio(self) -> int:
@@ -366,7 +369,7 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False) -> SA3
     }
     conditioners = Conditioners(source.component("conditioners"), config)
     if lazy:
-        dit_weights(source, dequantize=False)  # strict check now (headers only), before any network runs
+        dit_weights(source, dequantize=False, refs=True)  # strict check now (headers only), before any network runs
         return SA3Model(config, None, None, None, conditioners, source, loaders)
     parts = {name: loaders[name]() for name in ("dit", "autoencoder", "text_encoder")}
     return SA3Model(config, conditioners=conditioners, source=source, loaders=loaders, **parts)

@@ -118,6 +118,25 @@ def torch_thread_policy(torch) -> None:
         torch.set_num_threads(1)
 
 
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``); False where there is no glibc.
+
+    Freed tensors and MLX buffers go back to malloc, which keeps them for reuse; once a network is released its
+    stage is over, so they are returned instead of staying under the next stage's peak (cheap: milliseconds).
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
+
+
 # -- python -m mlx_sa3.info -------------------------------------------------------------------------------------
 
 

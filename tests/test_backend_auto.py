@@ -18,13 +18,17 @@ def cpu_only(monkeypatch):
     return monkeypatch
 
 
-def test_x86_cpu_with_torch_picks_torch(cpu_only):
+def test_x86_cpu_with_torch_picks_the_measured_backend(cpu_only):
     cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
     cpu_only.setattr(importlib.util, "find_spec", lambda name: object())
-    assert backend.choose_backend()[0] == "torch"
+    assert backend.choose_backend()[0] == backend.X86_CPU_BACKEND
+    for choice in ("torch", "mlx"):  # the rule is one constant
+        cpu_only.setattr(backend, "X86_CPU_BACKEND", choice)
+        assert backend.choose_backend()[0] == choice
 
 
 def test_x86_cpu_without_torch_picks_mlx_and_says_what_is_missing(cpu_only):
+    cpu_only.setattr(backend, "X86_CPU_BACKEND", "torch")
     cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
     cpu_only.setattr(importlib.util, "find_spec", lambda name: None if name == "diffusers" else object())
     name, reason = backend.choose_backend()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import mmap
 import platform
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .. import platform as sa3_platform
+from ..loading import StoredTensor, TensorRef, WeightNormFold, read_stored_numpy
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
 _LINUX_HINT = " (on Linux, install a CPU-only build of torch first, or pip pulls a CUDA build of several GB)"
@@ -61,23 +64,99 @@ def _to_mx(t) -> mx.array:
     return mx.array(t.detach().numpy())
 
 
-def _state_dict(weights: dict) -> dict:
-    return {k: _to_torch(v) for k, v in weights.items()}
+def _state_dict(weights: dict, convert=None) -> dict:
+    """Float32 torch tensors of ``weights``, one at a time: :class:`~mlx_sa3.loading.TensorRef` values (the strict
+    load path's) through a :class:`MappedReader`, numpy / MLX arrays (networks moved from MLX) converted.
+
+    ``convert(key, tensor)`` returns the torch name and tensor (renames, row orders, conv layouts) or None to drop it.
+    """
+    reader, state = MappedReader(), {}
+    for key, value in weights.items():
+        tensor = _to_torch(reader.read(value) if isinstance(value, TensorRef) else value)
+        item = (key, tensor) if convert is None else convert(key, tensor)
+        reader.settle(None if item is None else item[1])
+        if item is not None:
+            state[item[0]] = item[1]
+    return state
 
 
-def _load_state(module, state: dict, computed: tuple = ()) -> None:
+def _torch_dtype(mx_dtype):
+    torch = require_torch()
+    return {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}.get(mx_dtype, torch.float32)
+
+
+class MappedReader:
+    """Reads :class:`~mlx_sa3.loading.TensorRef` values into torch.
+
+    A float32 tensor becomes a view of a private (copy-on-write) memory map of its file: no copy, no load time,
+    and nothing resident until the network first uses it; a released network gives its pages back at once (no
+    allocator keeps them). Other dtypes are read into memory (not through the map) for the cast to float32. A map
+    lives as long as a tensor views it. :meth:`settle` gives back the pages of a tensor that was read through the
+    map but then copied (row reorders, layout changes), so a load's peak stays near the weights' size.
+    """
+
+    def __init__(self):
+        self._maps: dict[Path, tuple] = {}  # path -> (mmap, uint8 tensor of the whole file)
+        self._pending: list[tuple[Path, int, int]] = []  # (path, offset, nbytes) read as views since settle()
+
+    def read(self, ref: TensorRef):
+        torch = require_torch()
+        if isinstance(ref.base, WeightNormFold):
+            g, v = (self.read(r).float() for r in (ref.base.g, ref.base.v))
+            out = torch._weight_norm(v, g, 0)  # what the official torch.nn.utils.weight_norm computes
+        else:
+            out = self._read_stored(ref.base)
+        for op, arg in ref.ops:
+            if op == "transpose":
+                out = out.permute(arg)
+            elif op == "reshape":
+                out = out.reshape(arg)
+            else:
+                out = out.to(_torch_dtype(arg))
+        return out
+
+    def _read_stored(self, stored: StoredTensor):
+        torch = require_torch()
+        if stored.dtype != "F32" or stored.offset % 4:
+            return torch.from_numpy(read_stored_numpy(stored))
+        if stored.path not in self._maps:
+            with open(stored.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[stored.path] = (mapped, torch.frombuffer(mapped, dtype=torch.uint8))
+        self._pending.append((stored.path, stored.offset, stored.nbytes))
+        data = self._maps[stored.path][1][stored.offset : stored.offset + stored.nbytes]
+        return data.view(torch.float32).view(stored.shape)
+
+    def settle(self, kept) -> None:
+        """Give back the mapped pages read since the last call that the tensor ``kept`` (or None) does not view."""
+        pending, self._pending = self._pending, []
+        if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise here (Windows): the pages go when the map does
+            return
+        page = mmap.PAGESIZE
+        for path, offset, nbytes in pending:
+            mapped, whole = self._maps[path]
+            if kept is not None and kept.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
+                if kept.storage_offset() * kept.element_size() == offset:
+                    continue
+            start, stop = -(-offset // page) * page, (offset + nbytes) // page * page  # whole pages inside only
+            if stop > start:  # read-only so far: MADV_DONTNEED drops clean copies, the file still has them
+                mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def _load_state(module, state: dict, deferred: tuple = ()) -> None:
     """Make ``state``'s tensors the parameters of ``module`` (built on the meta device: no init, no copy).
 
-    Every tensor must land, and only the ``computed`` ones (set up by the caller) may be absent from ``state``.
+    Afterwards no parameter or buffer may be left unset (on the meta device) except those under the ``deferred``
+    prefixes (loaded later); ones the caller computed, or an earlier call set, may be absent from ``state``.
     """
-    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    stray = sorted(set(missing) - set(computed))
-    unset = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
-    if stray or unexpected or unset:
-        raise RuntimeError(
-            f"torch parameter mapping is incomplete: missing {stray}, unexpected {sorted(unexpected)}, "
-            f"uninitialised {unset}"
-        )
+    _, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    unset = [
+        name
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t.is_meta and not name.startswith(deferred)
+    ]
+    if unexpected or unset:
+        raise RuntimeError(f"torch parameter mapping is incomplete: unexpected {sorted(unexpected)}, unset {unset}")
 
 
 def reorder_rows(weight, permutation):

@@ -37,18 +37,19 @@ class TorchPrepared:
 
 
 def _dit_state(weights: dict) -> dict:
-    """mlx_sa3 DiT parameters -> ``StableAudio3DiTModel`` state."""
-    state = {}
-    for key, value in _state_dict(weights).items():
-        if key == "memory_tokens" and value.numel() == 0:
-            continue  # diffusers has no memory-token parameter without memory tokens
-        key = keymaps.dit_key_to_diffusers(key)
-        if key.endswith("self_attn.to_qkv.weight") and value.shape[0] == 5 * value.shape[1]:  # differential only
-            value = reorder_rows(value, keymaps.official_to_diffusers_qkv(value.shape[0]))
-        if key in ("preprocess_conv.weight", "postprocess_conv.weight"):
-            value = value.transpose(1, 2)  # MLX (out, k, in) -> torch (out, in, k)
-        state[key] = value.contiguous()
-    return state
+    """mlx_sa3 DiT parameters (tensors or the strict load path's TensorRefs) -> ``StableAudio3DiTModel`` state."""
+    return _state_dict(weights, _dit_tensor)
+
+
+def _dit_tensor(key: str, value):
+    if key == "memory_tokens" and value.numel() == 0:
+        return None  # diffusers has no memory-token parameter without memory tokens
+    key = keymaps.dit_key_to_diffusers(key)
+    if key.endswith("self_attn.to_qkv.weight") and value.shape[0] == 5 * value.shape[1]:  # differential only
+        value = reorder_rows(value, keymaps.official_to_diffusers_qkv(value.shape[0]))
+    if key in ("preprocess_conv.weight", "postprocess_conv.weight"):
+        value = value.transpose(1, 2)  # MLX (out, k, in) -> torch (out, in, k)
+    return key, value.contiguous()
 
 
 class TorchDiT(DiffusionStep):
@@ -84,7 +85,7 @@ class TorchDiT(DiffusionStep):
                 norm.eps = config.norm_eps
             for attn in (block.self_attn, block.cross_attn):
                 attn.q_norm.eps = attn.k_norm.eps = config.qk_norm_eps
-        _load_state(net, _dit_state(weights), computed=("rotary_pos_emb.inv_freq", "prompt_padding_embedding"))
+        _load_state(net, _dit_state(weights))  # rotary_pos_emb and prompt_padding_embedding are set above
         self.net = net.eval().requires_grad_(False)
 
     @property
@@ -165,7 +166,7 @@ def load_torch_dit(source, dtype=None) -> TorchDiT:
     _check_float32(dtype)
     source = source if isinstance(source, Source) else open_source(source)
     # a quantized checkpoint (convert.py --quantize) is dequantized to float32: torch has no affine int kernels here
-    _, weights = dit_weights(source, dequantize=True)
+    _, weights = dit_weights(source, dequantize=True, refs=True)
     return TorchDiT(checkpoint_config(source).dit, weights)
 
 

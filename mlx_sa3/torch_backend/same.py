@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..checkpoint import checkpoint_config
+from ..checkpoint import ENCODER_HALF, checkpoint_config
 from ..loading import Source, component_weights, open_source
 from ..models import keymaps
 from ..models import same as mlx_same
@@ -111,15 +111,16 @@ def _same_net(config: mlx_same.SAMEConfig):
 
 def _same_state(weights: dict) -> dict:
     """mlx_sa3 SAME parameters -> torch state: block renames, qkv row order, conv (out, k, in) -> (out, in, k)."""
-    state = {}
-    for key, value in _state_dict(weights).items():
-        key = keymaps.same_key_to_diffusers(key)
-        if key.endswith(".attn.to_qkv.weight") and value.shape[0] == 5 * value.shape[1]:  # differential only
-            value = reorder_rows(value, keymaps.official_to_diffusers_qkv(value.shape[0]))
-        if key.endswith(".mapping.weight"):
-            value = value.transpose(1, 2)
-        state[key] = value.contiguous()
-    return state
+    return _state_dict(weights, _same_tensor)
+
+
+def _same_tensor(key: str, value):
+    key = keymaps.same_key_to_diffusers(key)
+    if key.endswith(".attn.to_qkv.weight") and value.shape[0] == 5 * value.shape[1]:  # differential only
+        value = reorder_rows(value, keymaps.official_to_diffusers_qkv(value.shape[0]))
+    if key.endswith(".mapping.weight"):
+        value = value.transpose(1, 2)
+    return key, value.contiguous()
 
 
 class TorchAutoencoder(mlx_same.AutoencoderInterface):
@@ -129,16 +130,34 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
     streaming cuts the sequence exactly as it does there.
     """
 
-    def __init__(self, config: mlx_same.SAMEConfig, weights: dict):
+    def __init__(self, config: mlx_same.SAMEConfig, weights: dict, encoder_loader=None):
+        """``weights``: every parameter; with ``encoder_loader`` (returns them all again, strictly checked) only the
+        decoder half is taken now and the encoder half is read on the first :meth:`encode` (as the MLX
+        ``DecoderFirstSAME``: plain text-to-audio never holds it)."""
         self.config = config
         self.net = _same_net(config)
-        _load_state(self.net, _same_state(weights))
+        self._encoder_loader = encoder_loader
+        if encoder_loader is None:
+            _load_state(self.net, _same_state(weights))
+        else:
+            _load_state(self.net, _same_state(_half(weights, encoder=False)), deferred=ENCODER_HALF)
         self.net.eval().requires_grad_(False)
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return self._encoder_loader is None
+
+    def _load_encoder(self) -> None:
+        if self._encoder_loader is not None:
+            _load_state(self.net, _same_state(_half(self._encoder_loader(), encoder=True)))
+            self.net.eval().requires_grad_(False)
+            self._encoder_loader = None
 
     def encode(self, audio) -> mx.array:
         """(B, io_channels, T) audio -> (B, latent_dim, ceil(T / downsampling_ratio)) latents."""
         torch = require_torch()
         cfg = self.config
+        self._load_encoder()
         audio = _to_torch(audio)
         if audio.ndim != 3 or audio.shape[1] != cfg.io_channels or audio.shape[2] == 0:
             raise ValueError(
@@ -232,14 +251,24 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         )
 
 
-def load_torch_autoencoder(src) -> TorchAutoencoder:
-    """SAME autoencoder on torch from a SAME repo, a full SA3 repo or a converted directory (or an opened Source)."""
+def _half(weights: dict, encoder: bool) -> dict:
+    """The encoder half (``checkpoint.ENCODER_HALF``) of SAME ``weights``, or the rest (the decoder's)."""
+    return {k: v for k, v in weights.items() if k.startswith(ENCODER_HALF) == encoder}
+
+
+def load_torch_autoencoder(src, encoder: bool = True) -> TorchAutoencoder:
+    """SAME autoencoder on torch from a SAME repo, a full SA3 repo or a converted directory (or an opened Source).
+
+    Every tensor is strictly checked now; without ``encoder`` the encoder half is read on the first ``encode``.
+    """
     source = src if isinstance(src, Source) else open_source(src)
     config = checkpoint_config(source).same
-    weights = component_weights(
-        source, "autoencoder", mlx_same.sanitize, mlx_same.SAMEAutoencoder(config), f"{source.root} autoencoder"
-    )
-    return TorchAutoencoder(config, weights)
+
+    def weights() -> dict:
+        module = mlx_same.SAMEAutoencoder(config)  # for the strict check's shapes only (MLX initialises lazily)
+        return component_weights(source, "autoencoder", mlx_same.sanitize, module, f"{source.root} autoencoder", True)
+
+    return TorchAutoencoder(config, weights(), encoder_loader=None if encoder else weights)
 
 
 def torch_autoencoder_from_mlx(module: mlx_same.SAMEAutoencoder) -> TorchAutoencoder:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoint import text_encoder_weights
-from ..loading import Source, open_source
+from ..checkpoint import EMBEDDING, MappedEmbedding, _memmap_tensor, gather_rows, text_encoder_weights
+from ..loading import Source, StoredTensor, TensorRef, open_source
 from ..models import t5gemma as mlx_t5
 from .common import _load_state, _state_dict, _to_mx, require_torch
 
@@ -14,7 +17,11 @@ _T5GEMMA = "transformers.models.t5gemma"
 
 
 def _hf_t5gemma(config: mlx_t5.T5GemmaConfig, weights: dict):
-    """transformers' T5GemmaEncoderModel (eager attention, encoder-only as the official conditioner builds it)."""
+    """transformers' T5GemmaEncoderModel (eager attention, encoder-only as the official conditioner builds it).
+
+    Built on the meta device (no random init of its 110M parameters) and given ``weights``; a memory-mapped token
+    embedding (:func:`_mapped_embedding`) replaces the 256000 x 768 table when the checkpoint file allows it.
+    """
     torch, t5 = require_torch(_T5GEMMA)
     section = {
         "hidden_size": config.hidden_size,
@@ -37,9 +44,47 @@ def _hf_t5gemma(config: mlx_t5.T5GemmaConfig, weights: dict):
         encoder=section, decoder=dict(section), vocab_size=config.vocab_size, is_encoder_decoder=False
     )
     hf_config._attn_implementation = "eager"
-    model = t5.T5GemmaEncoderModel(hf_config)
+    weights = dict(weights)
+    embedding = _mapped_embedding(weights.get(EMBEDDING))
+    if embedding is not None:
+        del weights[EMBEDDING]
+    with torch.device("meta"):
+        model = t5.T5GemmaEncoderModel(hf_config)
+    encoder = model.encoder
+    encoder.rotary_emb = type(encoder.rotary_emb)(config=encoder.config)  # computed buffers, not in the checkpoint
+    if embedding is not None:
+        encoder.embed_tokens = embedding
     _load_state(model, {mlx_t5.ENCODER_PREFIX + k: v for k, v in _state_dict(weights).items()})
     return model.eval().requires_grad_(False)
+
+
+def _mapped_embedding(ref):
+    """A ``TorchMappedEmbedding`` over the stored table of ``ref`` (a TensorRef or a numpy memmap), or None (not a
+    plain mappable tensor)."""
+    if isinstance(ref, np.memmap):
+        return _mapped_embedding_type()(ref)
+    if not isinstance(ref, TensorRef) or ref.ops or not isinstance(ref.base, StoredTensor):
+        return None
+    table = _memmap_tensor(ref.base.path, ref.base.name)  # the MLX backend's MappedEmbedding reads the same map
+    return None if table is None else _mapped_embedding_type()(table)
+
+
+@functools.cache
+def _mapped_embedding_type():
+    torch = require_torch()
+
+    class TorchMappedEmbedding(torch.nn.Module):
+        """torch twin of :class:`mlx_sa3.checkpoint.MappedEmbedding`: the token rows a call needs, gathered from the
+        memory-mapped file (:func:`~mlx_sa3.checkpoint.gather_rows`), so the table is never resident; float32."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.table = table  # a numpy memmap, not a parameter
+
+        def forward(self, ids):
+            return torch.from_numpy(gather_rows(self.table, ids.numpy())).float()
+
+    return TorchMappedEmbedding
 
 
 class TorchTextEncoder:
@@ -68,10 +113,14 @@ def load_torch_text_encoder(source, max_length: int) -> TorchTextEncoder:
     source = source if isinstance(source, Source) else open_source(source)
     directory = source.text_encoder_dir()
     config = mlx_t5.T5GemmaConfig.from_dir(directory)
-    weights = text_encoder_weights(source, mlx_t5.T5GemmaEncoder(config))
+    weights = text_encoder_weights(source, mlx_t5.T5GemmaEncoder(config), refs=True)
     return TorchTextEncoder(config, weights, mlx_t5.T5GemmaTokenizer.from_dir(directory, max_length))
 
 
 def torch_text_encoder_from_mlx(text_encoder: mlx_t5.TextEncoder) -> TorchTextEncoder:
+    """The same encoder on torch; a memory-mapped MLX embedding (``MappedEmbedding``) shares its map."""
     model = text_encoder.model
-    return TorchTextEncoder(model.config, dict(tree_flatten(model.parameters())), text_encoder.tokenizer)
+    weights = dict(tree_flatten(model.parameters()))
+    if isinstance(model.embed_tokens, MappedEmbedding):
+        weights[EMBEDDING] = model.embed_tokens._table
+    return TorchTextEncoder(model.config, weights, text_encoder.tokenizer)

@@ -18,6 +18,7 @@ import mlx.nn as nn
 _SCORES_PER_CHUNK = 1 << 20  # score elements (batch x heads x queries x keys) per attention chunk: 4 MB in float32
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n * _LN2_HI is exact
+_ROUND = 12582912.0  # 1.5 * 2^23: (y + _ROUND) - _ROUND rounds y to the nearest integer for |y| < 2^22
 _EXP_TAYLOR = [1.0 / math.factorial(i) for i in range(8)]
 
 
@@ -25,19 +26,26 @@ def _use_fused_kernels() -> bool:
     return mx.default_device() != mx.cpu
 
 
-def _exp(x: mx.array) -> mx.array:
-    """float32 exp from multiply-adds: exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 Taylor (~1e-7 relative error).
+def _exp(x: mx.array, upper: bool = True) -> mx.array:
+    """float32 exp from multiply-adds: exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 Taylor (~2e-7 relative error).
 
-    Inputs are clamped to [-87, 88], the float32 normal range (far below -87 the result is ~1e-38 instead of 0).
+    Inputs are clamped to [-87, 88], the float32 normal range (far below -87 the result is ~1e-38 instead of 0);
+    ``upper=False`` drops the upper clamp for inputs known to be <= 0 (softmax arguments).
+    Written for MLX's CPU compiler, which emits plain C++ loops (-O3, no -march) and fuses at most 11 ops deep: the
+    rounding is the add-and-subtract trick instead of floor (a libm call that keeps the loop scalar) and the
+    polynomial is evaluated by Estrin's scheme (depth 6 instead of Horner's 14); measured 1.9x faster.
     """
-    x = mx.clip(x, -87.0, 88.0)
-    n = mx.floor(x * _LOG2E + 0.5)
+    x = mx.maximum(x, -87.0)
+    if upper:
+        x = mx.minimum(x, 88.0)
+    n = (x * _LOG2E + _ROUND) - _ROUND
     r = x - n * _LN2_HI - n * _LN2_LO
-    poly = _EXP_TAYLOR[-1]
-    for coefficient in reversed(_EXP_TAYLOR[:-1]):
-        poly = poly * r + coefficient
+    c = _EXP_TAYLOR
+    r2 = r * r
+    low = (c[0] + c[1] * r) + (c[2] + c[3] * r) * r2
+    high = (c[4] + c[5] * r) + (c[6] + c[7] * r) * r2
     two_to_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
-    return poly * two_to_n
+    return (low + high * (r2 * r2)) * two_to_n
 
 
 @mx.compile
@@ -47,10 +55,16 @@ def _swiglu_fused(projected: mx.array) -> mx.array:
 
 
 @mx.compile
-def _swiglu_cpu(projected: mx.array) -> mx.array:
-    value, gate = mx.split(projected, 2, axis=-1)
+def _silu_cpu(gate: mx.array) -> mx.array:
     gate32 = gate.astype(mx.float32)
-    return (value * (gate32 / (1.0 + _exp(-gate32)))).astype(projected.dtype)
+    return (gate32 / (1.0 + _exp(-gate32))).astype(gate.dtype)
+
+
+def _swiglu_cpu(projected: mx.array) -> mx.array:
+    # MLX's CPU compiler emits a scalar loop with run-time strides for non-contiguous inputs: the gate half is copied
+    # to a contiguous array first (one cheap pass) and the value product is a plain op (measured 1.5x faster).
+    value, gate = mx.split(projected, 2, axis=-1)
+    return value * _silu_cpu(mx.contiguous(gate))
 
 
 def _swiglu(projected: mx.array) -> mx.array:
@@ -61,7 +75,7 @@ def _swiglu(projected: mx.array) -> mx.array:
 @mx.compile
 def _softmax_numerator(scores: mx.array) -> tuple[mx.array, mx.array]:
     scores = scores.astype(mx.float32)
-    e = _exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    e = _exp(scores - mx.max(scores, axis=-1, keepdims=True), upper=False)
     return e, mx.sum(e, axis=-1, keepdims=True)
 
 

@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
+from .kernels import _softmax_numerator, _swiglu, _use_fused_kernels
 
 ROPE_BASE = 10000.0
 SIN_GATE_PI = 3.14159265359  # the official constant (not math.pi) for the sin(pi x) gate
@@ -330,7 +331,12 @@ def softmax_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | No
     scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
-    return mx.softmax(scores, axis=-1, precise=True) @ v
+    if _use_fused_kernels():
+        return mx.softmax(scores, axis=-1, precise=True) @ v
+    # CPU: MLX's softmax uses a scalar exp; the polynomial one (masked keys get exp(-87) ~ 1e-38, not 0) and the
+    # division after the product, as in the DiT (models/kernels.py).
+    e, total = _softmax_numerator(scores)
+    return ((e @ v) / total).astype(v.dtype)
 
 
 def banded_attention(q: mx.array, k: mx.array, v: mx.array, left: int, right: int) -> mx.array:
@@ -402,9 +408,11 @@ class GatedFeedForward(nn.Module):
         self.sin_gate = sin_gate
 
     def __call__(self, x: mx.array) -> mx.array:
-        a, b = mx.split(self.proj_in(x), 2, axis=-1)
-        gate = mx.sin(SIN_GATE_PI * b) if self.sin_gate else nn.silu(b)
-        return self.proj_out(a * gate)
+        projected = self.proj_in(x)
+        if not self.sin_gate:
+            return self.proj_out(_swiglu(projected))  # a * silu(b), with the CPU kernel there
+        a, b = mx.split(projected, 2, axis=-1)
+        return self.proj_out(a * mx.sin(SIN_GATE_PI * b))
 
 
 class TransformerBlock(nn.Module):

@@ -61,6 +61,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
     "mlx-oneshot": "mlx_sa3 MLX, as the CLI",
+    "mlx-oneshot-bf16": "mlx_sa3 MLX, CLI, bf16 weights",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
     "torch-noob": "mlx_sa3 torch, no OBLAS",
@@ -296,13 +297,14 @@ def diffusers_job(model, work: Workload, tokenizer_dir: Path):
 # ------------------------------------------------------------------------------------------------------- workers
 
 
-def oneshot_worker(work: Workload, checkpoint: Path) -> dict:
+def oneshot_worker(work: Workload, checkpoint: Path, weights_dtype: str | None = None) -> dict:
     """mlx_sa3 as the CLI runs it: a fresh ``StableAudio3.from_pretrained(checkpoint, keep_loaded=False)`` whose
     timed call loads each network from the (page-cached) files for its stage and frees it after, like the official
-    runtime's timed call. Warm-up: the same with 1 step."""
+    runtime's timed call. Warm-up: the same with 1 step. ``weights_dtype="bfloat16"``: as ``--weights-dtype
+    bfloat16`` (linear weights stored in bf16, widened per layer; compute in float32)."""
 
     def generate(steps: int, out: Path) -> dict:
-        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False)
+        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False, weights_dtype=weights_dtype)
         return pipe.generate_to_file(out, PROMPT, work.seconds, steps=steps, seed=0).timings
 
     with tempfile.TemporaryDirectory(prefix="compare_oneshot_") as tmp:
@@ -314,7 +316,7 @@ def oneshot_worker(work: Workload, checkpoint: Path) -> dict:
         stages = generate(work.steps, Path(tmp) / "out.wav")
         wall = time.perf_counter() - start
     return {
-        "impl": "mlx-oneshot",
+        "impl": "mlx-oneshot-bf16" if weights_dtype == "bfloat16" else "mlx-oneshot",
         **asdict(work),
         "wall_s": wall,
         "stages_s": stages,
@@ -328,8 +330,9 @@ def oneshot_worker(work: Workload, checkpoint: Path) -> dict:
 
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
-    if impl == "mlx-oneshot":
-        return oneshot_worker(work, Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()]))
+    if impl in ("mlx-oneshot", "mlx-oneshot-bf16"):
+        checkpoint = Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()])
+        return oneshot_worker(work, checkpoint, "bfloat16" if impl.endswith("bf16") else None)
     sa3, dit_cfg, same_cfg, text_cfg = full_size_parts(work.variant)
     start = time.perf_counter()
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
@@ -572,6 +575,11 @@ def main(argv=None) -> None:
         "mlx-oneshot row (mlx_sa3 as the CLI runs it: loads per stage inside the timed call) to end-to-end workloads",
     )
     parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="with --checkpoint: also the mlx-oneshot-bf16 row (the CLI with --weights-dtype bfloat16)",
+    )
+    parser.add_argument(
         "--targets",
         nargs="*",
         choices=sorted(TARGETS),
@@ -604,9 +612,8 @@ def main(argv=None) -> None:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     for variant, folder in checkpoints.items():
         os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
-    plan = [
-        (w, (*impls, "mlx-oneshot") if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan
-    ]
+    oneshot = ("mlx-oneshot", "mlx-oneshot-bf16") if args.bf16_weights else ("mlx-oneshot",)
+    plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]
     scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
     official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 
@@ -625,7 +632,8 @@ def main(argv=None) -> None:
     add_ratios(rows)
     print_table(rows)
     print_targets(rows)
-    print_targets(rows, "mlx-oneshot")
+    for impl in oneshot:
+        print_targets(rows, impl)
     machine = (
         f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -295,8 +294,6 @@ class StableAudio3:
             if keep_loaded:
                 for name in ("dit", "text_encoder", "autoencoder"):  # load now: an app pays once, up front
                     getattr(model, name)
-            if model.source is not None and not model.source.converted:
-                print(f"hint: convert once for faster loading: python convert.py {src} <out_dir>", file=sys.stderr)
         if loras:
             from .lora import attach
 

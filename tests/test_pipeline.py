@@ -196,13 +196,13 @@ def test_non_finite_sampling_is_reported_and_leaves_nothing(pipe, tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
-def test_original_checkpoint_hints_at_convert_and_converted_does_not(tmp_path, capsys):
+def test_original_and_converted_checkpoints_load_alike_without_a_hint(tmp_path, capsys):
+    # Both layouts load equally fast now (memory-mapped, per tensor), so nothing nags the user to convert.
     from mlx_sa3.convert import convert
 
     from .conftest import REF
 
     original = StableAudio3.from_pretrained(REF / "sa3_small_tiny_s0")
-    assert "python convert.py" in capsys.readouterr().err
     converted = StableAudio3.from_pretrained(convert(REF / "sa3_small_tiny_s0", tmp_path / "conv"))
     assert "hint" not in capsys.readouterr().err
     a = original.generate("a dog barking", duration=2.0, seed=0, steps=2)

@@ -357,7 +357,7 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weight
 
     ``weights_dtype`` (MLX; default: ``dtype``) is how the DiT's and the text encoder's linear weights are held:
     ``"bfloat16"`` with float32 compute rounds them once at load and widens them per layer at call time, halving
-    their memory for a relative weight error <= 2^-9 (:mod:`mlx_sa3.storage`; docs/ARCHITECTURE.md, "Weight
+    their memory for a relative weight error <= 2^-8 (:mod:`mlx_sa3.storage`; docs/ARCHITECTURE.md, "Weight
     storage"). The SAME decoder is never narrowed.
     """
     backend, _ = backends.resolve_backend(backend)

@@ -7,7 +7,7 @@ layer widens its own weight back to the activations' dtype inside its call (bflo
 arithmetic stays float32 and only one layer's float32 weight exists at a time. Biases, norm gains, convolutions and
 the DiT's ``project_in`` (it carries the DiT's compute dtype) keep the compute dtype; the SAME decoder is never
 touched. Rounding to bfloat16 (8 significant bits, round to nearest) changes each weight by a relative error of at
-most 2^-9; the consequences for the outputs are derived in docs/ARCHITECTURE.md ("Weight storage").
+most 2^-8 (about 2^-9 RMS); the consequences for the outputs are derived in docs/ARCHITECTURE.md ("Weight storage").
 
 This is an opt-in precision trade (the official code computes with the float32 weights). It only narrows a float32
 compute dtype: with half-precision compute (the GPU default) the weights are already held in that dtype.

@@ -33,6 +33,8 @@ reference BLAS a 16-latent call instead, since a full one costs minutes; for end
     python benchmarks/compare.py --quick                 # 10 s workloads, end to end with 2 steps
     python benchmarks/compare.py --json compare.json     # decode 30 s, DiT step 30/120 s, end to end 30 s x 8 steps
     python benchmarks/compare.py --official-repo ~/src/stable-audio-3 --targets small-10 small-30   # issue-12 ratios
+    python benchmarks/compare.py --official-repo PATH --checkpoint small=DIR medium=DIR --bf16-weights --targets
+        # adds the CLI as it runs (mlx-oneshot) and with --weights-dtype bfloat16 (mlx-oneshot-bf16)
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,7 @@ from mlx_sa3.models.dit import DiT, DiTConfig
 from mlx_sa3.pipeline import StableAudio3
 
 import mlx.core as mx
-from common import CONTEXT_TOKENS
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from common import CONTEXT_TOKENS, timed
 
 
 def dit_only(seconds: float, other_seconds: float, repeats: int) -> dict:

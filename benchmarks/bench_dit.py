@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import mlx_sa3  # noqa: F401  (loads the BLAS before mlx)
@@ -25,20 +23,9 @@ from mlx_sa3.info import describe, gemm_gflops
 from mlx_sa3.loading import parse_dtype
 
 import mlx.core as mx  # noqa: E402
-from common import CONTEXT_TOKENS, latent_length, step_flops
+from common import CONTEXT_TOKENS, latent_length, step_flops, timed
 
 CONFIGS = {"small": DiTConfig.small, "medium": DiTConfig.medium}
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` (which must evaluate its result) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_one(name: str, seconds: float, dtype, repeats: int) -> dict:

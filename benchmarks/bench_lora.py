@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +32,9 @@ from mlx_sa3.model import Conditioners, SA3Config, SA3Model
 
 import mlx.core as mx
 import mlx.nn as nn
+from common import CONTEXT_TOKENS, LATENT_HOP, SAMPLE_RATE, timed
 from mlx.utils import tree_flatten, tree_unflatten
 
-SAMPLE_RATE, LATENT_HOP, CONTEXT_TOKENS = 44100, 4096, 257
 RANK, ALPHA = 16, 16.0
 MB = 1024 * 1024
 
@@ -113,16 +112,6 @@ def wrap_unmerged(dit: DiT, adapter: lora.LoraAdapter) -> list[LoRABranch]:
         dit.update_modules(tree_unflatten([(path, wrapper)]))
         wrappers.append(wrapper)
     return wrappers
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(config: DiTConfig) -> SA3Model:

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks (not a benchmark itself): FLOP counts, lengths and peak memory.
+"""Helpers shared by the benchmarks (not a benchmark itself): FLOP counts, lengths, timing and peak memory.
 
 Benchmarks run as scripts (``python benchmarks/bench_x.py``), so this folder is on ``sys.path`` and they import it as
 ``common``.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from mlx_sa3.models.dit import DiTConfig
@@ -77,3 +79,14 @@ def reset_peak_rss() -> bool:
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn`` (which must evaluate its result) over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -207,6 +207,18 @@ class TensorRef:
     def astype(self, dtype) -> "TensorRef":
         return self._with(self.shape, ("astype", dtype))
 
+    def replay(self, out, transpose, cast):
+        """``out`` (the base tensor as a backend read it) with the recorded ops applied in order; the backend gives
+        ``transpose(out, axes)`` and ``cast(out, mx_dtype)`` (``reshape`` is spelled alike in numpy and torch)."""
+        for op, arg in self.ops:
+            if op == "transpose":
+                out = transpose(out, arg)
+            elif op == "reshape":
+                out = out.reshape(arg)
+            else:
+                out = cast(out, arg)
+        return out
+
     def __array__(self, dtype=None, copy=None):
         out = read_numpy(self)
         return out if dtype is None else out.astype(dtype)
@@ -239,14 +251,7 @@ def read_numpy(ref: TensorRef) -> np.ndarray:
         out = g.reshape(norm.shape) * v / norm
     else:
         out = read_stored_numpy(ref.base)
-    for op, arg in ref.ops:
-        if op == "transpose":
-            out = out.transpose(arg)
-        elif op == "reshape":
-            out = out.reshape(arg)
-        else:
-            out = out.astype(_NUMPY_FROM_MX.get(arg, np.float32))
-    return out
+    return ref.replay(out, np.transpose, lambda a, dtype: a.astype(_NUMPY_FROM_MX.get(dtype, np.float32)))
 
 
 def fold_weight_norm(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -106,14 +106,7 @@ class MappedReader:
             out = torch._weight_norm(v, g, 0)  # what the official torch.nn.utils.weight_norm computes
         else:
             out = self._read_stored(ref.base)
-        for op, arg in ref.ops:
-            if op == "transpose":
-                out = out.permute(arg)
-            elif op == "reshape":
-                out = out.reshape(arg)
-            else:
-                out = out.to(_torch_dtype(arg))
-        return out
+        return ref.replay(out, lambda t, axes: t.permute(axes), lambda t, dtype: t.to(_torch_dtype(dtype)))
 
     def _read_stored(self, stored: StoredTensor):
         torch = require_torch()

@@ -64,7 +64,7 @@ def _attention(timer: Timer, q, k, v, scale: float) -> mx.array:
     keys_t = timer(COPIES, lambda: k.swapaxes(-1, -2))
     outs = []
     for start in range(0, queries, chunk):
-        qs = timer(ELEMENTWISE, lambda s=start: q[:, :, s : s + chunk] * scale)
+        qs = timer(ELEMENTWISE, lambda s=start: q[:, :, s : s + chunk] * (scale * D._LOG2E))
         n = qs.shape[2]
         scores = timer(PRODUCTS, lambda qs=qs: qs @ keys_t, flops=2 * batch * heads * n * keys * dims)
         e, total = timer(SOFTMAX, D._softmax_numerator, scores)

@@ -62,14 +62,15 @@ def _attention(timer: Timer, q, k, v, scale: float) -> mx.array:
     keys = k.shape[2]
     chunk = max(1, D._SCORES_PER_CHUNK // (batch * heads * keys))
     keys_t = timer(COPIES, lambda: k.swapaxes(-1, -2))
+    v_ones = timer(COPIES, lambda: mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1))
     outs = []
     for start in range(0, queries, chunk):
         qs = timer(ELEMENTWISE, lambda s=start: q[:, :, s : s + chunk] * (scale * D._LOG2E))
         n = qs.shape[2]
         scores = timer(PRODUCTS, lambda qs=qs: qs @ keys_t, flops=2 * batch * heads * n * keys * dims)
-        e, total = timer(SOFTMAX, D._softmax_numerator, scores)
-        pv = timer(PRODUCTS, lambda e=e: e @ v, flops=2 * batch * heads * n * keys * dims)
-        outs.append(timer(ELEMENTWISE, lambda pv=pv, total=total: (pv / total).astype(v.dtype)))
+        e = timer(SOFTMAX, D._softmax_weights, scores)
+        pv = timer(PRODUCTS, lambda e=e: e @ v_ones, flops=2 * batch * heads * n * keys * (dims + 1))
+        outs.append(timer(ELEMENTWISE, lambda pv=pv: (pv[..., :dims] / pv[..., dims:]).astype(v.dtype)))
     return outs[0] if len(outs) == 1 else timer(COPIES, lambda: mx.concatenate(outs, axis=2))
 
 

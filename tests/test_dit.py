@@ -340,6 +340,26 @@ def test_polynomial_exp_accuracy():
     assert np.max(np.abs(got - ref) / ref) <= 6 * EPS["float32"]
 
 
+def test_base2_exp_accuracy():
+    """The softmax's 2^-z (z = row max - score, log2 units) against float64 over the whole normal range."""
+    from mlx_sa3.models.kernels import _exp2_neg
+
+    eps = EPS["float32"]
+    z = np.concatenate([np.linspace(0.0, 126.0, 400_001, dtype=np.float32), 2.0 ** -np.arange(1, 40, dtype=np.float32)])
+    got = np.array(_exp2_neg(mx.array(z)), np.float64)
+    ref = 2.0 ** -z.astype(np.float64)
+    # f = floor(z) - z is exact (Sterbenz), the fit is 4e-8 relative; the degree-6 Estrin evaluation in float32
+    # adds a few half-ulp roundings and the product with the exact 2^-floor(z) one more
+    assert np.max(np.abs(got / ref - 1.0)) <= 4 * eps
+    assert np.array(_exp2_neg(mx.array(np.float32(0.0)))).item() == 1.0
+    # beyond the normal range: below 2^-126, exactly 0 from 127 on (also where floor(z) leaves int32), NaN stays NaN
+    edge = np.array([126.5, 127.0, 128.0, 1e4, 2.0**31, 1e10, 3e38, np.nan], np.float32)
+    out = np.array(_exp2_neg(mx.array(edge)))
+    assert 0.0 <= out[0] <= 2.0**-126
+    assert np.all(out[1:-1] == 0.0)
+    assert np.isnan(out[-1])
+
+
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""

@@ -127,20 +127,23 @@ def _row_max(x: mx.array) -> mx.array:
     half = x.shape[-1] // 2
     if half == 0:
         return x
-    m = mx.maximum(x[..., :half], x[..., half : 2 * half])
-    if x.shape[-1] % 2:
-        m = mx.concatenate([m, x[..., -1:]], axis=-1)
-    return mx.max(m, axis=-1, keepdims=True)
+    m = mx.max(mx.maximum(x[..., :half], x[..., half : 2 * half]), axis=-1, keepdims=True)
+    return mx.maximum(m, x[..., -1:]) if x.shape[-1] % 2 else m
 
 
-def _softmax_numerator(scores: mx.array) -> tuple[mx.array, mx.array]:
-    """2^(scores - max) and its row sum, for float32 scores in log2 units (queries pre-scaled by log2 e).
+def _softmax_weights(scores: mx.array) -> mx.array:
+    """2^(scores - row max) for float32 scores in log2 units (queries pre-scaled by log2 e), not normalised.
 
     Row-broadcast operands make MLX's CPU compiler emit a strided scalar loop, so max - scores is MLX's own
     (vectorised) subtraction and the exponential a contiguous kernel.
     """
     scores = scores.astype(mx.float32)
-    e = _exp2_neg(_row_max(scores) - scores)
+    return _exp2_neg(_row_max(scores) - scores)
+
+
+def _softmax_numerator(scores: mx.array) -> tuple[mx.array, mx.array]:
+    """``_softmax_weights`` and their row sum."""
+    e = _softmax_weights(scores)
     return e, mx.sum(e, axis=-1, keepdims=True)
 
 
@@ -152,11 +155,15 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     chunk = max(1, _SCORES_PER_CHUNK // (batch * heads * k.shape[2]))
     keys_t = k.swapaxes(-1, -2)
     scale = scale * _LOG2E  # scores in log2 units for the base-2 exponential
+    dims = v.shape[-1]
+    # A column of ones makes the product with V return the row sums too (one pass over the weights fewer; measured
+    # 5-8 % faster for the softmax and product at 236 and 1420 keys).
+    v_ones = mx.concatenate([v.astype(mx.float32), mx.ones((*v.shape[:-1], 1), mx.float32)], axis=-1)
     outs = []
     for start in range(0, queries, chunk):
-        e, total = _softmax_numerator((q[:, :, start : start + chunk] * scale) @ keys_t)
+        pv = _softmax_weights((q[:, :, start : start + chunk] * scale) @ keys_t) @ v_ones
         # Normalise after the product: (queries x D) divisions instead of (queries x keys).
-        out = ((e @ v) / total).astype(v.dtype)
+        out = (pv[..., :dims] / pv[..., dims:]).astype(v.dtype)
         # Evaluated chunk by chunk on purpose: each chunk's scores are freed while still in cache, and the step came
         # out 7-10 % faster at 10 s and 120 s (interleaved A/B, small DiT; +35 MB peak at 120 s). CPU path only: the
         # fused GPU path stays one lazy graph (mx.compile).

@@ -360,6 +360,26 @@ def test_base2_exp_accuracy():
     assert np.isnan(out[-1])
 
 
+def test_cpu_silu_accuracy():
+    """The CPU SiLU, gate / (1 + 2^(-gate log2 e)), against float64 over the range where exp(-gate) is normal."""
+    from mlx_sa3.models.kernels import _silu_cpu
+
+    eps = EPS["float32"]
+    g = np.linspace(-87.0, 100.0, 400_001, dtype=np.float32)
+    gd = g.astype(np.float64)
+    t = np.exp(-gd)
+    got = np.array(_silu_cpu(mx.array(g)), np.float64)
+    ref = gd / (1.0 + t)
+    # the product -gate * log2 e is rounded in float32 (half an ulp, plus 0.11 eps from the constant), which 2^y turns
+    # into a relative error of about 0.65 |gate| eps of t; the polynomial adds ~3 eps of t and the division 2 eps
+    bound = ((0.65 * np.abs(gd) + 3.0) * t / (1.0 + t) + 2.0) * eps
+    assert np.all(np.abs(got / ref - 1.0) <= bound)
+    edge = np.array([1e10, 3e38, -1e10, 0.0, np.inf, np.nan], np.float32)
+    out = np.array(_silu_cpu(mx.array(edge)))
+    assert out[0] == 1e10 and out[1] == np.float32(3e38) and -1e-28 < out[2] <= 0.0 and out[3] == 0.0
+    assert out[4] == np.inf and np.isnan(out[5])
+
+
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""

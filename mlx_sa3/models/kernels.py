@@ -54,10 +54,49 @@ def _swiglu_fused(projected: mx.array) -> mx.array:
     return value * nn.silu(gate)
 
 
+# 2^f on [-1, 1], degree 7 (same fit): 3e-8 relative before float32 rounding.
+_EXP2_POLY_SIGNED = (
+    1.0,
+    0.6931472420692444,
+    0.24022680521011353,
+    0.05550378933548927,
+    0.009616565890610218,
+    0.0013339323922991753,
+    0.00015662798250559717,
+    1.5050406545924488e-05,
+)
+
+
 @mx.compile
+def _silu_exponent(gate: mx.array) -> mx.array:
+    # -gate * log2 e clamped to [-127, 127], the float32 normal range: a kernel of its own, where g++ still
+    # vectorises the float min/max (inside a longer loop their NaN branch stops it).
+    return mx.minimum(mx.maximum(gate * -_LOG2E, -127.0), 127.0)
+
+
+@mx.compile
+def _exp2_bits(y: mx.array) -> mx.array:
+    """The float32 bits of 2^trunc(y) for y in [-127, 127] (+0.0 at -127)."""
+    return mx.left_shift(y.astype(mx.int32) + 127, 23)
+
+
+@mx.compile
+def _silu_scaled(gate: mx.array, y: mx.array, two_to_k: mx.array) -> mx.array:
+    f = y - y.astype(mx.int32).astype(mx.float32)  # in (-1, 1)
+    c = _EXP2_POLY_SIGNED
+    f2 = f * f
+    low = (c[0] + c[1] * f) + (c[2] + c[3] * f) * f2
+    high = (c[4] + c[5] * f) + (c[6] + c[7] * f) * f2
+    return gate / (1.0 + (low + high * (f2 * f2)) * two_to_k)
+
+
 def _silu_cpu(gate: mx.array) -> mx.array:
+    """gate / (1 + 2^(-gate log2 e)) in float32: three contiguous vectorised kernels (the clamp, the 2^k bits, the
+    rest), one pass fewer than with ``_exp`` and no row of scalar loops; the bit cast splits the graph as in
+    ``_exp2_neg``."""
     gate32 = gate.astype(mx.float32)
-    return (gate32 / (1.0 + _exp(-gate32))).astype(gate.dtype)
+    y = _silu_exponent(gate32)
+    return _silu_scaled(gate32, y, mx.view(_exp2_bits(y), mx.float32)).astype(gate.dtype)
 
 
 def _swiglu_cpu(projected: mx.array) -> mx.array:

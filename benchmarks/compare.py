@@ -612,6 +612,13 @@ def main(argv=None) -> None:
         "(needs --official-repo)",
     )
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="IMPL",
+        help="leave these implementations out (e.g. mlx: the kept-loaded row)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -639,6 +646,7 @@ def main(argv=None) -> None:
     extra = (["mlx-oneshot-bf16"] if args.bf16_weights else []) + args.oneshot
     oneshot = ("mlx-oneshot", *dict.fromkeys(name for name in extra if name != "mlx-oneshot"))
     plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]
+    plan = [(w, tuple(impl for impl in impls if impl not in args.skip)) for w, impls in plan]
     scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
     official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 

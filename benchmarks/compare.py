@@ -35,6 +35,8 @@ reference BLAS a 16-latent call instead, since a full one costs minutes; for end
     python benchmarks/compare.py --official-repo ~/src/stable-audio-3 --targets small-10 small-30   # issue-12 ratios
     python benchmarks/compare.py --official-repo PATH --checkpoint small=DIR medium=DIR --bf16-weights --targets
         # adds the CLI as it runs (mlx-oneshot) and with --weights-dtype bfloat16 (mlx-oneshot-bf16)
+    ... --oneshot mlx-oneshot-h0 torch-oneshot torch-oneshot-bf16
+        # also: no headroom (the official runtime's canvas), the torch backend in fp32 and in bf16 (--dtype bfloat16)
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ IMPLS = {
     "mlx": "mlx_sa3 MLX+OpenBLAS",
     "mlx-oneshot": "mlx_sa3 MLX, as the CLI",
     "mlx-oneshot-bf16": "mlx_sa3 MLX, CLI, bf16 weights",
+    "mlx-oneshot-h0": "mlx_sa3 MLX, CLI, no headroom",
+    "torch-oneshot": "mlx_sa3 torch, as the CLI",
+    "torch-oneshot-bf16": "mlx_sa3 torch, CLI, bf16",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
     "torch-noob": "mlx_sa3 torch, no OBLAS",
@@ -299,15 +304,25 @@ def diffusers_job(model, work: Workload, tokenizer_dir: Path):
 # ------------------------------------------------------------------------------------------------------- workers
 
 
-def oneshot_worker(work: Workload, checkpoint: Path, weights_dtype: str | None = None) -> dict:
+#: The one-shot peers: ``StableAudio3.from_pretrained`` / ``generate_to_file`` keyword arguments of each.
+ONESHOT = {
+    "mlx-oneshot": ({}, {}),
+    "mlx-oneshot-bf16": ({"weights_dtype": "bfloat16"}, {}),  # linear weights in bf16, float32 compute
+    "mlx-oneshot-h0": ({}, {"duration_padding_sec": 0.0}),  # the official MLX runtime's canvas (no 6 s headroom)
+    "torch-oneshot": ({"backend": "torch"}, {}),
+    "torch-oneshot-bf16": ({"backend": "torch", "dtype": "bfloat16"}, {}),  # bf16 compute (AMX CPUs)
+}
+
+
+def oneshot_worker(impl: str, work: Workload, checkpoint: Path) -> dict:
     """mlx_sa3 as the CLI runs it: a fresh ``StableAudio3.from_pretrained(checkpoint, keep_loaded=False)`` whose
     timed call loads each network from the (page-cached) files for its stage and frees it after, like the official
-    runtime's timed call. Warm-up: the same with 1 step. ``weights_dtype="bfloat16"``: as ``--weights-dtype
-    bfloat16`` (linear weights stored in bf16, widened per layer; compute in float32)."""
+    runtime's timed call; ``impl`` picks the options (:data:`ONESHOT`). Warm-up: the same with 1 step."""
+    load_options, generate_options = ONESHOT[impl]
 
     def generate(steps: int, out: Path) -> dict:
-        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False, weights_dtype=weights_dtype)
-        return pipe.generate_to_file(out, PROMPT, work.seconds, steps=steps, seed=0).timings
+        pipe = mlx_sa3.StableAudio3.from_pretrained(checkpoint, keep_loaded=False, **load_options)
+        return pipe.generate_to_file(out, PROMPT, work.seconds, steps=steps, seed=0, **generate_options).timings
 
     with tempfile.TemporaryDirectory(prefix="compare_oneshot_") as tmp:
         generate(1, Path(tmp) / "warm.wav")
@@ -318,7 +333,7 @@ def oneshot_worker(work: Workload, checkpoint: Path, weights_dtype: str | None =
         stages = generate(work.steps, Path(tmp) / "out.wav")
         wall = time.perf_counter() - start
     return {
-        "impl": "mlx-oneshot-bf16" if weights_dtype == "bfloat16" else "mlx-oneshot",
+        "impl": impl,
         **asdict(work),
         "wall_s": wall,
         "stages_s": stages,
@@ -332,9 +347,8 @@ def oneshot_worker(work: Workload, checkpoint: Path, weights_dtype: str | None =
 
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
-    if impl in ("mlx-oneshot", "mlx-oneshot-bf16"):
-        checkpoint = Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()])
-        return oneshot_worker(work, checkpoint, "bfloat16" if impl.endswith("bf16") else None)
+    if impl in ONESHOT:
+        return oneshot_worker(impl, work, Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()]))
     sa3, dit_cfg, same_cfg, text_cfg = full_size_parts(work.variant)
     start = time.perf_counter()
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
@@ -582,12 +596,27 @@ def main(argv=None) -> None:
         help="with --checkpoint: also the mlx-oneshot-bf16 row (the CLI with --weights-dtype bfloat16)",
     )
     parser.add_argument(
+        "--oneshot",
+        nargs="+",
+        choices=sorted(ONESHOT),
+        default=[],
+        help="with --checkpoint: more one-shot rows (mlx-oneshot-h0: no headroom, the official runtime's canvas; "
+        "torch-oneshot(-bf16): the torch backend, as --backend torch [--dtype bfloat16])",
+    )
+    parser.add_argument(
         "--targets",
         nargs="*",
         choices=sorted(TARGETS),
         help="the issue-12 target set (all of it "
         "when no names follow): end to end x8 steps, mlx_sa3 MLX vs the official runtime "
         "(needs --official-repo)",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="IMPL",
+        help="leave these implementations out (e.g. mlx: the kept-loaded row)",
     )
     parser.add_argument(
         "--rounds",
@@ -614,8 +643,10 @@ def main(argv=None) -> None:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     for variant, folder in checkpoints.items():
         os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
-    oneshot = ("mlx-oneshot", "mlx-oneshot-bf16") if args.bf16_weights else ("mlx-oneshot",)
+    extra = (["mlx-oneshot-bf16"] if args.bf16_weights else []) + args.oneshot
+    oneshot = ("mlx-oneshot", *dict.fromkeys(name for name in extra if name != "mlx-oneshot"))
     plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]
+    plan = [(w, tuple(impl for impl in impls if impl not in args.skip)) for w, impls in plan]
     scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
     official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 

@@ -278,3 +278,31 @@ def test_pipeline_backends_agree_on_demo_generation():
     b = torch_pipe.generate("bells", **request)
     assert rel_err(b.latents, a.latents) <= 1e-3
     assert rel_err(b.audio, a.audio) <= 1e-3
+
+
+def test_diffusers_modules_import_without_their_eager_package_init():
+    # The stand-in package is gone afterwards: a later plain import runs the real __init__ and finds the same module.
+    code = (
+        "import sys, mlx_sa3.torch_backend.common as c\n"
+        "_, dit = c.require_torch('diffusers.models.transformers.transformer_stable_audio3')\n"
+        "assert 'diffusers.models.transformers' not in sys.modules\n"
+        "assert not hasattr(sys.modules['diffusers.models'], 'transformers') or "
+        "sys.modules['diffusers.models'].transformers.__file__\n"
+        "import diffusers.models.transformers as package\n"
+        "assert package.StableAudio3DiTModel is dit.StableAudio3DiTModel\n"
+        "assert package.__file__.endswith('__init__.py')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eager_package_import_falls_back_to_the_plain_import(monkeypatch):
+    from mlx_sa3.torch_backend import common
+
+    def broken(name, package):
+        raise RuntimeError("unexpected package layout")
+
+    monkeypatch.setattr(common, "_import_past_package_init", broken)
+    monkeypatch.delitem(sys.modules, "diffusers.models.autoencoders", raising=False)
+    _, same = common.require_torch("diffusers.models.autoencoders.autoencoder_same")
+    assert same.__name__ == "diffusers.models.autoencoders.autoencoder_same"
+    assert "diffusers.models.autoencoders" in sys.modules  # the plain import ran the package's __init__

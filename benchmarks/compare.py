@@ -69,6 +69,8 @@ IMPLS = {
     "mlx-oneshot-h0": "mlx_sa3 MLX, CLI, no headroom",
     "torch-oneshot": "mlx_sa3 torch, as the CLI",
     "torch-oneshot-bf16": "mlx_sa3 torch, CLI, bf16",
+    "torch-oneshot-noob": "torch, CLI, no OpenBLAS",
+    "torch-oneshot-bf16-noob": "torch, CLI, bf16, no OBLAS",
     "mlx-refblas": "mlx_sa3 MLX+ref BLAS",
     "torch": "mlx_sa3 torch backend",
     "torch-noob": "mlx_sa3 torch, no OBLAS",
@@ -80,7 +82,7 @@ PROMPT_TOKENS = 16  # valid tokens of the DiT-step context mask handed to diffus
 WARMUP_LATENTS = 16
 HEADROOM_SECONDS = 6.0  # mlx_sa3 (and the official code) generate 6 s past the requested end
 # Processes that must not preload OpenBLAS: a globally loaded OpenBLAS also serves torch's BLAS symbols.
-NO_OPENBLAS = {"mlx-refblas", "torch-noob", "diffusers"}
+NO_OPENBLAS = {"mlx-refblas", "torch-noob", "diffusers", "torch-oneshot-noob", "torch-oneshot-bf16-noob"}
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,8 @@ ONESHOT = {
     "mlx-oneshot-h0": ({}, {"duration_padding_sec": 0.0}),  # the official MLX runtime's canvas (no 6 s headroom)
     "torch-oneshot": ({"backend": "torch"}, {}),
     "torch-oneshot-bf16": ({"backend": "torch", "dtype": "bfloat16"}, {}),  # bf16 compute (AMX CPUs)
+    "torch-oneshot-noob": ({"backend": "torch"}, {}),  # ... with MLX_SA3_NO_OPENBLAS=1: torch keeps its own BLAS
+    "torch-oneshot-bf16-noob": ({"backend": "torch", "dtype": "bfloat16"}, {}),
 }
 
 
@@ -612,6 +616,13 @@ def main(argv=None) -> None:
         "(needs --official-repo)",
     )
     parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="IMPL",
+        help="leave these implementations out (e.g. mlx: the kept-loaded row)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -639,6 +650,7 @@ def main(argv=None) -> None:
     extra = (["mlx-oneshot-bf16"] if args.bf16_weights else []) + args.oneshot
     oneshot = ("mlx-oneshot", *dict.fromkeys(name for name in extra if name != "mlx-oneshot"))
     plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]
+    plan = [(w, tuple(impl for impl in impls if impl not in args.skip)) for w, impls in plan]
     scratch = None if args.official_weights else tempfile.TemporaryDirectory(prefix="compare_official_")
     official = Official(args.official_repo, args.official_weights or Path(scratch.name)) if args.official_repo else None
 

@@ -2,6 +2,7 @@
 
     flock /tmp/heavy.lock python benchmarks/bench_cli_memory.py /tmp/sa3rand/small --seconds 10 120 [--json out.json]
     ... --backends torch mlx --rounds 3   (interleaved rounds; prints torch/mlx ratios per round)
+    ... --backends torch --dtypes float32 bfloat16 --rounds 2   (the same, over --dtype values)
 
 Each run is a child process; its peak RSS is ``ru_maxrss`` of the children (read in a fresh wrapper process per run,
 so one run's peak never hides another's). Use ``benchmarks/random_checkpoint.py`` for a full-size checkpoint.
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 120.0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--backends", nargs="+", default=[None], help="--backend values to compare (interleaved)")
+    p.add_argument("--dtypes", nargs="+", default=[None], help="--dtype values to compare (interleaved)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags (last)")
     p.add_argument("--json")
@@ -50,18 +52,21 @@ def main(argv=None) -> None:
     for round_index in range(args.rounds):
         for seconds in args.seconds:
             this = {}
-            for backend in args.backends:
-                extra = args.extra if backend is None else ["--backend", backend, *args.extra]
+            for backend, dtype in [(b, d) for b in args.backends for d in args.dtypes]:
+                extra = [] if backend is None else ["--backend", backend]
+                extra += [] if dtype is None else ["--dtype", dtype]
+                label = "/".join(v for v in (backend, dtype) if v is not None) or None
                 start = time.perf_counter()
-                r = this[backend] = {
+                r = this[label] = {
                     "round": round_index,
                     "backend": backend,
-                    **run_cli(args.model, seconds, args.steps, extra),
+                    "dtype": dtype,
+                    **run_cli(args.model, seconds, args.steps, [*extra, *args.extra]),
                 }
                 rows.append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc {r['rc']}: {r['stderr']}"
                 print(
-                    f"round {round_index} {backend or '-':>5} {seconds:6g} s x {args.steps} steps: peak RSS "
+                    f"round {round_index} {label or '-':>5} {seconds:6g} s x {args.steps} steps: peak RSS "
                     f"{r['peak_rss_mb']:7.0f} MB, wall {r['wall_s']:6.1f} s "
                     f"({time.perf_counter() - start:.0f} s) {status}",
                     flush=True,

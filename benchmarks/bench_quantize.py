@@ -17,6 +17,16 @@ On MLX's CPU backend quantized matmuls run at ~3 GFLOP/s (measured: 451x1024x409
 so a full-size quantized step takes minutes there: use --seconds 1 on a CPU, or a GPU. ``--cpu-path`` measures what
 mlx_sa3 runs on the CPU instead: the quantized DiT dequantized to float32 at load (``checkpoint.load_dit``), so the
 stored bytes shrink, the resident ones do not, and the step is an fp32 step on the rounded weights.
+
+``--torch-bf16`` compares the torch backend's bfloat16 DiT with its float32 one instead, the same measures:
+
+    python benchmarks/bench_quantize.py /tmp/sa3-small --torch-bf16 --seconds 10 30 120 --rounds 2
+
+Each round loads each dtype's DiT in turn (never both: the medium float32 DiT alone is 5.8 GB) and times a step at
+every duration, so the ratios compare runs under the same machine load; the velocities of round 0 are compared.
+End to end it generates with the float32 torch pipeline, then with its DiT swapped for the bfloat16 one (the
+tracked per-step velocities as above), then with the whole pipeline in bfloat16 (DiT and T5Gemma; SAME stays
+float32), at the first duration.
 """
 # ruff: noqa: I001  (mlx_sa3 must be imported before mlx: it preloads the BLAS)
 
@@ -139,27 +149,95 @@ def end_to_end(src: str, seconds: float, steps: int, group_size: int, cpu_path: 
     start = time.perf_counter()
     ref = pipe.generate(prompt, **options)
     rows = [{"dit": "fp32", "wall_s": time.perf_counter() - start}]
-    env_ref = _envelope(ref.audio)
     for bits in (8, 4):
         dit, _ = _variant(src, bits, group_size, cpu_path)
         pipe.model.dit = tracked = _Tracked(dit, reference_dit)
         start = time.perf_counter()
         out = pipe.generate(prompt, **options)
-        env = _envelope(out.audio)
-        rows.append(
-            {
-                "dit": f"int{bits} g{group_size}" + (" deq" if cpu_path else ""),
-                "wall_s": time.perf_counter() - start,  # includes the fp32 DiT's step on every input
-                "step_cosine": tracked.cosine,
-                "step_rel_l2": tracked.rel_l2,
-                "latent_rel_l2": _rel(out.latents, ref.latents),
-                "envelope_cosine": float(env @ env_ref / np.sqrt((env @ env) * (env_ref @ env_ref))),
-                "waveform_cosine": _cosine(mx.array(out.audio), mx.array(ref.audio)),
-            }
-        )
+        name = f"int{bits} g{group_size}" + (" deq" if cpu_path else "")
+        # the wall includes the fp32 DiT's step on every input
+        rows.append(_e2e_row(name, time.perf_counter() - start, out, ref, tracked))
         pipe.model.dit = reference_dit
         del dit, tracked, out
         mx.clear_cache()
+    return rows
+
+
+def _torch_bytes(dit) -> int:
+    return sum(p.numel() * p.element_size() for p in dit.net.parameters())
+
+
+def run_torch(src: str, seconds: list[float], repeats: int, rounds: int) -> list[dict]:
+    """Torch DiT, float32 vs bfloat16: step time per round and duration, velocity quality from round 0."""
+    from mlx_sa3.backend import load_dit as backend_load_dit
+
+    rows, reference = [], {}
+    for round_index in range(rounds):
+        for dtype in ("float32", "bfloat16"):
+            dit = backend_load_dit(src, dtype, backend="torch")
+            for sec in seconds:
+                length = round(sec * 44100 / 4096) + 64
+                x, cond, glob = _inputs(dit.config, length)
+                prepared = dit.prepare(cond, glob)
+                row = {"dit": f"torch {dtype}", "round": round_index, "seconds": sec, "bytes": _torch_bytes(dit)}
+                if round_index == 0:
+                    velocities = [dit.step(x, mx.array([t]), prepared) for t in (0.9, 0.5, 0.1)]
+                    mx.eval(velocities)
+                    if dtype == "float32":
+                        reference[sec] = velocities
+                    else:
+                        row["cosine"] = [_cosine(v, r) for v, r in zip(velocities, reference[sec])]
+                        row["rel_l2"] = [_rel(v, r) for v, r in zip(velocities, reference[sec])]
+                row["step_s"] = _step_time(dit, x, prepared, repeats)
+                rows.append(row)
+                print(_torch_row(row), flush=True)
+            del dit, prepared
+    return rows
+
+
+def _torch_row(row: dict) -> str:
+    quality = ""
+    if "cosine" in row:
+        quality = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["cosine"], row["rel_l2"]))
+    return (
+        f"round {row['round']} {row['dit']:<15}{row['seconds']:>6g} s{row['bytes'] / 2**20:>7.0f} MB"
+        f"{row['step_s']:>8.2f} s  {quality}"
+    )
+
+
+def _e2e_row(name: str, wall_s: float, out, ref, tracked=None) -> dict:
+    """Latent and decoded-audio agreement of one generation with the reference one."""
+    env, env_ref = _envelope(out.audio), _envelope(ref.audio)
+    row = {"dit": name, "wall_s": wall_s}
+    if tracked is not None:
+        row.update(step_cosine=tracked.cosine, step_rel_l2=tracked.rel_l2)
+    row.update(
+        latent_rel_l2=_rel(out.latents, ref.latents),
+        envelope_cosine=float(env @ env_ref / np.sqrt((env @ env) * (env_ref @ env_ref))),
+        waveform_cosine=_cosine(mx.array(out.audio), mx.array(ref.audio)),
+    )
+    return row
+
+
+def end_to_end_torch(src: str, seconds: float, steps: int, prompt: str) -> list[dict]:
+    """The torch pipeline in float32, with a bfloat16 DiT swapped in, and wholly in bfloat16; same prompt and seed."""
+    from mlx_sa3.backend import load_dit as backend_load_dit
+
+    options = {"duration": seconds, "seed": 0, "steps": steps}
+    pipe = StableAudio3.from_pretrained(src, backend="torch", keep_loaded=True)
+    reference_dit = pipe.model.dit
+    start = time.perf_counter()
+    ref = pipe.generate(prompt, **options)
+    rows = [{"dit": "torch float32", "wall_s": time.perf_counter() - start}]
+    pipe.model.dit = tracked = _Tracked(backend_load_dit(src, "bfloat16", backend="torch"), reference_dit)
+    start = time.perf_counter()
+    out = pipe.generate(prompt, **options)  # the wall includes the float32 DiT's step on every input
+    rows.append(_e2e_row("bf16 DiT", time.perf_counter() - start, out, ref, tracked))
+    del pipe, reference_dit, tracked
+    pipe = StableAudio3.from_pretrained(src, backend="torch", dtype="bfloat16", keep_loaded=True)
+    start = time.perf_counter()
+    out = pipe.generate(prompt, **options)
+    rows.append(_e2e_row("bf16 DiT+T5", time.perf_counter() - start, out, ref))
     return rows
 
 
@@ -174,14 +252,21 @@ def _rel(a, b) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint directory (e.g. from benchmarks/random_checkpoint.py)")
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[30.0], help="durations (several: --torch-bf16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=Q.DEFAULT_GROUP_SIZE)
     parser.add_argument("--cpu-path", action="store_true", help="dequantize at load, as mlx_sa3 does on the CPU")
     parser.add_argument("--e2e-steps", type=int, default=8, help="sampling steps of the end-to-end run (0: skip it)")
     parser.add_argument("--prompt", default="warm analog synth pad with slow filter sweeps")
+    parser.add_argument("--torch-bf16", action="store_true", help="the torch DiT in bfloat16 against float32 instead")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds (--torch-bf16)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.torch_bf16:
+        return main_torch(args)
+    if len(args.seconds) != 1:
+        parser.error("give one --seconds (several need --torch-bf16)")
+    args.seconds = args.seconds[0]
     rows = run(args.src, args.seconds, args.repeats, args.group_size, args.cpu_path)
     print(
         f"{'DiT':<16}{'MB':>8}{'res. MB':>8}{'peak MB':>8}{'step s':>8}  velocity cosine / rel L2 at t = 0.9, 0.5, 0.1"
@@ -198,19 +283,41 @@ def main(argv=None) -> None:
     if args.e2e_steps > 0:
         e2e = end_to_end(args.src, args.seconds, args.e2e_steps, args.group_size, args.cpu_path, args.prompt)
         print(f"\nend to end, {args.e2e_steps} steps, {args.seconds:g} s, seed 0, prompt {args.prompt!r}:")
+        print_end_to_end(e2e)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"steps": rows, "end_to_end": e2e}, f, indent=2)
+
+
+def print_end_to_end(e2e: list[dict]) -> None:
+    header = f"{'DiT':<16}{'wall s':>8}{'latent rel':>12}{'env cos':>9}{'wave cos':>10}"
+    print(header + "  per-step velocity cosine / rel L2")
+    for row in e2e:
+        if "latent_rel_l2" not in row:
+            print(f"{row['dit']:<16}{row['wall_s']:>8.1f}")
+            continue
+        steps = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row.get("step_cosine", ()), row.get("step_rel_l2", ())))
         print(
-            f"{'DiT':<16}{'wall s':>8}{'latent rel':>12}{'env cos':>9}{'wave cos':>10}"
-            "  per-step velocity cosine / rel L2"
+            f"{row['dit']:<16}{row['wall_s']:>8.1f}{row['latent_rel_l2']:>12.5f}{row['envelope_cosine']:>9.5f}"
+            f"{row['waveform_cosine']:>10.5f}  {steps}"
         )
-        for row in e2e:
-            if "latent_rel_l2" not in row:
-                print(f"{row['dit']:<16}{row['wall_s']:>8.1f}")
-                continue
-            steps = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["step_cosine"], row["step_rel_l2"]))
-            print(
-                f"{row['dit']:<16}{row['wall_s']:>8.1f}{row['latent_rel_l2']:>12.5f}{row['envelope_cosine']:>9.5f}"
-                f"{row['waveform_cosine']:>10.5f}  {steps}"
+
+
+def main_torch(args) -> None:
+    print(f"{'':8}{'DiT':<15}{'':>8}{'MB':>8}{'step s':>10}  velocity cosine / rel L2 at t = 0.9, 0.5, 0.1")
+    rows = run_torch(args.src, args.seconds, args.repeats, args.rounds)
+    for sec in args.seconds:
+        for r in range(args.rounds):
+            fp32, bf16 = (
+                next(x for x in rows if x["seconds"] == sec and x["round"] == r and x["dit"] == f"torch {d}")
+                for d in ("float32", "bfloat16")
             )
+            print(f"round {r} {sec:g} s: bf16 / fp32 step {bf16['step_s'] / fp32['step_s']:.2f}x")
+    e2e = []
+    if args.e2e_steps > 0:
+        e2e = end_to_end_torch(args.src, args.seconds[0], args.e2e_steps, args.prompt)
+        print(f"\nend to end, torch, {args.e2e_steps} steps, {args.seconds[0]:g} s, seed 0, prompt {args.prompt!r}:")
+        print_end_to_end(e2e)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": rows, "end_to_end": e2e}, f, indent=2)

@@ -61,13 +61,14 @@ def resolve_backend(backend: str) -> tuple[str, str]:
     return backend, "requested"
 
 
-def torch_gemm_gflops(n: int = 2048, repeats: int = 5) -> float | None:
-    """torch's fp32 n^3 GEMM rate as the torch backend runs it (thread policy applied); None without torch."""
+def torch_gemm_gflops(n: int = 2048, repeats: int = 5, dtype=None) -> float | None:
+    """torch's n^3 GEMM rate in ``dtype`` (default float32; ``"bfloat16"``) as the torch backend runs it (thread
+    policy applied); None without torch."""
     if importlib.util.find_spec("torch") is None:
         return None
     from .torch_backend.common import gemm_gflops
 
-    return gemm_gflops(n, repeats)
+    return gemm_gflops(n, repeats, dtype)
 
 
 def _torch_backend():
@@ -85,25 +86,39 @@ def _open(src) -> Source:
     return src if isinstance(src, Source) else open_source(src)
 
 
+def check_dtype(dtype, backend: str = "mlx") -> mx.Dtype:
+    """The compute dtype ``dtype`` means on ``backend`` (None: its default), or ValueError before anything loads.
+
+    MLX: float32, float16 or bfloat16 (default :func:`default_dtype`); torch: float32 (default) or bfloat16
+    (:func:`mlx_sa3.torch_backend.common.check_dtype`; fast where ``platform.has_fast_bf16_matmul``).
+    """
+    if backend == "torch":
+        return _torch_backend().common.check_dtype(dtype)
+    return parse_dtype(dtype) or default_dtype()
+
+
 def check_weights_dtype(weights_dtype, dtype=None, backend: str = "mlx") -> None:
     """Refuse a ``weights_dtype`` that cannot apply, before anything loads (raises ValueError).
 
     The storage option narrows the MLX backend's float32 compute (:mod:`mlx_sa3.storage`); the torch backend holds
-    float32 weights.
+    its weights in the compute dtype (``dtype="bfloat16"`` halves them), so there only that dtype is accepted.
     """
     wanted = parse_dtype(weights_dtype)
-    narrow = wanted is not None and wanted != mx.float32
-    if backend == "torch" and narrow:
-        raise ValueError(
-            f"weights_dtype {weights_dtype} needs the MLX backend (backend='mlx', CLI --backend mlx); "
-            "the torch backend holds float32 weights"
-        )
-    if backend != "torch":
-        storage_dtype(parse_dtype(dtype) or default_dtype(), weights_dtype)
+    if backend == "torch":
+        compute = check_dtype(dtype, backend)
+        if wanted is not None and wanted != compute:
+            name = str(compute).replace("mlx.core.", "")
+            raise ValueError(
+                f"weights_dtype {weights_dtype} needs the MLX backend (backend='mlx', CLI --backend mlx); "
+                f"the torch backend holds its weights in the compute dtype ({name}; dtype='bfloat16' halves them)"
+            )
+        return
+    storage_dtype(parse_dtype(dtype) or default_dtype(), weights_dtype)
 
 
 def load_dit(src, dtype=None, backend: str = "mlx", weights_dtype=None):
-    """The DiT of a full SA3 checkpoint on ``backend`` (MLX: ``dtype`` or the device default; torch: float32).
+    """The DiT of a full SA3 checkpoint on ``backend`` (MLX: ``dtype`` or the device default; torch: float32 or
+    ``dtype="bfloat16"``).
 
     ``weights_dtype`` (MLX): how the linear weights are held (:func:`mlx_sa3.checkpoint.load_dit`).
     """
@@ -121,7 +136,7 @@ def load_text_encoder(src, max_length: int, dtype=None, backend: str = "mlx", we
     check_weights_dtype(weights_dtype, dtype, backend)
     source = _open(src)
     if backend == "torch":
-        return _torch_backend().load_torch_text_encoder(source, max_length)
+        return _torch_backend().load_torch_text_encoder(source, max_length, dtype)
     compute = parse_dtype(dtype) or default_dtype()
     return checkpoint.load_mlx_text_encoder(source, max_length, dtype=compute, weights_dtype=weights_dtype)
 
@@ -141,14 +156,15 @@ def load_autoencoder(src, dtype=None, backend: str = "mlx", encoder: bool = True
     return checkpoint.load_mlx_autoencoder(source, dtype, encoder=encoder)
 
 
-def move_networks(dit, autoencoder, text_encoder, backend: str):
-    """MLX networks -> the same weights on ``backend`` (``(dit, autoencoder, text_encoder)``)."""
+def move_networks(dit, autoencoder, text_encoder, backend: str, dtype=None):
+    """MLX networks -> the same weights on ``backend`` (``(dit, autoencoder, text_encoder)``); on torch the DiT and
+    text encoder compute in ``dtype`` (default float32), SAME in float32."""
     check_backend(backend)
     if backend == "mlx":
         return dit, autoencoder, text_encoder
     tb = _torch_backend()
     return (
-        tb.torch_dit_from_mlx(dit),
+        tb.torch_dit_from_mlx(dit, dtype),
         tb.torch_autoencoder_from_mlx(autoencoder),
-        tb.torch_text_encoder_from_mlx(text_encoder),
+        tb.torch_text_encoder_from_mlx(text_encoder, dtype),
     )

@@ -217,7 +217,7 @@ def demo_model(dtype=None, backend: str = "mlx", seed: int = 0, weights_dtype=No
         seed,
     )
     if backend == "torch":
-        return to_torch_backend(model)
+        return to_torch_backend(model, dtype)
     storage = storage_dtype(model.dit.dtype, weights_dtype)
     if storage != model.dit.dtype:
         narrow_linears(model.dit, storage, keep=QUANTIZE_KEEP)
@@ -226,7 +226,8 @@ def demo_model(dtype=None, backend: str = "mlx", seed: int = 0, weights_dtype=No
     return model
 
 
-def to_torch_backend(model: SA3Model) -> SA3Model:
-    """The same model with its three networks moved to torch (CPU, float32)."""
-    dit, autoencoder, text_encoder = move_networks(model.dit, model.autoencoder, model.text_encoder, "torch")
+def to_torch_backend(model: SA3Model, dtype=None) -> SA3Model:
+    """The same model with its three networks moved to torch (CPU; the DiT and text encoder compute in ``dtype``,
+    float32 by default or bfloat16; SAME in float32)."""
+    dit, autoencoder, text_encoder = move_networks(model.dit, model.autoencoder, model.text_encoder, "torch", dtype)
     return SA3Model(model.config, dit, autoencoder, text_encoder, model.conditioners, model.source)

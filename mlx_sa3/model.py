@@ -347,7 +347,8 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weight
 
     ``dtype`` applies to the DiT and the text encoder (None: float16 on Metal, float32 on the CPU, where MLX half
     matmuls are slow); the SAME decoder stays float32. ``backend="torch"`` runs the three networks with torch on the
-    CPU in float32 (the conditioning glue and the sampler arithmetic stay the shared code); ``"auto"`` picks one
+    CPU in float32, or the DiT and text encoder in ``dtype="bfloat16"`` (the conditioning glue and the sampler
+    arithmetic stay the shared code); ``"auto"`` picks one
     (:func:`mlx_sa3.backend.choose_backend`).
 
     With ``lazy`` nothing but the conditioners is loaded now (the DiT's tensors are checked against the model from

@@ -303,6 +303,8 @@ def test_eager_package_import_falls_back_to_the_plain_import(monkeypatch):
 
     monkeypatch.setattr(common, "_import_past_package_init", broken)
     monkeypatch.delitem(sys.modules, "diffusers.models.autoencoders", raising=False)
+    # earlier tests imported the module itself: without this the import is a sys.modules hit that runs no package
+    monkeypatch.delitem(sys.modules, "diffusers.models.autoencoders.autoencoder_same", raising=False)
     _, same = common.require_torch("diffusers.models.autoencoders.autoencoder_same")
     assert same.__name__ == "diffusers.models.autoencoders.autoencoder_same"
     assert "diffusers.models.autoencoders" in sys.modules  # the plain import ran the package's __init__

@@ -329,6 +329,7 @@ def test_torch_backend_argument_errors_come_before_loading_torch(tmp_path):
         ["--init-noise-level", "0"],
         ["--sampler", "heun"],
         ["--inpaint-audio", str(tmp_path / "missing.wav"), "--inpaint-start", "1", "--inpaint-end", "2"],
+        ["--dtype", "float16"],  # the torch backend computes in float32 or bfloat16
     ]
     for args in bad:
         argv = ["--model", "demo", "--backend", "torch", "-p", "x", "-o", str(tmp_path / "o.wav"), *args]

@@ -1,5 +1,6 @@
 """PyTorch CPU fallback: the three networks of SA3 (SAME autoencoder, DiT, T5Gemma encoder) computed by torch in
-float32, behind exactly the interface of their MLX counterparts.
+float32 (the DiT and T5Gemma optionally in bfloat16, ``dtype="bfloat16"``), behind exactly the interface of their MLX
+counterparts.
 
 Only the networks change backend; conditioning, guidance (:mod:`mlx_sa3.models.diffusion`) and samplers stay the
 shared code. Import it through :mod:`mlx_sa3.backend`; importing it does not import torch (every torch import goes

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import platform as sa3_platform
-from ..loading import StoredTensor, TensorRef, WeightNormFold, read_stored_numpy
+from ..loading import StoredTensor, TensorRef, WeightNormFold, parse_dtype, read_stored_numpy
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
 _LINUX_HINT = " (on Linux, install a CPU-only build of torch first, or pip pulls a CUDA build of several GB)"
@@ -106,15 +106,18 @@ def _to_mx(t) -> mx.array:
     return mx.array(t.detach().numpy())
 
 
-def _state_dict(weights: dict, convert=None) -> dict:
-    """Float32 torch tensors of ``weights``, one at a time: :class:`~mlx_sa3.loading.TensorRef` values (the strict
-    load path's) through a :class:`MappedReader`, numpy / MLX arrays (networks moved from MLX) converted.
+def _state_dict(weights: dict, convert=None, dtype=None) -> dict:
+    """Torch tensors of ``weights`` (float32, or the torch ``dtype``), one at a time:
+    :class:`~mlx_sa3.loading.TensorRef` values (the strict load path's) through a :class:`MappedReader`, numpy / MLX
+    arrays (networks moved from MLX) converted.
 
-    ``convert(key, tensor)`` returns the torch name and tensor (renames, row orders, conv layouts) or None to drop it.
+    A narrower ``dtype`` casts each tensor as it is read, before ``convert``, and its mapped float32 pages are given
+    back at once: the float32 network is never whole in memory. ``convert(key, tensor)`` returns the torch name and
+    tensor (renames, row orders, conv layouts) or None to drop it.
     """
     reader, state = MappedReader(), {}
     for key, value in weights.items():
-        tensor = _to_torch(reader.read(value) if isinstance(value, TensorRef) else value)
+        tensor = _to_torch(reader.read(value) if isinstance(value, TensorRef) else value, dtype)
         item = (key, tensor) if convert is None else convert(key, tensor)
         reader.settle(None if item is None else item[1])
         if item is not None:
@@ -125,6 +128,36 @@ def _state_dict(weights: dict, convert=None) -> dict:
 def _torch_dtype(mx_dtype):
     torch = require_torch()
     return {mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}.get(mx_dtype, torch.float32)
+
+
+#: The compute dtypes the torch backend offers: float32, and bfloat16 for CPUs with bf16 matrix units (AMX-BF16,
+#: AVX512-BF16: ``platform.has_fast_bf16_matmul``). Not float16: torch's CPU float16 GEMM measured ~282 GFLOP/s on
+#: this class of machine against 231 in float32 and 1370 in bfloat16, so it would round for no speed.
+COMPUTE_DTYPES = (mx.float32, mx.bfloat16)
+
+
+def check_dtype(dtype) -> mx.Dtype:
+    """The torch backend's compute dtype for ``dtype`` (None: float32); raises ValueError for one it does not offer.
+
+    Pure (no torch import), so callers can check before anything loads.
+    """
+    parsed = parse_dtype(dtype) or mx.float32
+    if parsed not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"the torch backend computes in float32 or bfloat16, got dtype {str(parsed).replace('mlx.core.', '')} "
+            "(torch's float16 CPU matmuls are no faster than float32; use --backend mlx for float16)"
+        )
+    return parsed
+
+
+def compute_threads(dtype):
+    """Context for a torch forward in ``dtype`` under mlx_sa3's thread policy (:func:`~mlx_sa3.platform.torch_threads`).
+
+    bfloat16 GEMMs run in torch's own oneDNN kernels on torch's intra-op threads (not in the preloaded OpenBLAS),
+    so a bfloat16 forward runs with every thread torch would use by default; float32 keeps the policy.
+    """
+    torch = require_torch()
+    return sa3_platform.torch_threads(torch, None if dtype == torch.float32 else sa3_platform.torch_default_threads)
 
 
 class MappedReader:
@@ -199,16 +232,19 @@ def reorder_rows(weight, permutation):
     return weight[require_torch().from_numpy(permutation)]
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 n x n x n matmul rate of torch, with the torch backend's thread policy."""
+def gemm_gflops(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """Best-of-``repeats`` n x n x n matmul rate of torch in ``dtype`` (an MLX dtype or name; default float32), with
+    the threads the torch backend runs that dtype with (:func:`compute_threads`)."""
     import time
 
     torch = require_torch()
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up (thread pools)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
+    dtype = _torch_dtype(parse_dtype(dtype) or mx.float32)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    with compute_threads(dtype):
+        a @ b  # warm-up (thread pools)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9

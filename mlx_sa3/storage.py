@@ -58,6 +58,14 @@ class WidenedLinear(nn.Module):
         return x @ weight.T
 
 
+def for_calls(layer: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    """``layer`` for several calls on ``dtype`` inputs (e.g. token chunks): a :class:`WidenedLinear` with its weight
+    widened once (lazily), not in every call; any other layer as it is. The results are the layer's own."""
+    if isinstance(layer, WidenedLinear):
+        return WidenedLinear(layer["weight"].astype(dtype), layer.get("bias"))
+    return layer
+
+
 def storage_dtype(compute_dtype, weights_dtype) -> mx.Dtype:
     """The dtype linear weights are held in, given the compute dtype and the requested ``weights_dtype``.
 

@@ -410,3 +410,82 @@ def test_fused_kernel_path_matches_fixture(monkeypatch):
         model, io = load_dit(REF / name), dict(np.load(REF / name / "io.npz"))
         assert rel_err(_call(model, io, local_add_cond=io["local_add_cond"]), io["v_inpaint"]) <= TOL_FP32
         assert rel_err(_call(model, io, cfg_scale=3.0), io["v_cfg3_apg1"]) <= TOL_FP32
+
+
+def _feedforward_and_input(rng, batch=2, tokens=45, dim=32, inner=64):
+    from mlx_sa3.models.dit import FeedForward
+
+    ff = FeedForward(dim, inner)
+    ff.update(
+        {
+            "proj_in": {"weight": mx.array(rng.standard_normal((2 * inner, dim)).astype(np.float32) / dim**0.5)},
+            "proj_out": {"weight": mx.array(rng.standard_normal((dim, inner)).astype(np.float32) / inner**0.5)},
+        }
+    )
+    return ff, mx.array(rng.standard_normal((batch, tokens, dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_token_chunked_feedforward_matches_one_call(monkeypatch, storage):
+    """The CPU feed-forward in token chunks (ragged last one; bfloat16 storage widened once for all chunks) gives
+    the one-call result: the same row-wise maths, at most rounded differently by the GEMMs' blocking."""
+    import mlx_sa3.models.dit as dit
+    from mlx_sa3.storage import narrow_linears
+
+    ff, x = _feedforward_and_input(np.random.default_rng(3))
+    if storage == "bfloat16":
+        narrow_linears(ff, mx.bfloat16)
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
+    whole = np.array(ff(x))
+    calls = []
+    swiglu = dit._swiglu
+    monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(h.shape[1]) or swiglu(h))
+    monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 2 * 16 * 128)  # 16 tokens of 2 x 64 hidden values at batch 2
+    chunked = np.array(ff(x))
+    assert calls == [15, 15, 15]
+    # two float32 GEMMs of depth 32 and 64 per output
+    assert rel_err(chunked, whole) <= stack_tol(64, 2)
+
+
+def test_feedforward_one_call_when_short_or_fused(monkeypatch):
+    import mlx_sa3.models.dit as dit
+
+    ff, x = _feedforward_and_input(np.random.default_rng(4))
+    calls = []
+    swiglu = dit._swiglu
+    monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(h.shape[1]) or swiglu(h))
+    monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 2 * 45 * 128)  # exactly the whole input
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
+    ff(x)
+    monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: True)  # GPUs: one graph for mx.compile
+    ff(x)
+    assert calls == [45, 45]
+
+
+def test_chunked_feedforward_dit_matches_fixture(monkeypatch, fixture):
+    """Whole tiny DiTs with every feed-forward in ragged token chunks still reproduce the official outputs."""
+    import mlx_sa3.models.dit as dit
+
+    _, model, io = fixture
+    unchunked = _call(model, io, local_add_cond=io["local_add_cond"])
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
+    monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 7 * 2 * model.config.ff_inner)
+    chunked = _call(model, io, local_add_cond=io["local_add_cond"])
+    assert rel_err(chunked, io["v_inpaint"]) <= TOL_FP32
+    assert rel_err(chunked, unchunked) <= stack_tol(model.config.ff_inner, model.config.depth)
+    assert rel_err(_call(model, io, cfg_scale=3.0, apg_scale=1.0), io["v_cfg3_apg1"]) <= TOL_FP32
+
+
+def test_block_locals_made_per_block(fixture):
+    """The constant inpainting terms come one block at a time and equal the list form."""
+    _, model, io = fixture
+    prepared = model.prepare(io["cross_attn_cond"], io["global_cond"], None)
+    tokens = model.config.num_memory_tokens + io["x"].shape[2]
+    lazy = model._iter_block_locals(prepared, tokens)
+    assert not isinstance(lazy, (list, tuple))
+    listed = model._block_locals(prepared, tokens)
+    assert len(listed) == model.config.depth
+    for a, b in zip(lazy, listed, strict=True):
+        assert np.array_equal(np.array(a), np.array(b))
+        assert np.all(np.array(a)[:, : model.config.num_memory_tokens] == 0)

@@ -58,3 +58,15 @@ def test_pipeline_reports_the_backend_it_runs():
     module = type(pipe.model.dit).__module__
     assert module.startswith("mlx_sa3.torch_backend") == (chosen == "torch")
     assert StableAudio3.from_pretrained("demo", backend="mlx").backend == "mlx"
+
+
+def test_cli_hints_bfloat16_only_for_float32_torch_runs_on_bf16_cpus(monkeypatch):
+    from mlx_sa3 import generate, platform
+
+    monkeypatch.setattr(platform, "has_fast_bf16_matmul", lambda: True)
+    assert "--dtype bfloat16" in generate._dtype_hint("torch", None)
+    assert "--dtype bfloat16" in generate._dtype_hint("torch", "float32")
+    assert generate._dtype_hint("torch", "bfloat16") is None
+    assert generate._dtype_hint("mlx", None) is None
+    monkeypatch.setattr(platform, "has_fast_bf16_matmul", lambda: False)
+    assert generate._dtype_hint("torch", None) is None

@@ -210,8 +210,9 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
     out.add_argument("--play", action="store_true", help="play the result on the default output device at the end")
 
 
-def _progress(quiet: bool):
-    """A callback that draws one bar for the sampling steps and one for decoding."""
+def _progress(quiet: bool, check_signals=None):
+    """A callback that draws one bar for the sampling steps and one for decoding; at every event it first calls
+    ``check_signals`` (:func:`mlx_sa3.outputs.handle_signals`: a signal whose exception was lost ends the run here)."""
     from tqdm import tqdm
 
     bars = {}
@@ -224,6 +225,8 @@ def _progress(quiet: bool):
         return bars[stage]
 
     def callback(event):
+        if check_signals is not None:
+            check_signals()
         if event.stage == "done":
             for b in bars.values():
                 b.close()
@@ -327,7 +330,7 @@ def _run(args) -> int:
     from .sampling import NonFiniteError
 
     try:
-        with handle_signals():
+        with handle_signals() as check_signals:
             _check_weights_dtype(args)
             seed, init_audio, inpaint_audio = _preflight(args)
             _check_before_loading(args, _controls_request(args, GenerationRequest))
@@ -358,12 +361,12 @@ def _run(args) -> int:
                 **_control_fields(args),
             )
             if args.output is None:  # --play only: nothing touches the disk
-                out = pipe.generate(callback=_progress(args.quiet), request=request)
+                out = pipe.generate(callback=_progress(args.quiet, check_signals), request=request)
             else:
                 out = pipe.generate_to_file(
                     args.output,
                     fmt=args.format,
-                    callback=_progress(args.quiet),
+                    callback=_progress(args.quiet, check_signals),
                     request=request,
                     overwrite=args.overwrite,
                     bit_depth=args.bit_depth,

@@ -30,7 +30,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 #: name of the temporary files: hidden, short, with the writer's pid so stale ones can be recognised
@@ -427,17 +427,26 @@ TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHU
 
 
 @contextlib.contextmanager
-def handle_signals(signals: tuple = TERMINATING_SIGNALS) -> Iterator[None]:
+def handle_signals(signals: tuple = TERMINATING_SIGNALS) -> Iterator[Callable[[], None]]:
     """Inside the block SIGTERM and SIGHUP raise :class:`Terminated` (once; repeats are ignored during cleanup).
 
-    Outside the main thread signal handlers cannot be installed, and the block runs unchanged.
+    The block gets a ``check()`` that raises :class:`Terminated` again if a signal arrived: Python drops an exception
+    raised while a destructor (``__del__``) runs, so a signal landing there would otherwise be lost (seen: a
+    ``regex`` object's ``__del__`` under garbage collection, the CLI never stopped). Call it at regular points (the
+    CLI does, at every progress event). Outside the main thread signal handlers cannot be installed, and the block
+    runs unchanged (``check`` does nothing).
     """
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     fired = []
+
+    def check() -> None:
+        if fired:
+            raise Terminated(fired[0])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
 
     def handler(signum, frame):
         if fired:
@@ -447,7 +456,7 @@ def handle_signals(signals: tuple = TERMINATING_SIGNALS) -> Iterator[None]:
 
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
-        yield
+        yield check
     finally:
         for s, old in previous.items():
             signal.signal(s, old)

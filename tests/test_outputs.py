@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 from mlx_sa3 import outputs
@@ -378,6 +379,23 @@ def test_handle_signals_restores_handlers():
         time.sleep(1)
     assert info.value.status == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_lost_in_a_destructor_is_raised_again_by_check():
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here; Python drops an exception raised in __del__
+
+    reached = []
+    with pytest.raises(Terminated) as info, handle_signals() as check:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = SignalledWhileCollected()
+            del obj
+        reached.append(True)  # the first Terminated was lost: without check() the block would run on
+        check()
+    assert reached == [True] and info.value.status == 128 + signal.SIGTERM
 
 
 # -- seeds ------------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ TORCH_PACKAGES = ("torch", "diffusers", "transformers")
 #: What ``--backend auto`` runs on an x86-64 CPU without an MLX GPU: the one place to change when measurements do.
 #: Measured (one-shot CLI, full-size random small checkpoint, 8 steps, fp32, OpenBLAS preloaded for both; torch/MLX
 #: wall in interleaved rounds of ``benchmarks/bench_cli_memory.py --backends torch mlx --rounds 3``): 10 s 0.81-1.00x,
-#: 30 s 0.78-0.81x. docs/ARCHITECTURE.md ("The torch backend") has the table.
+#: 30 s 0.78-0.81x; after this CPU's MLX kernel speed-ups (benchmarks/compare.py, one quiet round): 10 s 0.91x,
+#: 30 s 0.92x, 120 s 0.75x, medium 10 s 1.02x. docs/ARCHITECTURE.md ("The torch backend") has the table.
 X86_CPU_BACKEND = "torch"
 
 

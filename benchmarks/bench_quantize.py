@@ -195,13 +195,17 @@ def run_torch(src: str, seconds: list[float], repeats: int, rounds: int) -> list
     return rows
 
 
+def _quality(row: dict) -> str:
+    """Velocity cosine / relative L2 per timestep, when the row was compared with a reference."""
+    if "cosine" not in row:
+        return ""
+    return "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["cosine"], row["rel_l2"]))
+
+
 def _torch_row(row: dict) -> str:
-    quality = ""
-    if "cosine" in row:
-        quality = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["cosine"], row["rel_l2"]))
     return (
         f"round {row['round']} {row['dit']:<15}{row['seconds']:>6g} s{row['bytes'] / 2**20:>7.0f} MB"
-        f"{row['step_s']:>8.2f} s  {quality}"
+        f"{row['step_s']:>8.2f} s  {_quality(row)}"
     )
 
 
@@ -272,12 +276,9 @@ def main(argv=None) -> None:
         f"{'DiT':<16}{'MB':>8}{'res. MB':>8}{'peak MB':>8}{'step s':>8}  velocity cosine / rel L2 at t = 0.9, 0.5, 0.1"
     )
     for row in rows:
-        quality = ""
-        if "cosine" in row:
-            quality = "  ".join(f"{c:.5f}/{e:.4f}" for c, e in zip(row["cosine"], row["rel_l2"]))
         print(
             f"{row['dit']:<16}{row['bytes'] / 2**20:>8.0f}{row['resident_bytes'] / 2**20:>8.0f}"
-            f"{row['peak_mb']:>8.0f}{row['step_s']:>8.2f}  {quality}"
+            f"{row['peak_mb']:>8.0f}{row['step_s']:>8.2f}  {_quality(row)}"
         )
     e2e = []
     if args.e2e_steps > 0:

@@ -24,7 +24,7 @@ import numpy as np
 from ..loading import CheckpointError, to_mx
 from ..storage import for_calls
 from .diffusion import DEFAULT_OBJECTIVE, OBJECTIVES, DiffusionStep, PrepareAndStep, guide  # noqa: F401  (guide: public here too)
-from .kernels import _SCORES_PER_CHUNK, _attention, _exp, _swiglu, _use_fused_kernels  # noqa: F401
+from .kernels import _SCORES_PER_CHUNK, _attention, _swiglu, _use_fused_kernels  # noqa: F401
 
 # Settings of the official DiffusionTransformer / ContinuousTransformer this port implements, with the only value
 # it supports. A config asking for anything else is refused instead of being silently run with different maths.

@@ -1,51 +1,24 @@
-"""CPU fallback kernels of the DiT: polynomial exp, chunked attention and the SwiGLU dispatch.
+"""CPU fallback kernels of the DiT: base-2 polynomial exponentials, chunked attention and the SwiGLU dispatch.
 
 GPUs use MLX's fused kernels; on the CPU backend these are faster (docs/ARCHITECTURE.md, "CPU kernels").
 """
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 # On the CPU, MLX's exp is a scalar routine (~15 ns per element on the development machine) and its SDPA fallback
 # materialises the whole (heads, N, N) score matrix, so exponentials and memory traffic, not GEMMs, dominated a step.
-# There the softmax and SiLU use the polynomial exp below (fused by mx.compile) and attention runs over query chunks
-# whose scores stay in cache. Measured on 2 shared cores: attention 1.5-2x faster than mx.fast SDPA at 120 s of
-# latents (N = 1356), SwiGLU up to 4x at 10 s. GPUs keep MLX's fused kernels.
+# There the softmax and SiLU use the base-2 polynomial exponentials below (mx.compile'd kernels) and attention runs
+# over query chunks whose scores stay in cache. Measured on 2 shared cores: attention 1.5-2x faster than mx.fast SDPA
+# at 120 s of latents (N = 1356), SwiGLU up to 4x at 10 s. GPUs keep MLX's fused kernels.
 _SCORES_PER_CHUNK = 1 << 20  # score elements (batch x heads x queries x keys) per attention chunk: 4 MB in float32
 _LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 split so that n * _LN2_HI is exact
-_ROUND = 12582912.0  # 1.5 * 2^23: (y + _ROUND) - _ROUND rounds y to the nearest integer for |y| < 2^22
-_EXP_TAYLOR = [1.0 / math.factorial(i) for i in range(8)]
 
 
 def _use_fused_kernels() -> bool:
     return mx.default_device() != mx.cpu
-
-
-def _exp(x: mx.array, upper: bool = True) -> mx.array:
-    """float32 exp from multiply-adds: exp(x) = 2^n exp(r), |r| <= ln2 / 2, degree-7 Taylor (~2e-7 relative error).
-
-    Inputs are clamped to [-87, 88], the float32 normal range (far below -87 the result is ~1e-38 instead of 0);
-    ``upper=False`` drops the upper clamp for inputs known to be <= 0 (softmax arguments).
-    Written for MLX's CPU compiler, which emits plain C++ loops (-O3, no -march) and fuses at most 11 ops deep: the
-    rounding is the add-and-subtract trick instead of floor (a libm call that keeps the loop scalar) and the
-    polynomial is evaluated by Estrin's scheme (depth 6 instead of Horner's 14); measured 1.9x faster.
-    """
-    x = mx.maximum(x, -87.0)
-    if upper:
-        x = mx.minimum(x, 88.0)
-    n = (x * _LOG2E + _ROUND) - _ROUND
-    r = x - n * _LN2_HI - n * _LN2_LO
-    c = _EXP_TAYLOR
-    r2 = r * r
-    low = (c[0] + c[1] * r) + (c[2] + c[3] * r) * r2
-    high = (c[4] + c[5] * r) + (c[6] + c[7] * r) * r2
-    two_to_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
-    return (low + high * (r2 * r2)) * two_to_n
 
 
 @mx.compile
@@ -92,8 +65,8 @@ def _silu_scaled(gate: mx.array, y: mx.array, two_to_k: mx.array) -> mx.array:
 
 def _silu_cpu(gate: mx.array) -> mx.array:
     """gate / (1 + 2^(-gate log2 e)) in float32: three contiguous vectorised kernels (the clamp, the 2^k bits, the
-    rest), one pass fewer than with ``_exp`` and no row of scalar loops; the bit cast splits the graph as in
-    ``_exp2_neg``."""
+    rest), one pass fewer than the earlier natural-base exp and no row of scalar loops; the bit cast splits the graph
+    as in ``_exp2_neg``."""
     gate32 = gate.astype(mx.float32)
     y = _silu_exponent(gate32)
     return _silu_scaled(gate32, y, mx.view(_exp2_bits(y), mx.float32)).astype(gate.dtype)

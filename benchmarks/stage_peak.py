@@ -14,24 +14,18 @@ import argparse
 import json
 import time
 
-
-# ruff: noqa: I001  (note from the lead: mlx_sa3 must be imported BEFORE mlx, it preloads OpenBLAS; importing mlx
-# first left MLX on its reference BLAS, ~60x slower GEMMs: the 120 s run took >15 min and was killed)
-import mlx_sa3  # noqa: F401
+import mlx_sa3  # noqa: F401  (loads the BLAS before mlx: imported after it, MLX keeps its ~60x slower reference BLAS)
 from mlx_sa3 import StableAudio3
 
 import mlx.core as mx
+from common import current_rss_mb, peak_rss_mb
 
 MB = 2**20
 
 
 def rss() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                out[line.split(":")[0]] = int(line.split()[1]) // 1024
-    return out
+    """The process's peak and current resident memory in MB (as /proc/self/status names them)."""
+    return {"VmHWM": int(peak_rss_mb()), "VmRSS": int(current_rss_mb())}
 
 
 def snapshot(stage: str, elapsed: float) -> dict:

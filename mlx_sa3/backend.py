@@ -13,7 +13,7 @@ import platform
 import mlx.core as mx
 
 from . import checkpoint
-from .loading import BACKENDS, Source, check_backend, open_source, parse_dtype  # noqa: F401  (BACKENDS: public)
+from .loading import BACKENDS, Source, check_backend, dtype_name, open_source, parse_dtype  # noqa: F401  (BACKENDS: public)
 from .storage import storage_dtype
 
 
@@ -108,10 +108,9 @@ def check_weights_dtype(weights_dtype, dtype=None, backend: str = "mlx") -> None
     if backend == "torch":
         compute = check_dtype(dtype, backend)
         if wanted is not None and wanted != compute:
-            name = str(compute).replace("mlx.core.", "")
             raise ValueError(
-                f"weights_dtype {weights_dtype} needs the MLX backend (backend='mlx', CLI --backend mlx); "
-                f"the torch backend holds its weights in the compute dtype ({name}; dtype='bfloat16' halves them)"
+                f"weights_dtype {weights_dtype} needs the MLX backend (backend='mlx', CLI --backend mlx); the torch "
+                f"backend holds its weights in the compute dtype ({dtype_name(compute)}; dtype='bfloat16' halves them)"
             )
         return
     storage_dtype(parse_dtype(dtype) or default_dtype(), weights_dtype)

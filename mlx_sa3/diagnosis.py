@@ -90,10 +90,11 @@ def explain_non_finite(model, where: str = "sampling", source=None, dtype=None) 
             f"{where} produced non-finite values because the checkpoint{origin} holds NaN/inf weights "
             f"({'; '.join(parts)}); re-download or re-convert it"
         )
-    dtype_name = str(dtype).replace("mlx.core.", "").replace("torch.", "") if dtype is not None else None
+    from .loading import dtype_name
+
     advice = (
         "try a smaller --cfg-scale or another seed"
-        if dtype_name == "float32"
+        if dtype is not None and dtype_name(dtype) == "float32"
         else "try --dtype float32 or a smaller --cfg-scale"
     )
     return f"{where} produced non-finite values with finite inputs and weights; {advice}"

@@ -358,6 +358,11 @@ def parse_dtype(dtype) -> mx.Dtype | None:
     return DTYPES[str(dtype)]
 
 
+def dtype_name(dtype) -> str:
+    """``mx.float32`` / ``torch.bfloat16`` / "float16" -> "float32" / "bfloat16" / "float16" (for messages)."""
+    return str(dtype).rpartition(".")[2]
+
+
 # Prefixes of each component inside a full SA3 ``model.safetensors`` (official ConditionedDiffusionModelWrapper).
 SA3_PREFIXES = {
     "dit": "model.model.",

@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .loading import parse_dtype
+from .loading import dtype_name, parse_dtype
 from .platform import trim_heap
 
 #: storage dtypes the CLI offers (the library also accepts float16: exact to widen, but a software conversion on
@@ -81,15 +81,11 @@ def storage_dtype(compute_dtype, weights_dtype) -> mx.Dtype:
     if compute != mx.float32:
         if wanted == mx.float32:
             raise ValueError(
-                f"weights_dtype float32 is wider than the compute dtype {_name(compute)}: weights are held in the "
+                f"weights_dtype float32 is wider than the compute dtype {dtype_name(compute)}: weights are held in the "
                 "compute dtype when it is half precision"
             )
         return compute
     return wanted
-
-
-def _name(dtype: mx.Dtype) -> str:
-    return str(dtype).rpartition(".")[2]
 
 
 def linear_paths(module: nn.Module, keep: tuple[str, ...] = ()) -> list[str]:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import platform as sa3_platform
-from ..loading import StoredTensor, TensorRef, WeightNormFold, parse_dtype, read_stored_numpy
+from ..loading import StoredTensor, TensorRef, WeightNormFold, dtype_name, parse_dtype, read_stored_numpy
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
 _LINUX_HINT = " (on Linux, install a CPU-only build of torch first, or pip pulls a CUDA build of several GB)"
@@ -144,7 +144,7 @@ def check_dtype(dtype) -> mx.Dtype:
     parsed = parse_dtype(dtype) or mx.float32
     if parsed not in COMPUTE_DTYPES:
         raise ValueError(
-            f"the torch backend computes in float32 or bfloat16, got dtype {str(parsed).replace('mlx.core.', '')} "
+            f"the torch backend computes in float32 or bfloat16, got dtype {dtype_name(parsed)} "
             "(torch's float16 CPU matmuls are no faster than float32; use --backend mlx for float16)"
         )
     return parsed

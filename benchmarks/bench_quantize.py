@@ -45,6 +45,7 @@ from mlx_sa3.pipeline import StableAudio3
 from mlx.utils import tree_flatten
 
 import mlx.core as mx
+from common import latent_length
 
 CONTEXT_TOKENS = 257
 
@@ -77,8 +78,11 @@ def _dequantized(dit, config):
     return plain
 
 
+HEADROOM_LATENTS = 64  # int(6 s * 44100 / 4096): the pipeline samples the duration plus 6 s of headroom
+
+
 def run(src: str, seconds: float, repeats: int, group_size: int, cpu_path: bool = False) -> list[dict]:
-    length = round(seconds * 44100 / 4096) + 64  # ceil(duration) + 6 s headroom, as the pipeline samples
+    length = latent_length(seconds) + HEADROOM_LATENTS
     rows, reference = [], None
     for bits in (None, 8, 4):
         mx.reset_peak_memory()
@@ -176,8 +180,7 @@ def run_torch(src: str, seconds: list[float], repeats: int, rounds: int) -> list
         for dtype in ("float32", "bfloat16"):
             dit = backend_load_dit(src, dtype, backend="torch")
             for sec in seconds:
-                length = round(sec * 44100 / 4096) + 64
-                x, cond, glob = _inputs(dit.config, length)
+                x, cond, glob = _inputs(dit.config, latent_length(sec) + HEADROOM_LATENTS)
                 prepared = dit.prepare(cond, glob)
                 row = {"dit": f"torch {dtype}", "round": round_index, "seconds": sec, "bytes": _torch_bytes(dit)}
                 if round_index == 0:

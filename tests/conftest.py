@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 #: machine epsilon of each dtype (2 ** -mantissa bits): tolerances are multiples of these, never measured numbers
 EPS = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+BF16_U = EPS["bfloat16"] / 2  # unit roundoff of bfloat16 (round to nearest): 2^-8
 
 
 def fp32_tol(n: int, k: float = 4.0) -> float:
@@ -57,6 +58,12 @@ def half_tol(dtype, k: float = 5.0) -> float:
     """``k`` roundings of a half-precision dtype (mx/np dtype or name), relative to the output's scale."""
     name = str(dtype).replace("mlx.core.", "").replace("torch.", "")
     return k * EPS[name]
+
+
+def rel_rms(a, b) -> float:
+    """||a - b|| / ||b|| (relative RMS error over all elements), the metric of the rounding-error bounds."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
 def rel_err(a, b) -> float:

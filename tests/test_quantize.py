@@ -17,17 +17,13 @@ import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from .conftest import REF
+from .conftest import REF, rel_rms
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
 
 
 def _velocity(model, io, **kw):
     return np.array(model(io["x"], io["t"], cross_attn_cond=io["cross_attn_cond"], global_cond=io["global_cond"], **kw))
-
-
-def _rel_rms(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -46,7 +42,7 @@ def test_quantized_dit_within_bound(fixture, bits, case):
     eps_w = Q.expected_relative_error(bits, 32)
     measured = Q.weight_error(reference, config)
     assert max(measured.values()) <= eps_w  # the rounding model holds layer by layer
-    error = _rel_rms(_velocity(model, io, **kw), _velocity(reference, io, **kw))
+    error = rel_rms(_velocity(model, io, **kw), _velocity(reference, io, **kw))
     assert error <= eps_w * np.sqrt(len(config.layers))
     assert error > 0  # something was quantized
 
@@ -57,7 +53,7 @@ def test_int4_is_coarser_than_int8(fixture):
     for bits in Q.BITS:
         model = load_dit(source)
         Q.quantize_dit(model, bits=bits, group_size=32)
-        errors[bits] = _rel_rms(_velocity(model, io), _velocity(reference, io))
+        errors[bits] = rel_rms(_velocity(model, io), _velocity(reference, io))
     assert errors[4] > 4 * errors[8]  # 16x coarser steps; allow for the bound's slack
 
 

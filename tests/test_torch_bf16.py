@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import REF
+from .conftest import BF16_U, REF, rel_rms
 from .conftest import dit_call as _call
 from .test_cli import REPO_ENV
 from .test_t5gemma import PROMPTS
@@ -45,7 +45,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
-BF16_U = 2.0**-8  # unit roundoff of bfloat16
 DIT_BLOCK_ROUNDINGS = 12 + 9 + 10
 DIT_OUTER_ROUNDINGS = 12
 T5_LAYER_ROUNDINGS = 9 + 9
@@ -59,11 +58,6 @@ def bf16_rms_tol(roundings: int, cfg_scale: float = 1.0) -> float:
 
 def dit_tol(config, cfg_scale: float = 1.0) -> float:
     return bf16_rms_tol(DIT_BLOCK_ROUNDINGS * config.depth + DIT_OUTER_ROUNDINGS, cfg_scale)
-
-
-def rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
 
 @pytest.fixture(scope="module", params=FIXTURES)

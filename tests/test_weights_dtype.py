@@ -25,12 +25,11 @@ import pytest
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from .conftest import REF, rel_err, stack_tol
+from .conftest import BF16_U, REF, rel_err, stack_tol
 from .conftest import dit_call as _call
 from .test_cli import REPO_ENV
 
 FIXTURES = ["sa3_small_tiny_s0", "sa3_medium_tiny_s0"]
-BF16_U = 2.0**-8  # unit roundoff of bfloat16
 
 
 def bf16_tol(narrowed_layers: int) -> float:

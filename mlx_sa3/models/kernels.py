@@ -153,12 +153,6 @@ def _softmax_weights(scores: mx.array) -> mx.array:
     return _exp2_neg(_row_max(scores) - scores)
 
 
-def _softmax_numerator(scores: mx.array) -> tuple[mx.array, mx.array]:
-    """``_softmax_weights`` and their row sum."""
-    e = _softmax_weights(scores)
-    return e, mx.sum(e, axis=-1, keepdims=True)
-
-
 def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v over (B, H, T, D) arrays, softmax in float32."""
     if _use_fused_kernels():

@@ -29,13 +29,23 @@ _SA3_DIT = "diffusers.models.transformers.transformer_stable_audio3"
 
 @dataclass
 class TorchPrepared:
-    """Step-invariant DiT inputs (torch): projected context(s), global embedding, local conditioning."""
+    """Step-invariant DiT inputs (torch): projected context(s), global embedding, local conditioning, and what the
+    blocks derive from them (cross-attention keys/values, the local-conditioning terms)."""
 
     global_embed: object  # (B, E)
     context: object  # (B, Tc, E)
     uncond_context: object | None  # (B, Tc, E) when prepared for guidance
     local: object | None  # (B, L, local) channels-last, None: all zero
     cfg: bool
+    #: per block: the cross-attention's normalised keys and its values, (B, H, Tc, D) each: (k, v) or (k, k2, v)
+    kv: list | None = None
+    #: per block: the same for the 2B rows [cond; uncond] when the unconditional context is a negative prompt; None
+    #: when it is the all-zero context, whose cross-attention output is exactly zero (not computed)
+    guided_kv: list | None = None
+    #: per block: ``to_local_embed(local)`` (B, L, E); None when the local conditioning is all zero
+    local_terms: list | None = None
+    #: (depth, E): the per-block ``to_local_embed`` of a zero row, which every latent position then gets
+    local_const: object | None = None
 
     @property
     def batch(self) -> int:
@@ -61,6 +71,124 @@ def _dit_tensor(key: str, value):
     if key in ("preprocess_conv.weight", "postprocess_conv.weight"):
         value = value.transpose(1, 2)  # MLX (out, k, in) -> torch (out, in, k)
     return key, value.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------- the blocks
+# diffusers' StableAudio3DiTBlock forward, leaner (the same maths, tests/test_torch_dit_blocks.py checks it against
+# diffusers' modules): cross-attention keys/values and local-conditioning terms come from ``prepare`` (diffusers
+# recomputes them in every block of every step), the RoPE angles are computed once per step for all blocks, the q/k
+# norm and RoPE write one float32 tensor in place, and residual updates are in place.
+
+
+def _rope_tables(inv_freq, tokens: int) -> tuple:
+    """cos and sin of the RoPE angles of positions 0..tokens-1, float32 (tokens, 1, rot_dim / 2): diffusers'
+    ``StableAudio3RotaryEmbedding`` repeats the frequencies over both halves of the rotated channels, so half is all."""
+    torch = require_torch()
+    angles = torch.outer(torch.arange(tokens, dtype=inv_freq.dtype), inv_freq)[:, None, :]
+    return angles.cos(), angles.sin()
+
+
+def _rms_norm(x, norm):
+    """diffusers' ``StableAudio3RMSNorm`` (``force_fp32``): float32 statistics and weight, in float32."""
+    return require_torch().nn.functional.rms_norm(x.float(), (x.shape[-1],), norm.gamma.float(), norm.eps)
+
+
+def _norm_modulate(h, norm, scale, shift):
+    """adaLN input ``rms_norm(h) * (1 + scale) + shift`` (scale, shift (B, 1, E)), in h's dtype."""
+    return require_torch().addcmul(shift, _rms_norm(h, norm).to(h.dtype), 1 + scale)
+
+
+def _head_norm_rope(x, norm, rope):
+    """q/k norm of (B, S, H, D) ``x`` then, with ``rope`` tables, diffusers' partial RoPE (rotate_half pairing over
+    the first rot_dim channels), both in float32 (as diffusers), rounded to x's dtype once; as (B, H, S, D)."""
+    out = _rms_norm(x, norm)
+    if rope is not None:
+        cos, sin = rope
+        half = cos.shape[-1]
+        x1, x2 = out[..., :half], out[..., half : 2 * half]
+        first = x1 * cos - x2 * sin
+        x2.mul_(cos).addcmul_(x1, sin)
+        x1.copy_(first)
+    return out.to(x.dtype).transpose(1, 2)
+
+
+def _linear(x, layer):
+    return require_torch().nn.functional.linear(x, layer.weight, layer.bias)
+
+
+def _attention(q, k, v):
+    return require_torch().nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _merge_heads(x):
+    b, heads, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, heads * d)
+
+
+def _self_attention(attn, x, rope):
+    """diffusers' ``StableAudio3SelfAttnProcessor``: fused [q|k|v] or differential [q1|q2|k1|k2|v] rows."""
+    b, s, _ = x.shape
+    parts = 5 if attn.use_differential else 3
+    qkv = _linear(x, attn.to_qkv).view(b, s, parts, attn.heads, attn.dim_heads)
+    v = qkv[:, :, -1].transpose(1, 2)
+    queries = [_head_norm_rope(qkv[:, :, i], attn.q_norm, rope) for i in range((parts - 1) // 2)]
+    keys = [_head_norm_rope(qkv[:, :, i], attn.k_norm, rope) for i in range((parts - 1) // 2, parts - 1)]
+    out = _attention(queries[0], keys[0], v)
+    if attn.use_differential:
+        out = out - _attention(queries[1], keys[1], v)
+    return _linear(_merge_heads(out), attn.to_out)
+
+
+def _cross_keys_values(attn, context) -> tuple:
+    """diffusers' cross-attention keys (k_norm applied) and values of ``context``, (B, H, Tc, D) each."""
+    b, tokens, _ = context.shape
+    parts = 3 if attn.use_differential else 2
+    kv = attn.to_kv(context).view(b, tokens, parts, attn.heads, attn.dim_heads)
+    keys = [attn.k_norm(kv[:, :, i]).transpose(1, 2).contiguous() for i in range(parts - 1)]
+    return (*keys, kv[:, :, -1].transpose(1, 2).contiguous())
+
+
+def _cross_attention(attn, x, kv):
+    """diffusers' ``StableAudio3CrossAttnProcessor`` (no mask: the official DiT never applies one) on prepared kv."""
+    b, s, _ = x.shape
+    parts = 2 if attn.use_differential else 1
+    q = _linear(x, attn.to_q).view(b, s, parts, attn.heads, attn.dim_heads)
+    queries = [_head_norm_rope(q[:, :, i], attn.q_norm, None) for i in range(parts)]
+    out = _attention(queries[0], kv[0], kv[-1])
+    if attn.use_differential:
+        out = out - _attention(queries[1], kv[1], kv[-1])
+    return _linear(_merge_heads(out), attn.to_out)
+
+
+def _feed_forward(ff, x):
+    """diffusers' ``StableAudio3FeedForward`` (SwiGLU, proj_in rows [value | gate]); SiLU in place on the gate."""
+    torch = require_torch()
+    hidden, gate = _linear(x, ff.proj_in).chunk(2, dim=-1)
+    return _linear(hidden * torch.nn.functional.silu(gate, inplace=True), ff.proj_out)
+
+
+def _block(block, h, global_mod, rope, kv, cross_rows: int, local, memory: int):
+    """One ``StableAudio3DiTBlock`` on ``h`` (R, M + L, E), updated in place and returned. ``kv``: keys/values for the
+    first ``cross_rows`` rows (the rest, the null-context CFG branch, get an exactly zero cross-attention output);
+    ``local``: the block's local term, (E,) for every latent position or (B, L, E) with R a multiple of B."""
+    torch = require_torch()
+    mod = (block.to_scale_shift_gate + global_mod)[:, None, :]
+    scale_sa, shift_sa, gate_sa, scale_ff, shift_ff, gate_ff = mod.chunk(6, dim=-1)
+    attn_out = _self_attention(block.self_attn, _norm_modulate(h, block.pre_norm, scale_sa, shift_sa), rope)
+    h.addcmul_(attn_out, torch.sigmoid(1 - gate_sa))
+
+    rows = h[:cross_rows]
+    cross = _cross_attention(block.cross_attn, _rms_norm(rows, block.cross_attend_norm).to(h.dtype), kv)
+    rows.add_(cross)
+
+    audio = h[:, memory:]
+    if local.dim() == 1:
+        audio.add_(local)
+    else:
+        audio.unflatten(0, (-1, local.shape[0])).add_(local)
+
+    ff_out = _feed_forward(block.ff, _norm_modulate(h, block.ff_norm, scale_ff, shift_ff))
+    return h.addcmul_(ff_out, torch.sigmoid(1 - gate_ff))
 
 
 class TorchDiT(DiffusionStep):
@@ -119,17 +247,35 @@ class TorchDiT(DiffusionStep):
         with torch.inference_mode(), compute_threads(dtype):
             context = self.net.to_cond_embed(_to_torch(cross_attn_cond, dtype))
             global_embed = self.net.to_global_embed(_to_torch(global_cond, dtype))
-            uncond = None
+            kv = self._keys_values(context)
+            uncond, guided_kv = None, None
             if negative is not None:
                 negative = _to_torch(negative, dtype)
                 if negative_mask is not None:
                     # The official code zeroes masked-out negative tokens (not the learned padding embedding).
                     negative = negative * _to_torch(negative_mask, torch.bool)[..., None]
                 uncond = self.net.to_cond_embed(negative)
+                guided_kv = [
+                    tuple(torch.cat([c, u]) for c, u in zip(cond, unc))
+                    for cond, unc in zip(kv, self._keys_values(uncond))
+                ]
             elif cfg:
                 uncond = torch.zeros_like(context)  # to_cond_embed has no biases: the null context embeds to zero
             local = None if local_add_cond is None else _to_torch(local_add_cond, dtype).transpose(1, 2)
-        return TorchPrepared(global_embed, context, uncond, local, cfg)
+            local_terms, local_const = self._local_terms(local)
+        return TorchPrepared(global_embed, context, uncond, local, cfg, kv, guided_kv, local_terms, local_const)
+
+    def _keys_values(self, context) -> list:
+        return [_cross_keys_values(block.cross_attn, context) for block in self.net.transformer_blocks]
+
+    def _local_terms(self, local):
+        """Per-block inpainting terms, computed once per generation (diffusers recomputes them in every block of
+        every step); an absent or all-zero input gives each block's constant ``to_local_embed`` of a zero row."""
+        torch, blocks = require_torch(), self.net.transformer_blocks
+        if local is not None and bool(torch.any(local != 0)):
+            return [block.to_local_embed(local) for block in blocks], None
+        zero = torch.zeros(1, self.config.local_add_cond_dim, dtype=self._torch_dtype)
+        return None, torch.cat([block.to_local_embed(zero) for block in blocks])
 
     def _velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
         """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
@@ -139,6 +285,30 @@ class TorchDiT(DiffusionStep):
             h = _to_torch(x, dtype)
             h = net.proj_in((net.preprocess_conv(h) + h).transpose(1, 2))
             # Fourier features of the float32 t in float32 (diffusers computes them in t's dtype), then cast
+            temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
+            global_mod = net.global_cond_embedder(prepared.global_embed + temb)
+            kv, cross_rows = prepared.kv, h.shape[0]
+            if guided:
+                h, global_mod = torch.cat([h, h]), torch.cat([global_mod, global_mod])
+                if prepared.guided_kv is not None:
+                    kv, cross_rows = prepared.guided_kv, h.shape[0]
+            if memory_count:
+                h = torch.cat([net.memory_tokens.expand(h.shape[0], -1, -1), h], dim=1)
+            rope = _rope_tables(net.rotary_pos_emb.inv_freq, h.shape[1])
+            locals_ = prepared.local_terms or prepared.local_const
+            for block, block_kv, local in zip(net.transformer_blocks, kv, locals_):
+                h = _block(block, h, global_mod, rope, block_kv, cross_rows, local, memory_count)
+            out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
+            return _to_mx((net.postprocess_conv(out) + out).float())
+
+    def _reference_velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
+        """:meth:`_velocity` with diffusers' ``StableAudio3DiTBlock`` forwards as they are (every block recomputing
+        its cross-attention keys/values and local term): what the lean blocks are tested and benchmarked against."""
+        torch, dtype = require_torch(), self._torch_dtype
+        net, memory_count = self.net, self.config.num_memory_tokens
+        with torch.inference_mode(), compute_threads(dtype):
+            h = _to_torch(x, dtype)
+            h = net.proj_in((net.preprocess_conv(h) + h).transpose(1, 2))
             temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
             global_mod = net.global_cond_embedder(prepared.global_embed + temb)
             context = prepared.context

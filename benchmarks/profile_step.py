@@ -8,6 +8,12 @@ shares, and the un-instrumented step time is printed beside it.
 
     python benchmarks/profile_step.py                       # small model, 30 s (387 latents + 64 memory tokens)
     python benchmarks/profile_step.py --model medium --seconds 10 --json profile.json
+
+``--backend torch --checkpoint DIR`` profiles the torch backend's step instead (``TorchDiT``, loaded from a full-size
+checkpoint such as ``benchmarks/random_checkpoint.py``'s) with torch.profiler: the self time of each aten op, summed
+by class (GEMM / attention / elementwise / copies / views and other), against the step's wall time (the rest is
+Python and the MLX <-> torch conversions). ``--diffusers-blocks`` profiles diffusers' block forwards as they are
+(``TorchDiT._reference_velocity``) for a before/after table; ``--dtype bfloat16`` the bfloat16 DiT.
 """
 # ruff: noqa: I001  (mlx_sa3 must be imported before mlx: it preloads the BLAS)
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from collections import defaultdict
 
@@ -204,6 +211,151 @@ def run(variant: str, seconds: float, repeats: int) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------ torch backend
+
+TORCH_CLASSES = ("GEMM (linear layers)", "attention (SDPA)", "elementwise", "copies", "views and other")
+#: aten ops by class (self time); anything not listed is "views and other" (views, dispatch, allocation)
+_TORCH_OPS = {
+    "GEMM (linear layers)": ("addmm", "mm", "bmm", "linear_pointwise", "mkl_linear", "slow_conv2d_forward"),
+    "elementwise": (
+        "mul",
+        "add",
+        "sub",
+        "div",
+        "neg",
+        "rsub",
+        "silu",
+        "sigmoid",
+        "rsqrt",
+        "pow",
+        "mean",
+        "sum",
+        "cos",
+        "sin",
+        "exp",
+        "rms_norm",
+        "addcmul",
+        "fill",
+        "zero",
+        "any",
+        "ne",
+        "where",
+        "linspace",
+    ),
+    "copies": ("copy", "cat", "clone", "contiguous", "to_copy", "index", "stack"),
+}
+
+
+def torch_op_class(name: str) -> str:
+    """The class of an aten op (``aten::addmm`` -> GEMM) by its base name, leading/trailing underscores dropped."""
+    base = name.rpartition("::")[2].strip("_")
+    if "attention" in base:
+        return "attention (SDPA)"
+    return next((cls for cls, names in _TORCH_OPS.items() if base in names), TORCH_CLASSES[-1])
+
+
+def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffusers_blocks: bool) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mlx_sa3.torch_backend import load_torch_dit
+    from mlx_sa3.torch_backend.common import gemm_gflops as torch_gemm_gflops
+
+    dit = load_torch_dit(checkpoint, dtype)
+    config = dit.config
+    length = pipeline_latents(seconds)
+    key = mx.random.key(1)
+    x = mx.random.normal((1, config.io_channels, length), key=key).astype(dit.dtype)
+    prepared = dit.prepare(
+        mx.random.normal((1, CONTEXT_TOKENS, config.cond_token_dim), key=key) * 0.5,
+        mx.random.normal((1, config.global_cond_dim), key=key) * 0.5,
+    )
+    t = mx.array([0.7])
+    velocity = dit._reference_velocity if diffusers_blocks else dit._velocity
+    mx.eval(velocity(x, t, prepared, False))  # warm-up: first use pages the mapped weights in
+    plain = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(velocity(x, t, prepared, False))
+        plain.append(time.perf_counter() - start)
+    best = None
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            mx.eval(velocity(x, t, prepared, False))
+            total = time.perf_counter() - start
+        if best is None or total < best[0]:
+            best = (total, prof.key_averages())
+    total, averages = best
+    seconds_by = defaultdict(float)
+    calls_by = defaultdict(int)
+    for event in averages:
+        cls = torch_op_class(event.key)
+        seconds_by[cls] += event.self_cpu_time_total / 1e6
+        calls_by[cls] += event.count
+    flops = step_flops(config, length)
+    rows = [
+        {
+            "class": cls,
+            "ms": 1e3 * seconds_by[cls],
+            "share": seconds_by[cls] / total,
+            "calls": calls_by[cls],
+            "gflop": flops / 1e9 if cls == TORCH_CLASSES[0] else 0.0,
+            "gflops_per_s": flops / seconds_by[cls] / 1e9 if cls == TORCH_CLASSES[0] and seconds_by[cls] else None,
+        }
+        for cls in TORCH_CLASSES
+    ]
+    outside = total - sum(seconds_by.values())
+    rows.append({"class": "outside aten ops", "ms": 1e3 * outside, "share": outside / total, "calls": 0, "gflop": 0.0})
+    return {
+        "backend": "torch",
+        "blocks": "diffusers" if diffusers_blocks else "mlx_sa3",
+        "model": "medium" if config.differential else "small",
+        "dtype": str(dit.dtype).replace("mlx.core.", ""),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "latents": length,
+        "tokens": length + config.num_memory_tokens,
+        "step_ms": 1e3 * statistics.median(plain),
+        "instrumented_ms": 1e3 * total,
+        "gemm_2048_gflops": torch_gemm_gflops(2048, dtype=dit.dtype),
+        "rows": rows,
+        "top_ops": [
+            {"op": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+            for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:15]
+        ],
+        "machine": describe(),
+    }
+
+
+def step_flops(config: D.DiTConfig, length: int, context: int = CONTEXT_TOKENS) -> float:
+    """GEMM FLOPs of one unguided step: the linear layers of the blocks and the 1x1 convolutions and projections
+    around them (per-step work only: the cross-attention keys/values and local terms are step-invariant)."""
+    e, n, c, inner = config.embed_dim, config.num_memory_tokens + length, config.io_channels, config.ff_inner
+    pairs = 2 if config.differential else 1
+    block = 2 * n * e * e * ((2 * pairs + 1) + 1 + pairs + 1) + 2 * n * e * 3 * inner
+    return config.depth * block + 2 * (2 * length * c * c) + 2 * (2 * length * c * e)
+
+
+def print_torch_table(result: dict) -> None:
+    print(
+        f"torch {result['model']} DiT ({result['blocks']} blocks), {result['seconds']:g} s: {result['latents']} "
+        f"latents + memory = {result['tokens']} tokens; CFG off, {result['dtype']}, {result['threads']} torch threads"
+    )
+    print(
+        f"step {result['step_ms']:.0f} ms (median), {result['instrumented_ms']:.0f} ms profiled; torch GEMM 2048^3 "
+        f"{result['gemm_2048_gflops']:.0f} GFLOP/s"
+    )
+    print(f"{'op class':<24}{'ms':>9}{'share':>8}{'calls':>7}{'GFLOP':>8}{'GFLOP/s':>9}")
+    for row in result["rows"]:
+        rate = f"{row['gflops_per_s']:.0f}" if row.get("gflops_per_s") else "-"
+        gflop = f"{row['gflop']:.0f}" if row["gflop"] else "-"
+        print(f"{row['class']:<24}{row['ms']:>9.1f}{100 * row['share']:>7.1f}%{row['calls']:>7}{gflop:>8}{rate:>9}")
+    print(
+        "top ops (self ms, calls): " + ", ".join(f"{o['op']} {o['ms']:.0f} ({o['calls']})" for o in result["top_ops"])
+    )
+
+
 def print_table(result: dict) -> None:
     print(
         f"{result['model']} DiT, {result['seconds']:g} s: {result['latents']} latents + memory = "
@@ -226,9 +378,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many (default 3)")
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx")
+    parser.add_argument("--checkpoint", help="torch: a full-size SA3 checkpoint directory (random_checkpoint.py)")
+    parser.add_argument("--dtype", default="float32", help="torch: float32 | bfloat16")
+    parser.add_argument("--diffusers-blocks", action="store_true", help="torch: diffusers' block forwards as they are")
     args = parser.parse_args(argv)
-    result = run(args.model, args.seconds, args.repeats)
-    print_table(result)
+    if args.backend == "torch":
+        if not args.checkpoint:
+            parser.error("--backend torch needs --checkpoint")
+        result = run_torch(args.checkpoint, args.seconds, args.repeats, args.dtype, args.diffusers_blocks)
+        print_torch_table(result)
+    else:
+        result = run(args.model, args.seconds, args.repeats)
+        print_table(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

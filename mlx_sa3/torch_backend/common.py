@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import importlib
 import importlib.util
 import mmap
@@ -158,6 +161,86 @@ def compute_threads(dtype):
     """
     torch = require_torch()
     return sa3_platform.torch_threads(torch, None if dtype == torch.float32 else sa3_platform.torch_default_threads)
+
+
+def onednn_linear():
+    """``linear(x, weight, bias)`` through torch's oneDNN kernels (``mkldnn._linear_pointwise``, AVX-512 / AMX on
+    x86), or None where this torch has none that reproduces ``F.linear`` (checked once on a small case).
+
+    Why: with OpenBLAS preloaded, torch's float32 GEMMs resolve to it (symbol interposition), which runs the DiT's
+    skinny products (~200-450 rows) at ~200 GFLOP/s on two cores; oneDNN runs them at ~300 on torch's threads.
+    """
+    return _onednn_linear()
+
+
+@functools.cache
+def _onednn_linear():
+    torch = require_torch()
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+
+    def linear(x, weight, bias=None):
+        return op(x, weight, bias, "none", [], "")
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 64), (48, 64), (48,)))
+        with torch.inference_mode():
+            want = torch.nn.functional.linear(x, w, b)
+            ok = torch.allclose(linear(x, w, b), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    except (RuntimeError, TypeError):  # an op this build cannot run: torch's own linear
+        return None
+    return linear if ok else None
+
+
+@contextlib.contextmanager
+def onednn_threads():
+    """Context for a forward whose GEMMs are :func:`onednn_linear`'s: torch on its default thread count, the preloaded
+    OpenBLAS (if any) on one thread.
+
+    oneDNN and torch's elementwise ops run on torch's OpenMP threads; what still calls the BLAS inside them
+    (the blocks of torch's CPU flash attention) must not start OpenBLAS's own threads, which would fight torch's
+    for the cores (the reason :func:`~mlx_sa3.platform.torch_thread_policy` keeps torch on one thread otherwise).
+    Measured, small DiT step at 10 s: 0.80 s against 1.17 s under the policy, 3.1 s with OpenBLAS left on two.
+    """
+    torch = require_torch()
+    with sa3_platform.torch_threads(torch, sa3_platform.torch_default_threads), blas_threads(1):
+        yield
+
+
+_blas = None
+
+
+def _openblas():
+    """The preloaded OpenBLAS (ctypes), or None (none preloaded, or it lacks the thread calls)."""
+    global _blas
+    if _blas is None:
+        _blas = False
+        if sa3_platform.loaded_blas is not None:
+            try:
+                lib = ctypes.CDLL(sa3_platform.loaded_blas)
+                lib.openblas_get_num_threads.restype = ctypes.c_int
+                lib.openblas_set_num_threads.argtypes = [ctypes.c_int]
+                _blas = lib
+            except (OSError, AttributeError):
+                pass
+    return _blas or None
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int):
+    """Run a block with the preloaded OpenBLAS on ``threads`` threads, restoring its count after (nothing to do
+    without one)."""
+    lib = _openblas()
+    before = lib.openblas_get_num_threads() if lib else None
+    if lib and before != threads:
+        lib.openblas_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if lib and before != threads:
+            lib.openblas_set_num_threads(before)
 
 
 class MappedReader:

@@ -20,6 +20,8 @@ from .common import (
     _torch_dtype,
     check_dtype,
     compute_threads,
+    onednn_linear,
+    onednn_threads,
     reorder_rows,
     require_torch,
 )
@@ -113,7 +115,14 @@ def _head_norm_rope(x, norm, rope):
 
 
 def _linear(x, layer):
-    return require_torch().nn.functional.linear(x, layer.weight, layer.bias)
+    """``layer(x)`` for an ``nn.Linear``, in oneDNN where torch has it (:func:`~.common.onednn_linear`)."""
+    linear = onednn_linear() or require_torch().nn.functional.linear
+    return linear(x, layer.weight, layer.bias)
+
+
+def _step_threads(dtype):
+    """Threads of a step: :func:`~.common.onednn_threads` with oneDNN's linear, else the backend's policy."""
+    return onednn_threads() if onednn_linear() else compute_threads(dtype)
 
 
 def _attention(q, k, v):
@@ -281,9 +290,9 @@ class TorchDiT(DiffusionStep):
         """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
         torch, dtype = require_torch(), self._torch_dtype
         net, memory_count = self.net, self.config.num_memory_tokens
-        with torch.inference_mode(), compute_threads(dtype):
+        with torch.inference_mode(), _step_threads(dtype):
             h = _to_torch(x, dtype)
-            h = net.proj_in((net.preprocess_conv(h) + h).transpose(1, 2))
+            h = _linear((net.preprocess_conv(h) + h).transpose(1, 2), net.proj_in)
             # Fourier features of the float32 t in float32 (diffusers computes them in t's dtype), then cast
             temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
             global_mod = net.global_cond_embedder(prepared.global_embed + temb)
@@ -298,7 +307,7 @@ class TorchDiT(DiffusionStep):
             locals_ = prepared.local_terms or prepared.local_const
             for block, block_kv, local in zip(net.transformer_blocks, kv, locals_):
                 h = _block(block, h, global_mod, rope, block_kv, cross_rows, local, memory_count)
-            out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
+            out = _linear(h[:, memory_count:], net.proj_out).transpose(1, 2)
             return _to_mx((net.postprocess_conv(out) + out).float())
 
     def _reference_velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:

@@ -272,6 +272,18 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
     )
     t = mx.array([0.7])
     velocity = dit._reference_velocity if diffusers_blocks else dit._velocity
+    threads = []
+    linear = torch.nn.functional.linear
+
+    def counting(*args, **kwargs):  # torch's threads inside the step (its context sets them), seen at the first call
+        threads.append(torch.get_num_threads())
+        return linear(*args, **kwargs)
+
+    torch.nn.functional.linear = counting
+    try:
+        mx.eval(velocity(x, t, prepared, False))
+    finally:
+        torch.nn.functional.linear = linear
     mx.eval(velocity(x, t, prepared, False))  # warm-up: first use pages the mapped weights in
     plain = []
     for _ in range(repeats):
@@ -294,6 +306,11 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
         seconds_by[cls] += event.self_cpu_time_total / 1e6
         calls_by[cls] += event.count
     flops = step_flops(config, length)
+    if diffusers_blocks:  # diffusers' blocks also recompute the step-invariant cross-attention K/V and local terms
+        e, kv_parts = config.embed_dim, 3 if config.differential else 2
+        flops += config.depth * (
+            2 * CONTEXT_TOKENS * e * e * kv_parts + 2 * length * (config.local_add_cond_dim + e) * e
+        )
     rows = [
         {
             "class": cls,
@@ -312,7 +329,7 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
         "blocks": "diffusers" if diffusers_blocks else "mlx_sa3",
         "model": "medium" if config.differential else "small",
         "dtype": str(dit.dtype).replace("mlx.core.", ""),
-        "threads": torch.get_num_threads(),
+        "threads": threads[0],
         "seconds": seconds,
         "latents": length,
         "tokens": length + config.num_memory_tokens,

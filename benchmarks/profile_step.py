@@ -260,6 +260,7 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
 
     from mlx_sa3.torch_backend import load_torch_dit
     from mlx_sa3.torch_backend.common import gemm_gflops as torch_gemm_gflops
+    from mlx_sa3.torch_backend.common import onednn_linear
 
     dit = load_torch_dit(checkpoint, dtype)
     config = dit.config
@@ -272,6 +273,7 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
     )
     t = mx.array([0.7])
     velocity = dit._reference_velocity if diffusers_blocks else dit._velocity
+    onednn_linear()  # its one-off self-check calls F.linear outside the step
     threads = []
     linear = torch.nn.functional.linear
 
@@ -329,7 +331,7 @@ def run_torch(checkpoint: str, seconds: float, repeats: int, dtype: str, diffuse
         "blocks": "diffusers" if diffusers_blocks else "mlx_sa3",
         "model": "medium" if config.differential else "small",
         "dtype": str(dit.dtype).replace("mlx.core.", ""),
-        "threads": threads[0],
+        "threads": sorted(set(threads)),
         "seconds": seconds,
         "latents": length,
         "tokens": length + config.num_memory_tokens,
@@ -357,7 +359,7 @@ def step_flops(config: D.DiTConfig, length: int, context: int = CONTEXT_TOKENS) 
 def print_torch_table(result: dict) -> None:
     print(
         f"torch {result['model']} DiT ({result['blocks']} blocks), {result['seconds']:g} s: {result['latents']} "
-        f"latents + memory = {result['tokens']} tokens; CFG off, {result['dtype']}, {result['threads']} torch threads"
+        f"latents + memory = {result['tokens']} tokens; CFG off, {result['dtype']}, torch threads {result['threads']}"
     )
     print(
         f"step {result['step_ms']:.0f} ms (median), {result['instrumented_ms']:.0f} ms profiled; torch GEMM 2048^3 "

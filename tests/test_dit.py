@@ -370,6 +370,33 @@ def test_cpu_silu_accuracy():
     assert out[4] == np.inf and np.isnan(out[5])
 
 
+def test_cpu_tanh_accuracy():
+    """The CPU tanh (clamp + degree 5/3 rational) against float64: relative error, oddness, |tanh| <= 1, edges."""
+    from mlx_sa3.models.kernels import dyt, tanh
+
+    eps = EPS["float32"]
+    tiny = 2.0 ** -np.arange(1, 149, dtype=np.float32)
+    x = np.concatenate([np.linspace(-12.0, 12.0, 400_001, dtype=np.float32), tiny, -tiny])
+    got = np.array(tanh(mx.array(x)), np.float64)
+    ref = np.tanh(x.astype(np.float64))
+    # the fit is 1.1 eps relative; the Estrin evaluation and the division round ~10 float32 results (each half an ulp
+    # of a term at most as large as the result), and past the clamp tanh is within 2 eps of +-1
+    assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), np.finfo(np.float32).smallest_subnormal)) <= 4 * eps
+    assert np.max(np.abs(got)) <= 1.0 and np.array_equal(np.array(tanh(mx.array(-x)), np.float64), -got)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, 3e38, -3e38, np.nan], np.float32)
+    out = np.array(tanh(mx.array(edge)))
+    assert out[0] == 0.0 and np.signbit(out[1]) and not np.signbit(out[0])
+    assert 1.0 - 2 * eps <= out[2] <= 1.0 and out[3] == -out[2] and out[4] == out[2] and out[5] == out[3]
+    assert np.isnan(out[6])
+    # the scaled form and DyT: tanh(scale * x) with the product rounded once, gamma * tanh + beta
+    scale, gamma, beta = mx.array([4.0]), mx.array([0.5, -2.0]), mx.array([0.1, 0.0])
+    pairs = mx.array(np.linspace(-3.0, 3.0, 2000, dtype=np.float32).reshape(-1, 2))
+    ref4 = np.tanh(4.0 * np.array(pairs, np.float64))
+    assert np.max(np.abs(np.array(tanh(pairs, scale)) - ref4) / np.abs(ref4)) <= 4 * eps
+    ref_dyt = np.array(gamma, np.float64) * ref4 + np.array(beta, np.float64)
+    assert np.max(np.abs(np.array(dyt(pairs, scale, gamma, beta)) - ref_dyt)) <= 6 * eps
+
+
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
-from .kernels import _swiglu
+from .kernels import _attention, _swiglu, _use_fused_kernels, dyt, masked_attention_cpu
 
 ROPE_BASE = 10000.0
 SIN_GATE_PI = 3.14159265359  # the official constant (not math.pi) for the sin(pi x) gate
@@ -322,7 +322,7 @@ class DyT(nn.Module):
         self.beta = mx.zeros((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.gamma * mx.tanh(self.alpha * x) + self.beta
+        return dyt(x, self.alpha, self.gamma, self.beta)
 
 
 def rope_inv_freq(rotary_dims: int) -> mx.array:
@@ -343,11 +343,15 @@ def apply_partial_rope(x: mx.array, angles: mx.array) -> mx.array:
 
 def softmax_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
     """Attention over the last two axes, any leading axes; ``mask`` (bool, True = attend) broadcasts."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
+    scale = q.shape[-1] ** -0.5
+    if not _use_fused_kernels():
+        # The CPU's base-2 softmax kernels (MLX's exp is scalar there): the chunked SAME-S decoder layer 38 -> 21 ms.
+        if mask is None:
+            return _attention(q, k, v, scale)
+        return masked_attention_cpu(q, k, v, scale, mask)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
-    # MLX's own softmax here, on the CPU too: the DiT's polynomial-exp kernel (models/kernels.py) measured slower on
-    # SAME's score shapes (decode 10 s: SAME-S 3.1 vs 2.7 s, SAME-L banded 8.4 vs 6.2 s, interleaved rounds).
     return mx.softmax(scores, axis=-1, precise=True) @ v
 
 

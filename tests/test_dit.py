@@ -397,6 +397,36 @@ def test_cpu_tanh_accuracy():
     assert np.max(np.abs(np.array(dyt(pairs, scale, gamma, beta)) - ref_dyt)) <= 6 * eps
 
 
+def test_cpu_gelu_tanh_and_masked_softmax_accuracy():
+    """The T5Gemma CPU kernels against float64: the tanh GELU, and softmax(scores + additive mask) including a row
+    with every key masked (uniform weights, as transformers' eager path gives)."""
+    from mlx_sa3.models.kernels import gelu_tanh, masked_softmax
+
+    eps = EPS["float32"]
+    x = np.linspace(-12.0, 12.0, 200_001, dtype=np.float32)
+    xd = x.astype(np.float64)
+    ref = 0.5 * xd * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (xd + 0.044715 * xd**3)))
+    got = np.array(gelu_tanh(mx.array(x)), np.float64)
+    # tanh's < 4 eps relative error (of |tanh| <= 1) enters as 0.5 |x| * 4 eps; the argument's roundings (~2 eps of
+    # u) move tanh by at most |u| 2 eps; the product and sum a few eps of the result
+    u = np.sqrt(2.0 / np.pi) * (xd + 0.044715 * xd**3)
+    bound = 0.5 * np.abs(xd) * (4 + 2 * np.abs(u) / np.cosh(np.minimum(np.abs(u), 300.0)) ** 2) * eps
+    assert np.all(np.abs(got - ref) <= bound + 3 * eps * np.abs(ref))
+
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((2, 3, 5, 40)) * 8).astype(np.float32)
+    keep = rng.random((2, 1, 1, 40)) < 0.6
+    keep[1] = False  # the second item masks every key (an empty prompt)
+    bias = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    got = np.array(masked_softmax(mx.array(scores), mx.array(bias)), np.float64)
+    s64 = np.where(keep, scores.astype(np.float64), -np.inf)
+    w = np.exp(s64 - s64[0:1].max(-1, keepdims=True).clip(-1e300))
+    ref0 = w[0] / w[0].sum(-1, keepdims=True)
+    # exp turns the rounding of a score (eps |s|, plus the log2 e scaling's) into a relative weight error
+    assert np.max(np.abs(got[0] - ref0)) <= 4 * eps * (np.abs(scores).max() + 1) * ref0.max()
+    np.testing.assert_array_equal(got[1], np.full_like(got[1], np.float32(1 / 40)))
+
+
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""

@@ -135,6 +135,27 @@ def dyt(x: mx.array, alpha: mx.array, gamma: mx.array, beta: mx.array) -> mx.arr
     return _tanh_affine(_tanh_argument(x, alpha), gamma, beta).astype(x.dtype)
 
 
+_GELU_SCALE = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@mx.compile
+def _gelu_tanh_argument(x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    return _GELU_SCALE * (x + 0.044715 * (x * x * x))
+
+
+@mx.compile
+def _gelu_tanh_combine(x: mx.array, c: mx.array) -> mx.array:
+    return 0.5 * x.astype(mx.float32) * (1.0 + _tanh_rational(c))
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """The tanh-approximated GELU (transformers' ``gelu_pytorch_tanh``), with :func:`tanh`'s CPU kernels."""
+    if _use_fused_kernels():
+        return nn.gelu_approx(x)
+    return _gelu_tanh_combine(x, _tanh_argument(_gelu_tanh_argument(x), mx.array(1.0, mx.float32))).astype(x.dtype)
+
+
 # 2^f on [-1, 0], degree 6 (minimax fit of the relative error, float32 coefficients): 4e-8 before float32 rounding.
 _EXP2_POLY = (
     1.0,
@@ -230,6 +251,16 @@ def masked_attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, ma
     """softmax(q k^T * scale) v over the last two axes (any leading axes) in float32, in one block of queries, with
     an optional boolean ``mask`` (True = attend; every query must attend to at least one key)."""
     return _softmax_product(q, k.swapaxes(-1, -2), _with_ones(v), scale, mask).astype(v.dtype)
+
+
+def masked_softmax(scores: mx.array, bias: mx.array) -> mx.array:
+    """softmax(scores + bias) over the last axis for float32 scores and an additive mask ``bias`` that is 0 where a
+    key counts and hugely negative (e.g. the most negative float) where it does not. On the CPU the base-2 kernels:
+    the scores go to log2 units first and the bias is added unscaled (still hugely negative, never -inf)."""
+    if _use_fused_kernels():
+        return mx.softmax(scores + bias, axis=-1, precise=True)
+    weights = _softmax_weights(scores * _LOG2E + bias)
+    return weights / weights.sum(axis=-1, keepdims=True)
 
 
 def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

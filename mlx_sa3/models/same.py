@@ -25,7 +25,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
-from .kernels import _attention, _swiglu, _use_fused_kernels, dyt, masked_attention_cpu
+from . import kernels
+from .kernels import _attention, _swiglu, dyt, masked_attention_cpu
 
 ROPE_BASE = 10000.0
 SIN_GATE_PI = 3.14159265359  # the official constant (not math.pi) for the sin(pi x) gate
@@ -344,7 +345,7 @@ def apply_partial_rope(x: mx.array, angles: mx.array) -> mx.array:
 def softmax_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
     """Attention over the last two axes, any leading axes; ``mask`` (bool, True = attend) broadcasts."""
     scale = q.shape[-1] ** -0.5
-    if not _use_fused_kernels():
+    if not kernels._use_fused_kernels():
         # The CPU's base-2 softmax kernels (MLX's exp is scalar there): the chunked SAME-S decoder layer 38 -> 21 ms.
         if mask is None:
             return _attention(q, k, v, scale)

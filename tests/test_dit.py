@@ -397,6 +397,30 @@ def test_cpu_tanh_accuracy():
     assert np.max(np.abs(np.array(dyt(pairs, scale, gamma, beta)) - ref_dyt)) <= 6 * eps
 
 
+def test_cpu_sin_accuracy():
+    """The CPU sin (SAME-L's sin(pi x) gate) against float64 sin of the float32 product, as the official computes it;
+    relative accuracy near 0, infinities give NaN, huge inputs stay bounded."""
+    from mlx_sa3.models.kernels import sin
+
+    eps = EPS["float32"]
+    gate_pi = 3.14159265359  # SAME's constant
+    x = np.linspace(-3000.0, 3000.0, 1_000_001, dtype=np.float32)
+    ref = np.sin((x * np.float32(gate_pi)).astype(np.float64))
+    got = np.array(sin(mx.array(x), gate_pi), np.float64)
+    # the reduction rounds r twice (half an ulp of pi/2 each) and the degree-4 polynomial ~1.2 eps: < 3 eps absolute
+    assert np.max(np.abs(got - ref)) <= 3 * eps
+    small = np.concatenate(
+        [np.linspace(-1.5, 1.5, 100_001, dtype=np.float32), 2.0 ** -np.arange(1, 149, dtype=np.float32)]
+    )
+    ref = np.sin(small.astype(np.float64))
+    got = np.array(sin(mx.array(small)), np.float64)
+    assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), np.finfo(np.float32).smallest_subnormal)) <= 2 * eps
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38], np.float32)
+    out = np.array(sin(mx.array(edge)))
+    assert out[0] == 0.0 and not np.signbit(out[0]) and np.signbit(out[1]) and np.isnan(out[2:5]).all()
+    assert np.all(np.abs(out[5:]) <= 1.0)
+
+
 def test_cpu_gelu_tanh_and_masked_softmax_accuracy():
     """The T5Gemma CPU kernels against float64: the tanh GELU, and softmax(scores + additive mask) including a row
     with every key masked (uniform weights, as transformers' eager path gives)."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
 from . import kernels
-from .kernels import _attention, _swiglu, dyt, masked_attention_cpu
+from .kernels import _attention, _swiglu, dyt, masked_attention_cpu, sin
 
 ROPE_BASE = 10000.0
 SIN_GATE_PI = 3.14159265359  # the official constant (not math.pi) for the sin(pi x) gate
@@ -429,7 +429,7 @@ class GatedFeedForward(nn.Module):
         if not self.sin_gate:
             return self.proj_out(_swiglu(projected))  # a * silu(b), with the CPU kernel there
         a, b = mx.split(projected, 2, axis=-1)
-        return self.proj_out(a * mx.sin(SIN_GATE_PI * b))
+        return self.proj_out(a * sin(b, SIN_GATE_PI))  # the CPU kernel there (MLX's sin is scalar)
 
 
 class TransformerBlock(nn.Module):

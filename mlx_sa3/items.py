@@ -226,7 +226,8 @@ def stream_items(
         start = time.perf_counter()
         latents = latents.astype(mx.float32)
         offset, longest = 0, max(p.num_samples for p in plans)
-        for piece in model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
+        keep = -(-longest // model.downsampling_ratio)  # no window past the longest item's audio
+        for piece in model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents, keep_latents=keep):
             if offset >= longest:
                 break
             for row, (item, plan) in enumerate(zip(batch, plans)):

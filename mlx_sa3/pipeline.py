@@ -572,8 +572,9 @@ class StableAudio3:
         start = time.perf_counter()
         meters = [LevelMeter(self.sample_rate, 2) for _ in range(latents.shape[0])]
         offset = 0
-        # Only the first num_samples are kept: stopping early skips decoding most of the 6 s headroom.
-        for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents):
+        # Only the first num_samples are kept: the windows stop there, never decoding the 6 s headroom.
+        keep = -(-plan.num_samples // self.model.downsampling_ratio)
+        for piece in self.model.autoencoder.decode_stream(latents, chunk_latents=chunk_latents, keep_latents=keep):
             take = min(piece.shape[-1], plan.num_samples - offset)
             if take <= 0:
                 break

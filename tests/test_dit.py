@@ -370,6 +370,87 @@ def test_cpu_silu_accuracy():
     assert out[4] == np.inf and np.isnan(out[5])
 
 
+def test_cpu_tanh_accuracy():
+    """The CPU tanh (clamp + degree 5/3 rational) against float64: relative error, oddness, |tanh| <= 1, edges."""
+    from mlx_sa3.models.kernels import dyt, tanh
+
+    eps = EPS["float32"]
+    tiny = 2.0 ** -np.arange(1, 149, dtype=np.float32)
+    x = np.concatenate([np.linspace(-12.0, 12.0, 400_001, dtype=np.float32), tiny, -tiny])
+    got = np.array(tanh(mx.array(x)), np.float64)
+    ref = np.tanh(x.astype(np.float64))
+    # the fit is 1.1 eps relative; the Estrin evaluation and the division round ~10 float32 results (each half an ulp
+    # of a term at most as large as the result), and past the clamp tanh is within 2 eps of +-1
+    assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), np.finfo(np.float32).smallest_subnormal)) <= 4 * eps
+    assert np.max(np.abs(got)) <= 1.0 and np.array_equal(np.array(tanh(mx.array(-x)), np.float64), -got)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, 3e38, -3e38, np.nan], np.float32)
+    out = np.array(tanh(mx.array(edge)))
+    assert out[0] == 0.0 and np.signbit(out[1]) and not np.signbit(out[0])
+    assert 1.0 - 2 * eps <= out[2] <= 1.0 and out[3] == -out[2] and out[4] == out[2] and out[5] == out[3]
+    assert np.isnan(out[6])
+    # the scaled form and DyT: tanh(scale * x) with the product rounded once, gamma * tanh + beta
+    scale, gamma, beta = mx.array([4.0]), mx.array([0.5, -2.0]), mx.array([0.1, 0.0])
+    pairs = mx.array(np.linspace(-3.0, 3.0, 2000, dtype=np.float32).reshape(-1, 2))
+    ref4 = np.tanh(4.0 * np.array(pairs, np.float64))
+    assert np.max(np.abs(np.array(tanh(pairs, scale)) - ref4) / np.abs(ref4)) <= 4 * eps
+    ref_dyt = np.array(gamma, np.float64) * ref4 + np.array(beta, np.float64)
+    assert np.max(np.abs(np.array(dyt(pairs, scale, gamma, beta)) - ref_dyt)) <= 6 * eps
+
+
+def test_cpu_sin_accuracy():
+    """The CPU sin (SAME-L's sin(pi x) gate) against float64 sin of the float32 product, as the official computes it;
+    relative accuracy near 0, infinities give NaN, huge inputs stay bounded."""
+    from mlx_sa3.models.kernels import sin
+
+    eps = EPS["float32"]
+    gate_pi = 3.14159265359  # SAME's constant
+    x = np.linspace(-3000.0, 3000.0, 1_000_001, dtype=np.float32)
+    ref = np.sin((x * np.float32(gate_pi)).astype(np.float64))
+    got = np.array(sin(mx.array(x), gate_pi), np.float64)
+    # the reduction rounds r twice (half an ulp of pi/2 each) and the degree-4 polynomial ~1.2 eps: < 3 eps absolute
+    assert np.max(np.abs(got - ref)) <= 3 * eps
+    small = np.concatenate(
+        [np.linspace(-1.5, 1.5, 100_001, dtype=np.float32), 2.0 ** -np.arange(1, 149, dtype=np.float32)]
+    )
+    ref = np.sin(small.astype(np.float64))
+    got = np.array(sin(mx.array(small)), np.float64)
+    assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), np.finfo(np.float32).smallest_subnormal)) <= 2 * eps
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38], np.float32)
+    out = np.array(sin(mx.array(edge)))
+    assert out[0] == 0.0 and not np.signbit(out[0]) and np.signbit(out[1]) and np.isnan(out[2:5]).all()
+    assert np.all(np.abs(out[5:]) <= 1.0)
+
+
+def test_cpu_gelu_tanh_and_masked_softmax_accuracy():
+    """The T5Gemma CPU kernels against float64: the tanh GELU, and softmax(scores + additive mask) including a row
+    with every key masked (uniform weights, as transformers' eager path gives)."""
+    from mlx_sa3.models.kernels import gelu_tanh, masked_softmax
+
+    eps = EPS["float32"]
+    x = np.linspace(-12.0, 12.0, 200_001, dtype=np.float32)
+    xd = x.astype(np.float64)
+    ref = 0.5 * xd * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (xd + 0.044715 * xd**3)))
+    got = np.array(gelu_tanh(mx.array(x)), np.float64)
+    # tanh's < 4 eps relative error (of |tanh| <= 1) enters as 0.5 |x| * 4 eps; the argument's roundings (~2 eps of
+    # u) move tanh by at most |u| 2 eps; the product and sum a few eps of the result
+    u = np.sqrt(2.0 / np.pi) * (xd + 0.044715 * xd**3)
+    bound = 0.5 * np.abs(xd) * (4 + 2 * np.abs(u) / np.cosh(np.minimum(np.abs(u), 300.0)) ** 2) * eps
+    assert np.all(np.abs(got - ref) <= bound + 3 * eps * np.abs(ref))
+
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((2, 3, 5, 40)) * 8).astype(np.float32)
+    keep = rng.random((2, 1, 1, 40)) < 0.6
+    keep[1] = False  # the second item masks every key (an empty prompt)
+    bias = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    got = np.array(masked_softmax(mx.array(scores), mx.array(bias)), np.float64)
+    s64 = np.where(keep, scores.astype(np.float64), -np.inf)
+    w = np.exp(s64 - s64[0:1].max(-1, keepdims=True).clip(-1e300))
+    ref0 = w[0] / w[0].sum(-1, keepdims=True)
+    # exp turns the rounding of a score (eps |s|, plus the log2 e scaling's) into a relative weight error
+    assert np.max(np.abs(got[0] - ref0)) <= 4 * eps * (np.abs(scores).max() + 1) * ref0.max()
+    np.testing.assert_array_equal(got[1], np.full_like(got[1], np.float32(1 / 40)))
+
+
 def test_chunked_attention_matches_float64(monkeypatch):
     """The CPU attention (query chunks, polynomial-exp softmax) against a float64 softmax attention, with chunks
     small enough to leave a ragged last one, for self-attention sizes and for 257 context keys."""

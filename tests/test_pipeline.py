@@ -155,6 +155,25 @@ def test_stream_event_order_and_pieces(pipe):
     np.testing.assert_allclose(np.concatenate([p.audio for p in pieces], -1), whole.audio, atol=1e-5)
 
 
+def test_decoding_stops_at_the_kept_audio(pipe, monkeypatch):
+    """The DiT's 6 s headroom is never decoded: no decode window reaches past the kept latents' cut margin."""
+    ae = pipe.model.autoencoder
+    windows = []
+    decode_window = type(ae)._decode_window
+
+    def spy(self, z, *window):
+        windows.append((z.shape[1], *window))
+        return decode_window(self, z, *window)
+
+    monkeypatch.setattr(type(ae), "_decode_window", spy)
+    out = pipe.generate("x", duration=2.0, steps=2, seed=0)
+    kept = -(-2 * SR // ae.downsampling_ratio)
+    multiple = ae.config.decoder.latent_multiple
+    reach = -(-(kept + ae.config.decoder.cut_margin[1]) // multiple) * multiple
+    assert windows and windows[0][0] == out.latents.shape[-1] > reach  # the canvas has headroom past the reach
+    assert max(w[2] for w in windows) <= reach and windows[-1][4] == kept
+
+
 def test_generate_to_file_streams_exact_length(pipe, tmp_path):
     out = pipe.generate_to_file(tmp_path / "a.flac", "x", duration=2.5, seed=1, steps=2)
     data, sr = sf.read(out.paths[0], dtype="float32", always_2d=True)

@@ -46,6 +46,17 @@ def test_matches_official_fixture(models, name):
     assert rel_err(ae.decode(mx.array(io["decode_in_latents"])), io["decode_out_audio"]) <= PARITY_TOL
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fused_kernel_path_matches_fixture(monkeypatch, name):
+    """The GPU path (MLX's tanh and softmax, not the CPU kernels) also reproduces the official outputs."""
+    from mlx_sa3.models import kernels
+
+    monkeypatch.setattr(kernels, "_use_fused_kernels", lambda: True)
+    io, ae = np.load(REF / name / "io.npz"), same.load_autoencoder(REF / name)
+    assert rel_err(ae.encode(io["encode_in_audio"]), io["encode_out_latents"]) <= PARITY_TOL
+    assert rel_err(ae.decode(io["decode_in_latents"]), io["decode_out_audio"]) <= PARITY_TOL
+
+
 def test_config_variants(models):
     small, large = models["same_s_tiny_s0"].config, models["same_l_tiny_s0"].config
     assert small.decoder.sliding_window is None and small.decoder.chunk_midpoint_shift
@@ -333,6 +344,43 @@ def test_stream_equals_decode(models, name, chunk):
     streamed = np.concatenate([np.array(p) for p in pieces], axis=-1)
     assert streamed.shape == full.shape == (2, 2, STREAM_LENGTH * 4096)
     assert np.abs(streamed - full).max() <= STREAM_TOL * np.abs(full).max()
+
+
+@pytest.mark.parametrize("name", VARIANTS + list(FULL_SA3))
+@pytest.mark.parametrize("chunk", [3, None])
+@pytest.mark.parametrize("keep", [1, 12, STREAM_LENGTH - 2])
+def test_stream_keep_latents_is_the_start_of_decode(models, name, chunk, keep):
+    """``keep_latents`` gives exactly the full decode's first latents' audio, and no window reaches far past them."""
+    ae = models[name]
+    z = random_latents(ae, STREAM_LENGTH, seed=7)
+    full = np.array(ae.decode(z))[..., : keep * 4096]
+    pieces = list(ae.decode_stream(z, chunk_latents=chunk, keep_latents=keep))
+    streamed = np.concatenate([np.array(p) for p in pieces], axis=-1)
+    assert streamed.shape == full.shape == (2, 2, keep * 4096)
+    assert np.abs(streamed - full).max() <= STREAM_TOL * np.abs(full).max()
+    multiple = ae.config.decoder.latent_multiple
+    reach = -(-(keep + ae.config.decoder.cut_margin[1]) // multiple) * multiple
+    assert max(w[1] for w in ae.stream_windows(STREAM_LENGTH, chunk, keep)) <= reach
+
+
+@pytest.mark.parametrize("variant", ["same-s", "same-l"])
+@pytest.mark.parametrize("length, keep", [(172, 108), (388, 324), (388, None), (1356, 1292), (97, None)])
+def test_default_stream_windows_are_balanced(variant, length, keep):
+    """Default pieces: as few windows as default_chunk_latents allows, sizes within one attention chunk."""
+    config = same.SAMEConfig.preset(variant)
+    windows = same.stream_windows(config, length, None, keep)
+    kept = length if keep is None else keep
+    sizes = [stop - start for _, _, start, stop in windows]
+    default = same.default_chunk_latents(config)
+    assert sum(sizes) == kept and [w[2] for w in windows] == list(np.cumsum([0] + sizes[:-1]))
+    assert len(windows) == -(-kept // default) and max(sizes) <= default
+    assert max(sizes) - min(sizes) <= 2 * config.decoder.latent_multiple
+
+
+def test_keep_latents_is_checked(models):
+    ae = models["same_s_tiny_s0"]
+    with pytest.raises(ValueError, match="keep_latents"):
+        next(ae.decode_stream(random_latents(ae, 4), keep_latents=0))
 
 
 @pytest.mark.parametrize("name", VARIANTS)

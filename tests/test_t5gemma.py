@@ -200,6 +200,22 @@ def test_official_conditioner_output(ref_dir, fixture):
     assert rel_err(np.array(emb), golden["prompt_embedding"]) <= 1e-4
 
 
+def test_fused_kernel_path_matches_transformers(small, tmp_path, monkeypatch):
+    """The GPU path (MLX's GELU, tanh soft-capping and softmax, not the CPU kernels) also matches transformers, with
+    the soft-capping and the window band in play."""
+    from mlx_sa3.models import kernels
+
+    monkeypatch.setattr(kernels, "_use_fused_kernels", lambda: True)
+    source, max_length = small
+    directory = variant_dir(source.text_encoder_dir(), tmp_path, sliding_window=3, qk_gain=8.0)
+    encoder = load_text_encoder(directory, max_length)
+    hidden, mask = encoder.encode(PROMPTS)
+    ids, _ = encoder.tokenizer(PROMPTS)
+    mask = np.array(mask)
+    ref = hf_encode(directory, ids, mask)
+    assert np.isfinite(np.array(hidden)).all() and rel_err(np.array(hidden)[mask], ref[mask]) <= 1e-4
+
+
 @pytest.mark.parametrize("dtype, tol", [(mx.float16, half_tol(mx.float16)), (mx.bfloat16, half_tol(mx.bfloat16))])
 def test_half_precision(small, fp32_encoder, dtype, tol):
     source, max_length = small

@@ -84,6 +84,116 @@ def _swiglu(projected: mx.array) -> mx.array:
     return _swiglu_fused(projected) if _use_fused_kernels() else _swiglu_cpu(projected)
 
 
+# tanh(x) = x P(x^2) / Q(x^2), degree 5 / 3 (relative-error fit on [0, 9], float32 coefficients): 1.3e-7 relative
+# before float32 rounding, < 3 eps after. Inputs are clamped to [-8, 8]: past 8.09 the rounded rational exceeds 1,
+# and from 8 on tanh is within 2.3e-7 of +-1, so |tanh| <= 1 holds and the error stays within 2 eps there.
+_TANH_CLAMP = 8.0
+_TANH_P = (
+    1.0,
+    0.12928038835525513,
+    0.002930051414296031,
+    9.34869603952393e-06,
+    -1.3010892807585606e-08,
+    1.8811195656720514e-11,
+)
+_TANH_Q = (1.0, 0.46261343359947205, 0.023801686242222786, 0.0002293605066370219)
+
+
+@mx.compile
+def _tanh_argument(x: mx.array, scale: mx.array) -> mx.array:
+    # scale * x clamped to [-8, 8]: a kernel of its own, where g++ vectorises the float min/max (see _silu_exponent).
+    return mx.minimum(mx.maximum(x.astype(mx.float32) * scale, -_TANH_CLAMP), _TANH_CLAMP)
+
+
+@mx.compile
+def _tanh_rational(c: mx.array) -> mx.array:
+    s = c * c
+    p, q = _TANH_P, _TANH_Q
+    s2 = s * s
+    num = (p[0] + p[1] * s) + (p[2] + p[3] * s) * s2 + (p[4] + p[5] * s) * (s2 * s2)
+    den = (q[0] + q[1] * s) + (q[2] + q[3] * s) * s2
+    return c * num / den
+
+
+@mx.compile
+def _tanh_affine(c: mx.array, gamma: mx.array, beta: mx.array) -> mx.array:
+    return gamma * _tanh_rational(c) + beta
+
+
+def tanh(x: mx.array, scale: float | mx.array = 1.0) -> mx.array:
+    """tanh(scale * x): MLX's on GPUs; on the CPU, where MLX's tanh is a scalar routine (~15 ns per element on the
+    development machine), two vectorised kernels (the clamp, the rational) at ~3 float32 eps."""
+    if _use_fused_kernels():
+        return mx.tanh(x * scale)
+    return _tanh_rational(_tanh_argument(x, mx.array(scale, mx.float32))).astype(x.dtype)
+
+
+def dyt(x: mx.array, alpha: mx.array, gamma: mx.array, beta: mx.array) -> mx.array:
+    """Dynamic tanh, gamma * tanh(alpha * x) + beta (SAME's norm), with :func:`tanh`'s CPU kernels."""
+    if _use_fused_kernels():
+        return gamma * mx.tanh(alpha * x) + beta
+    return _tanh_affine(_tanh_argument(x, alpha), gamma, beta).astype(x.dtype)
+
+
+# sin(y): y = n pi + r with n = round(y / pi) (the 1.5 * 2^23 rounding trick, exact for |y / pi| < 2^22) and r in
+# [-pi/2, pi/2] by Cody-Waite: pi in three float32 parts, the first two of 12 bits so that n * part is exact for
+# |n| < 2^12 (beyond, r errs by about an ulp of y, the input's own uncertainty); sin(y) = (-1)^n sin(r).
+# sin(r) = r S(r^2), degree 4 (relative-error fit on [0, pi/2], float32 coefficients): 5.4e-9 before rounding.
+_SIN_CLAMP = 2.0**22  # |y| beyond: float32 spacing >= 0.5 there, no phase left to speak of; keeps the trick exact
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (t + M) - M rounds t to the nearest integer in float32
+_INV_PI = 0.31830987334251404
+_PI_PARTS = (3.140625, 0.0009675025939941406, 1.5099580252808664e-07)
+_SIN_POLY = (1.0, -0.16666656732559204, 0.008333024568855762, -0.00019807361240964383, 2.6017719392257277e-06)
+
+
+@mx.compile
+def _sin_argument(x: mx.array, scale: mx.array) -> mx.array:
+    # scale * x (rounded as the plain product) clamped: a kernel of its own for the vectorised float min/max.
+    return mx.minimum(mx.maximum(x.astype(mx.float32) * scale, -_SIN_CLAMP), _SIN_CLAMP)
+
+
+@mx.compile
+def _sin_reduced(y: mx.array, x: mx.array) -> mx.array:
+    """sin of the clamped argument y; + x * 0 turns an infinite input x back into NaN, as sin(inf) is."""
+    n = (y * _INV_PI + _ROUND_MAGIC) - _ROUND_MAGIC
+    r = ((y - n * _PI_PARTS[0]) - n * _PI_PARTS[1]) - n * _PI_PARTS[2]
+    odd = n - 2.0 * ((n * 0.5 + _ROUND_MAGIC) - _ROUND_MAGIC)  # 0 for even n, +-1 for odd n
+    c = _SIN_POLY
+    s = r * r
+    s2 = s * s
+    poly = (c[0] + c[1] * s) + (c[2] + c[3] * s) * s2 + c[4] * (s2 * s2)
+    return (1.0 - 2.0 * (odd * odd)) * (r * poly) + x.astype(mx.float32) * 0.0
+
+
+def sin(x: mx.array, scale: float | mx.array = 1.0) -> mx.array:
+    """sin(scale * x), the product rounded once as in plain float32: MLX's on GPUs; on the CPU (where MLX's sin is a
+    scalar routine) two vectorised kernels, within ~3 float32 eps absolute for |scale * x| < 4096 pi."""
+    if _use_fused_kernels():
+        return mx.sin(x * scale)
+    return _sin_reduced(_sin_argument(x, mx.array(scale, mx.float32)), x).astype(x.dtype)
+
+
+_GELU_SCALE = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@mx.compile
+def _gelu_tanh_argument(x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    return _GELU_SCALE * (x + 0.044715 * (x * x * x))
+
+
+@mx.compile
+def _gelu_tanh_combine(x: mx.array, c: mx.array) -> mx.array:
+    return 0.5 * x.astype(mx.float32) * (1.0 + _tanh_rational(c))
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """The tanh-approximated GELU (transformers' ``gelu_pytorch_tanh``), with :func:`tanh`'s CPU kernels."""
+    if _use_fused_kernels():
+        return nn.gelu_approx(x)
+    return _gelu_tanh_combine(x, _tanh_argument(_gelu_tanh_argument(x), mx.array(1.0, mx.float32))).astype(x.dtype)
+
+
 # 2^f on [-1, 0], degree 6 (minimax fit of the relative error, float32 coefficients): 4e-8 before float32 rounding.
 _EXP2_POLY = (
     1.0,
@@ -153,6 +263,44 @@ def _softmax_weights(scores: mx.array) -> mx.array:
     return _exp2_neg(_row_max(scores) - scores)
 
 
+# Added to masked-out scores (log2 units) instead of -inf: finite, so 2^-(max - score) is exactly 0 (``_exp2_neg``
+# zeroes any z >= 127) with no inf - inf, and far below any real score.
+_MASKED_SCORE = -1e30
+
+
+def _softmax_product(q: mx.array, keys_t: mx.array, v_ones: mx.array, scale: float, mask=None) -> mx.array:
+    """softmax(q k^T * scale) v for one block of queries on the CPU: base-2 weights, normalised after the product
+    with [V | 1] (whose last column is the row sums). ``mask`` (bool, True = attend) broadcasts over the scores."""
+    scores = (q * (scale * _LOG2E)) @ keys_t  # in log2 units for the base-2 exponential
+    if mask is not None:
+        scores = mx.where(mask, scores, _MASKED_SCORE)
+    pv = _softmax_weights(scores) @ v_ones
+    # Normalise after the product: (queries x D) divisions instead of (queries x keys).
+    return pv[..., :-1] / pv[..., -1:]
+
+
+def _with_ones(v: mx.array) -> mx.array:
+    # A column of ones makes the product with V return the row sums too (one pass over the weights fewer; measured
+    # 5-8 % faster for the softmax and product at 236 and 1420 keys).
+    return mx.concatenate([v.astype(mx.float32), mx.ones((*v.shape[:-1], 1), mx.float32)], axis=-1)
+
+
+def masked_attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """softmax(q k^T * scale) v over the last two axes (any leading axes) in float32, in one block of queries, with
+    an optional boolean ``mask`` (True = attend; every query must attend to at least one key)."""
+    return _softmax_product(q, k.swapaxes(-1, -2), _with_ones(v), scale, mask).astype(v.dtype)
+
+
+def masked_softmax(scores: mx.array, bias: mx.array) -> mx.array:
+    """softmax(scores + bias) over the last axis for float32 scores and an additive mask ``bias`` that is 0 where a
+    key counts and hugely negative (e.g. the most negative float) where it does not. On the CPU the base-2 kernels:
+    the scores go to log2 units first and the bias is added unscaled (still hugely negative, never -inf)."""
+    if _use_fused_kernels():
+        return mx.softmax(scores + bias, axis=-1, precise=True)
+    weights = _softmax_weights(scores * _LOG2E + bias)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
 def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v over (B, H, T, D) arrays, softmax in float32."""
     if _use_fused_kernels():
@@ -160,16 +308,10 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     batch, heads, queries, _ = q.shape
     chunk = max(1, _SCORES_PER_CHUNK // (batch * heads * k.shape[2]))
     keys_t = k.swapaxes(-1, -2)
-    scale = scale * _LOG2E  # scores in log2 units for the base-2 exponential
-    dims = v.shape[-1]
-    # A column of ones makes the product with V return the row sums too (one pass over the weights fewer; measured
-    # 5-8 % faster for the softmax and product at 236 and 1420 keys).
-    v_ones = mx.concatenate([v.astype(mx.float32), mx.ones((*v.shape[:-1], 1), mx.float32)], axis=-1)
+    v_ones = _with_ones(v)
     outs = []
     for start in range(0, queries, chunk):
-        pv = _softmax_weights((q[:, :, start : start + chunk] * scale) @ keys_t) @ v_ones
-        # Normalise after the product: (queries x D) divisions instead of (queries x keys).
-        out = (pv[..., :dims] / pv[..., dims:]).astype(v.dtype)
+        out = _softmax_product(q[:, :, start : start + chunk], keys_t, v_ones, scale).astype(v.dtype)
         # Evaluated chunk by chunk on purpose: each chunk's scores are freed while still in cache, and the step came
         # out 7-10 % faster at 10 s and 120 s (interleaved A/B, small DiT; +35 MB peak at 120 s). CPU path only: the
         # fused GPU path stays one lazy graph (mx.compile).

@@ -17,14 +17,15 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import read_json, sanitize_checked
+from .kernels import gelu_tanh, masked_softmax, tanh
 from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, T5GemmaTokenizer  # noqa: F401
 
 ENCODER_PREFIX = "encoder."
 WEIGHTS_FILE = "model.safetensors"
 
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_tanh": nn.gelu_approx,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
     "gelu": nn.gelu,
 }
 
@@ -131,8 +132,8 @@ class Attention(nn.Module):
         # Soft-capping is a tanh on the logits, which fused SDPA cannot express: form the scores explicitly, in fp32.
         scores = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * self.scale
         if self.softcap is not None:
-            scores = mx.tanh(scores / self.softcap) * self.softcap
-        probs = mx.softmax(scores + bias, axis=-1).astype(v.dtype)
+            scores = tanh(scores, 1.0 / self.softcap) * self.softcap
+        probs = masked_softmax(scores, bias).astype(v.dtype)
         out = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
         return self.o_proj(out)
 

@@ -126,3 +126,29 @@ def test_text_embedding_stays_in_the_file(tmp_path, dtype):
         reference, ref_mask = resident.encode(prompts)
         # the same stored rows, cast the same way: identical hidden states
         np.testing.assert_array_equal(np.asarray(mapped)[:, :16], np.asarray(reference))
+
+
+@pytest.mark.parametrize("keep_loaded", [False, True])
+def test_one_shot_runs_without_the_buffer_cache_and_restores_it(keep_loaded):
+    """One-shot on the CPU: MLX's buffer cache is off during the generation (every event sees limit 0) and the
+    caller's limit is back afterwards, also after a cancel; a long-lived pipeline leaves the cache alone."""
+    from mlx_sa3 import GenerationCancelled
+
+    import mlx.core as mx
+
+    def current_limit():
+        limit = mx.set_cache_limit(0)
+        mx.set_cache_limit(limit)
+        return limit
+
+    pipe = StableAudio3.from_pretrained(CHECKPOINT, keep_loaded=keep_loaded)
+    before = mx.set_cache_limit(123 << 20)
+    try:
+        limits = set()
+        pipe.generate("x", duration=1.0, seed=0, steps=2, callback=lambda e: limits.add(current_limit()))
+        assert limits == ({123 << 20} if keep_loaded else {0}) and current_limit() == 123 << 20
+        with pytest.raises(GenerationCancelled):
+            pipe.generate("x", duration=1.0, seed=0, steps=2, callback=lambda e: False)
+        assert current_limit() == 123 << 20
+    finally:
+        mx.set_cache_limit(before)

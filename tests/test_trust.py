@@ -286,7 +286,9 @@ def test_non_finite_decoded_audio_is_reported_not_clamped(pipe, monkeypatch):
     import mlx.core as mx
 
     ae = pipe.model.autoencoder
-    monkeypatch.setattr(ae, "decode_stream", lambda z, chunk_latents=None: iter([mx.full((1, 2, 4096 * 4), np.inf)]))
+    monkeypatch.setattr(
+        ae, "decode_stream", lambda z, chunk_latents=None, **_: iter([mx.full((1, 2, 4096 * 4), np.inf)])
+    )
     with pytest.raises(NonFiniteError, match="^decoding produced non-finite values"):
         pipe.generate("x", duration=0.5, steps=1)
 

@@ -69,7 +69,7 @@ def _attention(timer: Timer, q, k, v, scale: float) -> mx.array:
     keys = k.shape[2]
     chunk = max(1, D._SCORES_PER_CHUNK // (batch * heads * keys))
     keys_t = timer(COPIES, lambda: k.swapaxes(-1, -2))
-    v_ones = timer(COPIES, lambda: mx.concatenate([v, mx.ones((*v.shape[:-1], 1), v.dtype)], axis=-1))
+    v_ones = timer(COPIES, D._with_ones, v)
     outs = []
     for start in range(0, queries, chunk):
         qs = timer(ELEMENTWISE, lambda s=start: q[:, :, s : s + chunk] * (scale * D._LOG2E))

@@ -222,6 +222,40 @@ def openblas_corename() -> str | None:
     return get().decode()
 
 
+_blas = None
+
+
+def _openblas():
+    """The preloaded OpenBLAS (ctypes), or None (none preloaded, or it lacks the thread calls)."""
+    global _blas
+    if _blas is None:
+        _blas = False
+        if loaded_blas is not None:
+            try:
+                lib = ctypes.CDLL(loaded_blas)
+                lib.openblas_get_num_threads.restype = ctypes.c_int
+                lib.openblas_set_num_threads.argtypes = [ctypes.c_int]
+                _blas = lib
+            except (OSError, AttributeError):
+                pass
+    return _blas or None
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int):
+    """Run a block with the preloaded OpenBLAS on ``threads`` threads, restoring its count after (nothing to do
+    without one)."""
+    lib = _openblas()
+    before = lib.openblas_get_num_threads() if lib else None
+    if lib and before != threads:
+        lib.openblas_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if lib and before != threads:
+            lib.openblas_set_num_threads(before)
+
+
 def describe() -> dict:
     import mlx.core as mx
 

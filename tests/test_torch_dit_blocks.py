@@ -143,7 +143,7 @@ def test_onednn_linear_matches_torch_linear():
 
 def test_onednn_threads_give_torch_its_threads_and_openblas_one():
     torch_before = common.require_torch().get_num_threads()
-    blas = common._openblas()
+    blas = platform._openblas()
     blas_before = blas.openblas_get_num_threads() if blas else None
     with common.onednn_threads():
         assert torch.get_num_threads() == platform.torch_default_threads

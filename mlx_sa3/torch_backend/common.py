@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import importlib
 import importlib.util
@@ -18,6 +17,7 @@ import numpy as np
 
 from .. import platform as sa3_platform
 from ..loading import StoredTensor, TensorRef, WeightNormFold, dtype_name, parse_dtype, read_stored_numpy
+from ..platform import blas_threads
 
 INSTALL_HINT = 'pip install "mlx_sa3[torch]"'
 _LINUX_HINT = " (on Linux, install a CPU-only build of torch first, or pip pulls a CUDA build of several GB)"
@@ -207,40 +207,6 @@ def onednn_threads():
     torch = require_torch()
     with sa3_platform.torch_threads(torch, sa3_platform.torch_default_threads), blas_threads(1):
         yield
-
-
-_blas = None
-
-
-def _openblas():
-    """The preloaded OpenBLAS (ctypes), or None (none preloaded, or it lacks the thread calls)."""
-    global _blas
-    if _blas is None:
-        _blas = False
-        if sa3_platform.loaded_blas is not None:
-            try:
-                lib = ctypes.CDLL(sa3_platform.loaded_blas)
-                lib.openblas_get_num_threads.restype = ctypes.c_int
-                lib.openblas_set_num_threads.argtypes = [ctypes.c_int]
-                _blas = lib
-            except (OSError, AttributeError):
-                pass
-    return _blas or None
-
-
-@contextlib.contextmanager
-def blas_threads(threads: int):
-    """Run a block with the preloaded OpenBLAS on ``threads`` threads, restoring its count after (nothing to do
-    without one)."""
-    lib = _openblas()
-    before = lib.openblas_get_num_threads() if lib else None
-    if lib and before != threads:
-        lib.openblas_set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if lib and before != threads:
-            lib.openblas_set_num_threads(before)
 
 
 class MappedReader:

@@ -126,6 +126,11 @@ def _linear(x, layer):
     return linear(x, layer.weight, layer.bias)
 
 
+def _module_linear(x, layer):
+    """``layer(x)``: the module's own forward (diffusers' path, :meth:`TorchDiT._reference_velocity`)."""
+    return layer(x)
+
+
 def _step_threads(dtype):
     """Threads of a step: :func:`~.common.onednn_threads` with oneDNN's linear, else the backend's policy."""
     return onednn_threads() if onednn_linear() else compute_threads(dtype)
@@ -294,16 +299,27 @@ class TorchDiT(DiffusionStep):
         zero = torch.zeros(1, self.config.local_add_cond_dim, dtype=self._torch_dtype)
         return None, torch.cat([block.to_local_embed(zero) for block in blocks])
 
+    def _embed(self, x: mx.array, t: mx.array, prepared: TorchPrepared, linear) -> tuple:
+        """The blocks' input (B, L, E) from channels-first x and the global modulation, ``linear(x, layer)`` running
+        the input projection (inside the caller's inference mode and threads)."""
+        net, dtype = self.net, self._torch_dtype
+        h = _to_torch(x, dtype)
+        h = linear((net.preprocess_conv(h) + h).transpose(1, 2), net.proj_in)
+        # Fourier features of the float32 t in float32 (diffusers computes them in t's dtype), then cast
+        temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
+        return h, net.global_cond_embedder(prepared.global_embed + temb)
+
+    def _project_out(self, h, linear) -> mx.array:
+        """The velocity (float32, channels-first) from the blocks' latent positions."""
+        out = linear(h, self.net.proj_out).transpose(1, 2)
+        return _to_mx((self.net.postprocess_conv(out) + out).float())
+
     def _velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
         """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
         torch, dtype = require_torch(), self._torch_dtype
         net, memory_count = self.net, self.config.num_memory_tokens
         with torch.inference_mode(), _step_threads(dtype):
-            h = _to_torch(x, dtype)
-            h = _linear((net.preprocess_conv(h) + h).transpose(1, 2), net.proj_in)
-            # Fourier features of the float32 t in float32 (diffusers computes them in t's dtype), then cast
-            temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
-            global_mod = net.global_cond_embedder(prepared.global_embed + temb)
+            h, global_mod = self._embed(x, t, prepared, _linear)
             kv, cross_rows = prepared.kv, h.shape[0]
             if guided:
                 h, global_mod = torch.cat([h, h]), torch.cat([global_mod, global_mod])
@@ -317,8 +333,7 @@ class TorchDiT(DiffusionStep):
             locals_ = prepared.local_terms or prepared.local_const
             for block, block_kv, local in zip(net.transformer_blocks, kv, locals_):
                 h = _block(block, h, global_mod, rope, block_kv, cross_rows, local, memory_count, tokens)
-            out = _linear(h[:, memory_count:tokens], net.proj_out).transpose(1, 2)
-            return _to_mx((net.postprocess_conv(out) + out).float())
+            return self._project_out(h[:, memory_count:tokens], _linear)
 
     def _reference_velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
         """:meth:`_velocity` with diffusers' ``StableAudio3DiTBlock`` forwards as they are (every block recomputing
@@ -326,10 +341,7 @@ class TorchDiT(DiffusionStep):
         torch, dtype = require_torch(), self._torch_dtype
         net, memory_count = self.net, self.config.num_memory_tokens
         with torch.inference_mode(), compute_threads(dtype):
-            h = _to_torch(x, dtype)
-            h = net.proj_in((net.preprocess_conv(h) + h).transpose(1, 2))
-            temb = net.to_timestep_embed(net.timestep_features(_to_torch(t)).to(dtype))
-            global_mod = net.global_cond_embedder(prepared.global_embed + temb)
+            h, global_mod = self._embed(x, t, prepared, _module_linear)
             context = prepared.context
             # The official DiT always adds to_local_embed(local): with no inpainting, that of zeros.
             local = prepared.local
@@ -350,8 +362,7 @@ class TorchDiT(DiffusionStep):
                     local_seq=local,
                     num_memory_tokens=memory_count,
                 )
-            out = net.proj_out(h[:, memory_count:]).transpose(1, 2)
-            return _to_mx((net.postprocess_conv(out) + out).float())
+            return self._project_out(h[:, memory_count:], _module_linear)
 
     def update_weights(self, weights: dict) -> None:
         """Replace some parameters, given in mlx_sa3 names and MLX layouts (e.g. LoRA-merged weights), rounded to

@@ -1,4 +1,5 @@
-"""CPU fallback kernels of the DiT: base-2 polynomial exponentials, chunked attention and the SwiGLU dispatch.
+"""CPU fallback kernels: base-2 polynomial exponentials and softmax (DiT, SAME, T5Gemma), chunked attention, the
+SwiGLU dispatch, and tanh / sin / GELU for SAME and T5Gemma.
 
 GPUs use MLX's fused kernels; on the CPU backend these are faster (docs/ARCHITECTURE.md, "CPU kernels").
 """

@@ -66,6 +66,19 @@ def for_calls(layer: nn.Module, dtype: mx.Dtype) -> nn.Module:
     return layer
 
 
+def row_blocks(layer: nn.Module, dtype: mx.Dtype, parts: int) -> tuple[nn.Module, ...] | None:
+    """``layer``'s output rows in ``parts`` equal blocks, each a layer for several calls on ``dtype`` inputs (see
+    :func:`for_calls`: a narrow weight widened once per block), or None when ``layer`` is not a plain or widened
+    linear (e.g. a quantized one) or its rows do not split evenly. Block ``i`` computes output columns
+    ``[i n, (i + 1) n)`` of ``layer`` exactly (the same dot products)."""
+    if type(layer) not in (nn.Linear, WidenedLinear) or layer["weight"].shape[0] % parts:
+        return None
+    weight, bias = layer["weight"], layer.get("bias")
+    n = weight.shape[0] // parts
+    rows = [slice(i * n, (i + 1) * n) for i in range(parts)]
+    return tuple(WidenedLinear(weight[r].astype(dtype), None if bias is None else bias[r]) for r in rows)
+
+
 def storage_dtype(compute_dtype, weights_dtype) -> mx.Dtype:
     """The dtype linear weights are held in, given the compute dtype and the requested ``weights_dtype``.
 

@@ -9,6 +9,7 @@ from mlx_sa3.dit import DiT, DiTConfig, guide, load_dit, sanitize
 from mlx_sa3.loading import CheckpointError, open_source
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -508,12 +509,13 @@ def test_token_chunked_feedforward_matches_one_call(monkeypatch, storage):
         narrow_linears(ff, mx.bfloat16)
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
     whole = np.array(ff(x))
-    calls = []
-    swiglu = dit._swiglu
+    calls, parts = [], []
+    swiglu, swiglu_parts = dit._swiglu, dit._swiglu_parts
     monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(h.shape[1]) or swiglu(h))
+    monkeypatch.setattr(dit, "_swiglu_parts", lambda v, g: parts.append(v.shape[1]) or swiglu_parts(v, g))
     monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 2 * 16 * 128)  # 16 tokens of 2 x 64 hidden values at batch 2
     chunked = np.array(ff(x))
-    assert calls == [15, 15, 15]
+    assert calls == [] and parts == [15, 15, 15]
     # two float32 GEMMs of depth 32 and 64 per output
     assert rel_err(chunked, whole) <= stack_tol(64, 2)
 
@@ -523,15 +525,52 @@ def test_feedforward_one_call_when_short_or_fused(monkeypatch):
 
     ff, x = _feedforward_and_input(np.random.default_rng(4))
     calls = []
-    swiglu = dit._swiglu
-    monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(h.shape[1]) or swiglu(h))
+    swiglu, swiglu_parts = dit._swiglu, dit._swiglu_parts
+    monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(("joint", h.shape[1])) or swiglu(h))
+    monkeypatch.setattr(dit, "_swiglu_parts", lambda v, g: calls.append(("parts", v.shape[1])) or swiglu_parts(v, g))
     monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 2 * 45 * 128)  # exactly the whole input
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
     ff(x)
     monkeypatch.setattr(dit, "_FF_CHUNK_ELEMENTS", 16)
     monkeypatch.setattr(dit, "_use_fused_kernels", lambda: True)  # GPUs: one graph for mx.compile
     ff(x)
-    assert calls == [45, 45]
+    assert calls == [("parts", 45), ("joint", 45)]
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_cpu_feedforward_value_and_gate_gemms_match_one_projection(monkeypatch, storage):
+    """The CPU path's separate value and gate GEMMs give the one-projection SwiGLU: the same dot products (at most
+    rounded differently by the GEMMs' blocking), bfloat16-stored weights widened exactly."""
+    import mlx_sa3.models.dit as dit
+    from mlx_sa3.storage import narrow_linears
+
+    ff, x = _feedforward_and_input(np.random.default_rng(5))
+    if storage == "bfloat16":
+        narrow_linears(ff, mx.bfloat16)
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
+    split = np.array(ff(x))
+    weight = ff.proj_in["weight"].astype(mx.float32)
+    joint = np.array(ff.proj_out(dit._swiglu(mx.addmm(ff.proj_in["bias"], x, weight.T))))
+    # one float32 GEMM of depth 32, then one of depth 64, per output
+    assert rel_err(split, joint) <= stack_tol(64, 2)
+
+
+def test_cpu_feedforward_quantized_proj_in_projects_once(monkeypatch):
+    """A layer that cannot be split by rows (a quantized proj_in) keeps the one projection on the CPU path."""
+    import mlx_sa3.models.dit as dit
+
+    ff, x = _feedforward_and_input(np.random.default_rng(6))
+    reference = np.array(ff.proj_out(dit._swiglu(ff.proj_in(x))))
+    ff.proj_in = nn.QuantizedLinear.from_linear(ff.proj_in, group_size=32, bits=8)
+    quantized = np.array(ff.proj_out(dit._swiglu(ff.proj_in(x))))
+    calls = []
+    swiglu = dit._swiglu
+    monkeypatch.setattr(dit, "_swiglu", lambda h: calls.append(h.shape[1]) or swiglu(h))
+    monkeypatch.setattr(dit, "_use_fused_kernels", lambda: False)
+    out = np.array(ff(x))
+    assert calls == [45]
+    np.testing.assert_array_equal(out, quantized)
+    assert 0 < rel_err(out, reference) <= 2**-6  # it is the quantized layer that ran
 
 
 def test_chunked_feedforward_dit_matches_fixture(monkeypatch, fixture):

@@ -208,3 +208,28 @@ def test_quantized_checkpoint_with_bfloat16_storage_on_the_cpu(tmp_path):
     io = dict(np.load(REF / FIXTURES[0] / "io.npz"))
     out, ref = _call(bf16, io, **_plain_inputs(io)), _call(fp32, io, **_plain_inputs(io))
     assert rel_err(out, ref) <= bf16_tol(len(widened))
+
+
+def test_row_blocks_split_a_linear_exactly():
+    """Row blocks of a plain or bfloat16-stored linear compute its output columns block by block (the weights
+    widened exactly); layers they cannot split give None."""
+    from mlx_sa3.storage import WidenedLinear, row_blocks
+
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.standard_normal((3, 5, 16)).astype(np.float32))
+    linear = nn.Linear(16, 12)
+    for layer in (linear, WidenedLinear.from_linear(linear, mx.bfloat16)):
+        blocks = row_blocks(layer, mx.float32, 3)
+        assert [b["weight"].shape for b in blocks] == [(4, 16)] * 3
+        assert all(b["weight"].dtype == mx.float32 for b in blocks)
+        weight = np.array(layer["weight"].astype(mx.float32))
+        for i, block in enumerate(blocks):
+            np.testing.assert_array_equal(np.array(block["weight"]), weight[4 * i : 4 * (i + 1)])
+            np.testing.assert_array_equal(np.array(block["bias"]), np.array(layer["bias"])[4 * i : 4 * (i + 1)])
+        whole = np.array(layer(x))
+        joined = np.concatenate([np.array(b(x)) for b in blocks], axis=-1)
+        # only the GEMMs' blocking may differ: the forward error bound of a depth-16 dot product, elementwise
+        bound = (16 + 1) * 2**-24 * (np.abs(np.array(x)) @ np.abs(weight).T + np.abs(np.array(layer["bias"])))
+        assert (np.abs(joined - whole) <= 2 * bound).all()
+    assert row_blocks(linear, mx.float32, 5) is None  # 12 rows do not split in 5
+    assert row_blocks(nn.QuantizedLinear.from_linear(nn.Linear(64, 12), group_size=32, bits=8), mx.float32, 2) is None

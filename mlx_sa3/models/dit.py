@@ -22,9 +22,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, to_mx
-from ..storage import for_calls
+from ..storage import for_calls, row_blocks
 from .diffusion import DEFAULT_OBJECTIVE, OBJECTIVES, DiffusionStep, PrepareAndStep, guide  # noqa: F401  (guide: public here too)
-from .kernels import _SCORES_PER_CHUNK, _attention, _swiglu, _use_fused_kernels  # noqa: F401
+from .kernels import _SCORES_PER_CHUNK, _attention, _swiglu, _swiglu_parts, _use_fused_kernels  # noqa: F401
 
 # Settings of the official DiffusionTransformer / ContinuousTransformer this port implements, with the only value
 # it supports. A config asking for anything else is refused instead of being silently run with different maths.
@@ -246,8 +246,19 @@ class SelfAttention(nn.Module):
             x.transpose(0, 2, 1, 3), self.rope_dims, traditional=False, base=self.rope_base, scale=1.0, offset=0
         )
 
+    def _projections(self, x: mx.array) -> list[mx.array]:
+        """q, k, v (and q2, k2) as (B, T, heads, D) each."""
+        parts = 5 if self.differential else 3
+        blocks = None if _use_fused_kernels() else row_blocks(self.to_qkv, x.dtype, parts)
+        if blocks is None:
+            return _split_heads(self.to_qkv(x), parts, self.heads)
+        # CPU: one GEMM per part, each output contiguous for its norm and RoPE, and a bfloat16-stored weight
+        # widened part by part (the medium DiT's whole 47 MB [q|k|v|q2|k2] missed MLX's buffer cache; measured)
+        b, t, _ = x.shape
+        return [block(x).reshape(b, t, self.heads, -1) for block in blocks]
+
     def __call__(self, x: mx.array) -> mx.array:
-        chunks = _split_heads(self.to_qkv(x), 5 if self.differential else 3, self.heads)
+        chunks = self._projections(x)
         q, k = self._rope(self.q_norm(chunks[0])), self._rope(self.k_norm(chunks[1]))
         v = chunks[2].transpose(0, 2, 1, 3)
         out = _attention(q, k, v, self.scale)
@@ -303,16 +314,32 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(inner, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        batch, tokens, _ = x.shape
-        chunks = math.ceil(batch * tokens * self.proj_in.weight.shape[0] / _FF_CHUNK_ELEMENTS)
-        if chunks <= 1 or _use_fused_kernels():
+        if _use_fused_kernels():
             return self.proj_out(_swiglu(self.proj_in(x)))
+        batch, tokens, _ = x.shape
+        chunks = max(1, math.ceil(batch * tokens * self.proj_in.weight.shape[0] / _FF_CHUNK_ELEMENTS))
         rows = math.ceil(tokens / chunks)
-        # Widened once for all chunks when the weights are stored narrower (not once per chunk).
-        proj_in, proj_out = for_calls(self.proj_in, x.dtype), for_calls(self.proj_out, x.dtype)
+        proj_out = for_calls(self.proj_out, x.dtype)
+        halves = row_blocks(self.proj_in, x.dtype, 2)
+        if halves is None:  # e.g. a quantized proj_in: one projection, split after
+            proj_in = for_calls(self.proj_in, x.dtype)
+
+            def hidden(part):
+                return _swiglu(proj_in(part))
+        else:
+            # value and gate as two GEMMs: both contiguous (no gate copy, no strided product), and a bfloat16-stored
+            # weight widens in two halves (the small DiT's whole 32 MB proj_in missed MLX's buffer cache and
+            # malloc's heap, costing ~13 ms of page faults per block; measured)
+            value, gate = halves
+
+            def hidden(part):
+                return _swiglu_parts(value(part), gate(part))
+
+        if chunks == 1:
+            return proj_out(hidden(x))
         outs = []
         for start in range(0, tokens, rows):
-            outs.append(proj_out(_swiglu(proj_in(x[:, start : start + rows]))))
+            outs.append(proj_out(hidden(x[:, start : start + rows])))
             # Evaluated chunk by chunk (as the CPU attention): left lazy, MLX did not free one chunk's temporaries
             # before the next and the step was slower (measured).
             mx.eval(outs[-1])

@@ -80,6 +80,11 @@ def _swiglu_cpu(projected: mx.array) -> mx.array:
     return value * _silu_cpu(mx.contiguous(gate))
 
 
+def _swiglu_parts(value: mx.array, gate: mx.array) -> mx.array:
+    """value * silu(gate) on the CPU for separately projected, contiguous halves (no gate copy, no strided pass)."""
+    return value * _silu_cpu(gate)
+
+
 def _swiglu(projected: mx.array) -> mx.array:
     """value * silu(gate) for the [value | gate] projection."""
     return _swiglu_fused(projected) if _use_fused_kernels() else _swiglu_cpu(projected)

@@ -305,7 +305,8 @@ class FeedForward(nn.Module):
 
     On the CPU path a long sequence runs in token chunks of at most ``_FF_CHUNK_ELEMENTS`` hidden values (the same
     maths row by row): the (B, T, 2 inner) projection and its SwiGLU temporaries then never exist for all T tokens
-    at once (at 120 s, small: 46 + 3 x 23 MB). GPUs keep one call (one graph for mx.compile).
+    at once (at 120 s, small: 46 + 3 x 23 MB), and value and gate are two GEMMs (:func:`~mlx_sa3.storage.row_blocks`;
+    docs/ARCHITECTURE.md, "Weight storage"). GPUs keep one call (one graph for mx.compile).
     """
 
     def __init__(self, dim: int, inner: int):

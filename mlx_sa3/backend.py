@@ -27,19 +27,25 @@ AUTO = "auto"
 TORCH_PACKAGES = ("torch", "diffusers", "transformers")
 
 
-#: What ``--backend auto`` runs on an x86-64 CPU without an MLX GPU: the one place to change when measurements do.
-#: Measured (one-shot CLI, full-size random small checkpoint, 8 steps, fp32, OpenBLAS preloaded for both; torch/MLX
-#: wall in interleaved rounds of ``benchmarks/bench_cli_memory.py --backends torch mlx --rounds 3``): 10 s 0.81-1.00x,
-#: 30 s 0.78-0.81x; after this CPU's MLX kernel speed-ups (benchmarks/compare.py, one quiet round): 10 s 0.91x,
-#: 30 s 0.92x, 120 s 0.75x, medium 10 s 1.02x. docs/ARCHITECTURE.md ("The torch backend") has the table.
+#: What ``--backend auto`` runs on an x86-64 CPU with AVX-512 (:data:`TORCH_FASTER_FLAGS`) and no MLX GPU: the one
+#: place to change when measurements do. Measured on a Sapphire-Rapids-class Xeon (one-shot CLI, full-size random
+#: small checkpoint, 8 steps, fp32, OpenBLAS preloaded for both; torch/MLX wall, interleaved rounds of
+#: ``benchmarks/bench_cli_memory.py --backends torch mlx``): 10 s 0.62x, 30 s 0.68x, 120 s 0.58x, medium 10 s 0.61x.
+#: docs/ARCHITECTURE.md ("The torch backend") has the tables.
 X86_CPU_BACKEND = "torch"
 
+#: CPU flags under which the torch backend outran MLX: its GEMMs are oneDNN's AVX-512 kernels (250-300 GFLOP/s on
+#: the DiT's products against OpenBLAS's 200-220). On an AVX2-only AMD EPYC (fp32 GEMM ~150 GFLOP/s in both) MLX was
+#: as fast or faster up to 30 s (torch/MLX wall 1.01-1.14x at 10 s, 1.02-1.05x at 30 s), torch faster only at 120 s
+#: (0.86x), and MLX's peak was 15 % lower throughout: there ``auto`` runs MLX.
+TORCH_FASTER_FLAGS = ("avx512f",)
 
-def choose_backend() -> tuple[str, str]:
-    """What ``backend="auto"`` runs here, and why (one line).
 
-    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU :data:`X86_CPU_BACKEND` (torch, when
-    its packages are installed: it measured faster there); MLX otherwise.
+def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
+    """What ``backend="auto"`` runs here, and why (one line). ``flags``: the CPU's (default /proc/cpuinfo's).
+
+    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU with AVX-512
+    :data:`X86_CPU_BACKEND` (torch, when its packages are installed: it measured faster there); MLX otherwise.
     """
     if mx.metal.is_available() or mx.default_device() == mx.gpu:
         return "mlx", "MLX has a GPU here"
@@ -48,10 +54,16 @@ def choose_backend() -> tuple[str, str]:
         return "mlx", f"{machine} CPU without an MLX GPU: MLX (torch was measured faster on x86-64 CPUs only)"
     if X86_CPU_BACKEND == "mlx":
         return "mlx", "x86-64 CPU without an MLX GPU: the MLX backend measured faster here"
+    if flags is None:
+        from .cpu_kernels import cpu_flags
+
+        flags = cpu_flags()
+    if not any(flag in flags for flag in TORCH_FASTER_FLAGS):
+        return "mlx", "x86-64 CPU without AVX-512: MLX measured as fast as torch to 30 s here, in less memory"
     missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
-    return "torch", "x86-64 CPU without an MLX GPU: the torch backend measured faster here"
+    return "torch", "x86-64 CPU with AVX-512 and no MLX GPU: the torch backend measured faster here"
 
 
 def resolve_backend(backend: str) -> tuple[str, str]:

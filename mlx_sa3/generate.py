@@ -345,6 +345,9 @@ def _run(args) -> int:
                 weights_dtype=args.weights_dtype,
             )
             load_time = time.perf_counter() - start
+            slow = _slow_dtype_warning(pipe.backend, args.dtype)
+            if slow:
+                print(slow, file=sys.stderr)
             if args.model == "demo":
                 print("note: the demo model has random weights: its output is noise, not music", file=sys.stderr)
             request = GenerationRequest(
@@ -474,6 +477,31 @@ def _dtype_hint(backend: str, dtype: str | None) -> str | None:
         "hint: this CPU has bfloat16 matrix instructions: --dtype bfloat16 ran the small DiT's steps ~4x faster on "
         "such a CPU (velocity within ~3 % of float32)"
     )
+
+
+def _slow_dtype_warning(backend: str, dtype: str | None) -> str | None:
+    """A half-precision compute dtype that this machine runs far slower than float32: say so before sampling.
+
+    torch's bfloat16 GEMMs are fast only with bfloat16 matrix instructions (AMX / AVX512-BF16); without them torch
+    falls back to generic kernels (measured on an AVX2-only x86-64 CPU: ~0.75 GFLOP/s against ~28 in float32, 1024-wide
+    products). MLX's CPU backend has no fast half-precision matmul at all (float32 is its CPU default)."""
+    import mlx.core as mx
+
+    from .platform import has_fast_bf16_matmul
+
+    if dtype in (None, "float32"):
+        return None
+    if backend == "torch" and not has_fast_bf16_matmul():
+        return (
+            f"warning: --dtype {dtype} on a CPU without bfloat16 matrix instructions: torch's bfloat16 GEMMs run "
+            "tens of times slower than float32 here (leave --dtype out for float32)"
+        )
+    if backend == "mlx" and not (mx.metal.is_available() or mx.default_device() == mx.gpu):
+        return (
+            f"warning: --dtype {dtype} on MLX's CPU backend: its half-precision matmuls are slower than float32 "
+            "(--weights-dtype bfloat16 halves the weights' memory and keeps float32 compute)"
+        )
+    return None
 
 
 def _play(out) -> None:

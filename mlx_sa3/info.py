@@ -27,7 +27,7 @@ def _bf16_units() -> str:
     from .platform import BF16_MATMUL_FLAGS, has_fast_bf16_matmul
 
     if not has_fast_bf16_matmul():
-        return "no bfloat16 matrix instructions found (torch --dtype bfloat16 would not be faster here)"
+        return "no bfloat16 matrix instructions found (torch --dtype bfloat16 runs far slower than float32 here)"
     found = sorted(set(BF16_MATMUL_FLAGS) & cpu_flags())
     return f"CPU has bfloat16 matrix instructions ({', '.join(found)}): fast for --backend torch --dtype bfloat16"
 

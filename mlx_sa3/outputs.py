@@ -432,9 +432,11 @@ def handle_signals(signals: tuple = TERMINATING_SIGNALS) -> Iterator[Callable[[]
 
     The block gets a ``check()`` that raises :class:`Terminated` again if a signal arrived: Python drops an exception
     raised while a destructor (``__del__``) runs, so a signal landing there would otherwise be lost (seen: a
-    ``regex`` object's ``__del__`` under garbage collection, the CLI never stopped). Call it at regular points (the
-    CLI does, at every progress event). Outside the main thread signal handlers cannot be installed, and the block
-    runs unchanged (``check`` does nothing).
+    ``regex`` object's ``__del__`` under garbage collection, the CLI never stopped). Python also prints such a
+    dropped exception as a traceback on stderr; inside the block ``sys.unraisablehook`` keeps quiet about a
+    Terminated (check() reports it). Call ``check`` at regular points (the CLI does, at every progress event).
+    Outside the main thread signal handlers cannot be installed, and the block runs unchanged (``check`` does
+    nothing).
     """
     import threading
 
@@ -454,10 +456,19 @@ def handle_signals(signals: tuple = TERMINATING_SIGNALS) -> Iterator[Callable[[]
         fired.append(signum)
         raise Terminated(signum)
 
+    hook = sys.unraisablehook
+
+    def quiet_lost_signal(unraisable):
+        # the Terminated that Python drops in a destructor: recorded in ``fired`` for check(), so not a traceback
+        if not isinstance(unraisable.exc_value, Terminated):
+            hook(unraisable)
+
     previous = {s: signal.signal(s, handler) for s in signals}
+    sys.unraisablehook = quiet_lost_signal
     try:
         yield check
     finally:
+        sys.unraisablehook = hook
         for s, old in previous.items():
             signal.signal(s, old)
 

@@ -398,6 +398,31 @@ def test_a_signal_lost_in_a_destructor_is_raised_again_by_check():
     assert reached == [True] and info.value.status == 128 + signal.SIGTERM
 
 
+def test_a_signal_lost_in_a_destructor_prints_no_traceback(monkeypatch):
+    """Python reports an exception dropped in ``__del__`` through ``sys.unraisablehook`` (a traceback on stderr, seen
+    under the CLI); inside the block a lost Terminated is kept quiet, other dropped exceptions still reach the hook."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(type(unraisable.exc_value)))
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+
+    class FailsWhileCollected:
+        def __del__(self):
+            raise KeyError("not a signal")
+
+    with pytest.raises(Terminated), handle_signals() as check:
+        obj = SignalledWhileCollected()
+        del obj
+        obj = FailsWhileCollected()
+        del obj
+        check()
+    assert reported == [KeyError]
+    assert sys.unraisablehook is not None and sys.unraisablehook.__name__ == "<lambda>"  # the caller's hook is back
+
+
 # -- seeds ------------------------------------------------------------------------------------------------------
 
 

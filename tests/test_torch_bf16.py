@@ -169,6 +169,24 @@ def test_cli_torch_bfloat16_writes_a_valid_file(tmp_path):
     data, sr = sf.read(out, dtype="float32", always_2d=True)
     assert sr == 44100 and data.shape == (round(1.5 * sr), 2) and np.isfinite(data).all() and np.abs(data).max() > 0
     assert "backend: torch" in proc.stdout
+    # said before sampling, only where the CPU lacks bfloat16 matrix instructions
+    assert ("warning: --dtype bfloat16 on a CPU without bfloat16" in proc.stderr) != platform.has_fast_bf16_matmul()
+
+
+def test_slow_dtype_warning_names_the_slow_half_paths(monkeypatch):
+    from mlx_sa3 import generate
+
+    for fast in (True, False):
+        monkeypatch.setattr(platform, "has_fast_bf16_matmul", lambda fast=fast: fast)
+        warning = generate._slow_dtype_warning("torch", "bfloat16")
+        assert (warning is None) == fast
+        assert generate._slow_dtype_warning("torch", "float32") is None
+        assert generate._slow_dtype_warning("torch", None) is None
+    on_gpu = mx.metal.is_available() or mx.default_device() == mx.gpu
+    for dtype in ("float16", "bfloat16"):
+        warning = generate._slow_dtype_warning("mlx", dtype)
+        assert (warning is None) == on_gpu and (on_gpu or "--weights-dtype bfloat16" in warning)
+    assert generate._slow_dtype_warning("mlx", "float32") is None
 
 
 def test_cli_torch_float16_is_one_line_exit_2(tmp_path):

@@ -141,6 +141,37 @@ def test_onednn_linear_matches_torch_linear():
         assert rel_err(linear(*args).numpy(), want.numpy()) <= fp32_tol(256)
 
 
+def test_onednn_linear_bfloat16_matches_torch_linear_or_is_absent():
+    """oneDNN's bfloat16 inner product needs AVX-512 on x86: where the CPU lacks it the probe must say None (the
+    step then uses torch's own linear), never hand out an op that raises mid-generation."""
+    linear = common.onednn_linear(torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 37, 256, generator=gen).bfloat16()
+    weight, bias = torch.randn(96, 256, generator=gen).bfloat16(), torch.randn(96, generator=gen).bfloat16()
+    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    if linear is None:  # torch's own bfloat16 linear must then run here
+        got = torch.nn.functional.linear(x, weight, bias)
+    else:
+        got = linear(x, weight, bias)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float().numpy(), want.numpy()) <= 2 * torch.finfo(torch.bfloat16).eps
+
+
+def test_onednn_linear_is_none_where_the_op_raises(monkeypatch):
+    def refuses(*args):
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuses)
+    common._onednn_linear.cache_clear()
+    try:
+        assert common.onednn_linear(torch.bfloat16) is None
+        assert common.onednn_linear(torch.float32) is None
+    finally:
+        monkeypatch.undo()
+        common._onednn_linear.cache_clear()
+    assert (common.onednn_linear() is None) == (common.onednn_linear(torch.float32) is None)
+
+
 def test_onednn_threads_give_torch_its_threads_and_openblas_one():
     torch_before = common.require_torch().get_num_threads()
     blas = platform._openblas()

@@ -163,34 +163,44 @@ def compute_threads(dtype):
     return sa3_platform.torch_threads(torch, None if dtype == torch.float32 else sa3_platform.torch_default_threads)
 
 
-def onednn_linear():
+def onednn_linear(dtype=None):
     """``linear(x, weight, bias)`` through torch's oneDNN kernels (``mkldnn._linear_pointwise``, AVX-512 / AMX on
-    x86), or None where this torch has none that reproduces ``F.linear`` (checked once on a small case).
+    x86) for inputs of ``dtype`` (a torch dtype, default float32), or None where this torch and CPU have none that
+    reproduces ``F.linear`` in that dtype (checked once per dtype on a small case).
 
     Why: with OpenBLAS preloaded, torch's float32 GEMMs resolve to it (symbol interposition), which runs the DiT's
     skinny products (~200-450 rows) at ~200 GFLOP/s on two cores; oneDNN runs them at ~300 on torch's threads.
+    Per dtype because oneDNN has no bfloat16 inner product on CPUs without AVX-512 (an AVX2-only EPYC raises
+    "could not create a primitive descriptor"), where float32 still works.
     """
-    return _onednn_linear()
+    torch = require_torch()
+    return _onednn_linear(str(dtype or torch.float32))
 
 
 @functools.cache
-def _onednn_linear():
+def _onednn_linear(dtype_name):
     torch = require_torch()
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None
+    dtype = getattr(torch, dtype_name.removeprefix("torch."))
 
     def linear(x, weight, bias=None):
         return op(x, weight, bias, "none", [], "")
 
+    depth = 64
     try:
         gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 64), (48, 64), (48,)))
+        x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((2, 3, depth), (48, depth), (48,)))
         with torch.inference_mode():
-            want = torch.nn.functional.linear(x, w, b)
-            ok = torch.allclose(linear(x, w, b), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    except (RuntimeError, TypeError):  # an op this build cannot run: torch's own linear
+            want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+            got = linear(x, w, b).float()
+    except (RuntimeError, TypeError):  # an op this build or CPU cannot run: torch's own linear
         return None
+    # float32: its accumulation over the depth; a half type: one rounding of the output (fp32 accumulation)
+    eps = torch.finfo(dtype).eps
+    tol = eps * (depth if dtype == torch.float32 else 2.0)
+    ok = bool(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())))
     return linear if ok else None
 
 

@@ -122,7 +122,7 @@ def _head_norm_rope(x, norm, rope):
 
 def _linear(x, layer):
     """``layer(x)`` for an ``nn.Linear``, in oneDNN where torch has it (:func:`~.common.onednn_linear`)."""
-    linear = onednn_linear() or require_torch().nn.functional.linear
+    linear = onednn_linear(x.dtype) or require_torch().nn.functional.linear
     return linear(x, layer.weight, layer.bias)
 
 
@@ -133,7 +133,7 @@ def _module_linear(x, layer):
 
 def _step_threads(dtype):
     """Threads of a step: :func:`~.common.onednn_threads` with oneDNN's linear, else the backend's policy."""
-    return onednn_threads() if onednn_linear() else compute_threads(dtype)
+    return onednn_threads() if onednn_linear(dtype) else compute_threads(dtype)
 
 
 def _attention(q, k, v):

@@ -173,17 +173,15 @@ def onednn_linear(dtype=None):
     Per dtype because oneDNN has no bfloat16 inner product on CPUs without AVX-512 (an AVX2-only EPYC raises
     "could not create a primitive descriptor"), where float32 still works.
     """
-    torch = require_torch()
-    return _onednn_linear(str(dtype or torch.float32))
+    return _onednn_linear(require_torch().float32 if dtype is None else dtype)
 
 
 @functools.cache
-def _onednn_linear(dtype_name):
+def _onednn_linear(dtype):
     torch = require_torch()
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None
-    dtype = getattr(torch, dtype_name.removeprefix("torch."))
 
     def linear(x, weight, bias=None):
         return op(x, weight, bias, "none", [], "")

@@ -35,6 +35,7 @@ reference BLAS a 16-latent call instead, since a full one costs minutes; for end
     python benchmarks/compare.py --official-repo ~/src/stable-audio-3 --targets small-10 small-30   # issue-12 ratios
     python benchmarks/compare.py --official-repo PATH --checkpoint small=DIR medium=DIR --bf16-weights --targets
         # adds the CLI as it runs (mlx-oneshot) and with --weights-dtype bfloat16 (mlx-oneshot-bf16)
+    ... --bf16-checkpoint small=DIR   # the bf16 row loads a `convert.py --dtype bfloat16` conversion
     ... --oneshot mlx-oneshot-h0 torch-oneshot torch-oneshot-bf16
         # also: no headroom (the official runtime's canvas), the torch backend in fp32 and in bf16 (--dtype bfloat16)
 """
@@ -349,10 +350,18 @@ def oneshot_worker(impl: str, work: Workload, checkpoint: Path) -> dict:
     }
 
 
+def oneshot_checkpoint(impl: str, variant: str) -> Path:
+    """The folder a one-shot row loads: ``--checkpoint``'s, or for the bf16 row ``--bf16-checkpoint``'s if given."""
+    converted = os.environ.get("COMPARE_BF16_CHECKPOINT_" + variant.upper())
+    if impl == "mlx-oneshot-bf16" and converted:
+        return Path(converted)
+    return Path(os.environ["COMPARE_CHECKPOINT_" + variant.upper()])
+
+
 def run_worker(impl: str, work: Workload) -> dict:
     """Build, warm up, time one call; everything in this (fresh) process."""
     if impl in ONESHOT:
-        return oneshot_worker(impl, work, Path(os.environ["COMPARE_CHECKPOINT_" + work.variant.upper()]))
+        return oneshot_worker(impl, work, oneshot_checkpoint(impl, work.variant))
     sa3, dit_cfg, same_cfg, text_cfg = full_size_parts(work.variant)
     start = time.perf_counter()
     model = random_model(sa3, dit_cfg, same_cfg, text_cfg, dtype="float32")
@@ -600,6 +609,14 @@ def main(argv=None) -> None:
         help="with --checkpoint: also the mlx-oneshot-bf16 row (the CLI with --weights-dtype bfloat16)",
     )
     parser.add_argument(
+        "--bf16-checkpoint",
+        nargs="+",
+        metavar="VARIANT=DIR",
+        default=[],
+        help="with --bf16-weights: the mlx-oneshot-bf16 row loads this `convert.py SRC DIR --dtype bfloat16` "
+        "output instead of --checkpoint's float32 folder (converted once, as the official runtime's half files)",
+    )
+    parser.add_argument(
         "--oneshot",
         nargs="+",
         choices=sorted(ONESHOT),
@@ -647,6 +664,9 @@ def main(argv=None) -> None:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     for variant, folder in checkpoints.items():
         os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
+    for item in args.bf16_checkpoint:
+        variant, folder = item.split("=", 1)
+        os.environ["COMPARE_BF16_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
     extra = (["mlx-oneshot-bf16"] if args.bf16_weights else []) + args.oneshot
     oneshot = ("mlx-oneshot", *dict.fromkeys(name for name in extra if name != "mlx-oneshot"))
     plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]

@@ -584,6 +584,14 @@ NOTES = [
 ]
 
 
+def export_folders(items: list[str], prefix: str) -> dict[str, str]:
+    """``VARIANT=DIR`` arguments as a dict, each also exported (resolved) as ``prefix + VARIANT`` for the workers."""
+    folders = dict(item.split("=", 1) for item in items)
+    for variant, folder in folders.items():
+        os.environ[prefix + variant.upper()] = str(Path(folder).resolve())
+    return folders
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 s workloads, end to end with 2 steps")
@@ -661,12 +669,12 @@ def main(argv=None) -> None:
         plan = QUICK if args.quick else FULL
     if args.official_repo is not None and args.targets is None:
         plan = [(w, (*impls, "official-mlx") if w.kind == "e2e" else impls) for w, impls in plan]
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    for variant, folder in checkpoints.items():
-        os.environ["COMPARE_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
-    for item in args.bf16_checkpoint:
-        variant, folder = item.split("=", 1)
-        os.environ["COMPARE_BF16_CHECKPOINT_" + variant.upper()] = str(Path(folder).resolve())
+    checkpoints = export_folders(args.checkpoint, "COMPARE_CHECKPOINT_")
+    converted = export_folders(args.bf16_checkpoint, "COMPARE_BF16_CHECKPOINT_")
+    if converted and not args.bf16_weights:
+        parser.error("--bf16-checkpoint needs --bf16-weights")
+    if set(converted) - set(checkpoints):
+        parser.error("--bf16-checkpoint names a variant that --checkpoint does not")
     extra = (["mlx-oneshot-bf16"] if args.bf16_weights else []) + args.oneshot
     oneshot = ("mlx-oneshot", *dict.fromkeys(name for name in extra if name != "mlx-oneshot"))
     plan = [(w, (*impls, *oneshot) if w.kind == "e2e" and w.variant in checkpoints else impls) for w, impls in plan]

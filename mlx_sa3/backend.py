@@ -7,8 +7,14 @@ docs/ARCHITECTURE.md, "Backends"); conditioning, guidance and samplers stay the 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import os
 import platform
+import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -44,8 +50,10 @@ TORCH_FASTER_FLAGS = ("avx512f",)
 def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
     """What ``backend="auto"`` runs here, and why (one line). ``flags``: the CPU's (default /proc/cpuinfo's).
 
-    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA); on an x86-64 CPU with AVX-512
-    :data:`X86_CPU_BACKEND` (torch, when its packages are installed: it measured faster there); MLX otherwise.
+    MLX wherever it has a GPU (Metal on Apple Silicon, CUDA). On an x86-64 CPU, this machine's own measurement when
+    ``python -m mlx_sa3.info --measure-backends`` has stored one (:func:`measure_backends`; only for the real
+    flags, ``flags=None``); without one, :data:`X86_CPU_BACKEND` (torch, when its packages are installed) on a CPU
+    with AVX-512, where it measured faster on every machine tried, and MLX otherwise.
     """
     if mx.metal.is_available() or mx.default_device() == mx.gpu:
         return "mlx", "MLX has a GPU here"
@@ -57,13 +65,130 @@ def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
     if flags is None:
         from .cpu_kernels import cpu_flags
 
+        measured = _measured_choice()
+        if measured is not None:
+            return measured
         flags = cpu_flags()
     if not any(flag in flags for flag in TORCH_FASTER_FLAGS):
-        return "mlx", "x86-64 CPU without AVX-512: MLX measured as fast as torch to 30 s here, in less memory"
+        return "mlx", (
+            "x86-64 CPU without AVX-512: MLX, as fast as torch to 30 s on the AVX2 CPU measured and in less memory "
+            "(python -m mlx_sa3.info --measure-backends measures this one)"
+        )
     missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
     return "torch", "x86-64 CPU with AVX-512 and no MLX GPU: the torch backend measured faster here"
+
+
+# -- this machine's measurement (python -m mlx_sa3.info --measure-backends) -----------------------------------------
+
+#: torch is chosen over MLX only when its DiT step measured at most this fraction of MLX's: MLX holds ~10-15 % less
+#: memory (the torch stack's imports), so a tie goes to MLX
+TORCH_STEP_RATIO = 0.95
+MEASUREMENT_FILE = "backend-measurement.json"
+
+
+def measurement_path() -> Path:
+    """Where the measurement is kept: ``$MLX_SA3_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlx_sa3``, else
+    ``~/.cache/mlx_sa3``; the file is ``backend-measurement.json``."""
+    base = os.environ.get("MLX_SA3_CACHE_DIR")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_sa3"
+    return Path(base) / MEASUREMENT_FILE
+
+
+def machine_key() -> dict:
+    """What a measurement holds for: the CPU (model name, flags, cores), the BLAS MLX loaded and both libraries'
+    versions. A measurement made under another key is ignored (another machine, BLAS or upgrade)."""
+    from . import platform as sa3_platform
+    from .cpu_kernels import cpu_flags, cpu_model
+
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    return {
+        "cpu": cpu_model() or platform.processor(),
+        "flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
+        "cores": os.cpu_count(),
+        "machine": platform.machine().lower(),
+        "blas": sa3_platform.loaded_blas,
+        "mlx": mx.__version__,
+        "torch": torch_version,
+    }
+
+
+def measure_backends(config=None, tokens: int = 236, repeats: int = 3) -> dict:
+    """Time one DiT step on MLX and on the torch backend with the same random weights, in one process, interleaved
+    (best of ``repeats`` each, after a warm-up): ``{"mlx_step_s", "torch_step_s", "tokens", "depth", "key"}``.
+
+    ``config``: the DiT (default the small model's width with 2 blocks: per-block cost is what differs between the
+    backends, and 20 blocks would only take longer); ``tokens``: memory tokens + latents (default 236, the 10 s
+    canvas). Needs torch (ImportError with the install hint otherwise).
+    """
+    import dataclasses
+
+    from .models.dit import DiT, DiTConfig
+
+    tb = _torch_backend()
+    tb.require_torch()
+    config = config or dataclasses.replace(DiTConfig.small(), depth=2)
+    mlx_dit = DiT(config)
+    mx.eval(mlx_dit.parameters())
+    torch_dit = tb.torch_dit_from_mlx(mlx_dit)
+    keys = mx.random.split(mx.random.key(0), 3)
+    context = mx.random.normal((1, 257, config.cond_token_dim), key=keys[0])
+    global_cond = mx.random.normal((1, config.global_cond_dim), key=keys[1])
+    x = mx.random.normal((1, config.io_channels, max(1, tokens - config.num_memory_tokens)), key=keys[2])
+    prepared = [(m, m.prepare(context, global_cond, None, cfg=False)) for m in (mlx_dit, torch_dit)]
+    best = [float("inf"), float("inf")]
+    for round_ in range(repeats + 1):
+        for i, (model, prep) in enumerate(prepared):
+            start = time.perf_counter()
+            mx.eval(model.step(x, 0.5, prep))
+            if round_:  # round 0 warms up (kernel compiles, thread pools, page-ins)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return {
+        "mlx_step_s": best[0],
+        "torch_step_s": best[1],
+        "tokens": tokens,
+        "depth": config.depth,
+        "key": machine_key(),
+    }
+
+
+def save_measurement(result: dict, path=None) -> Path:
+    """Write ``result`` (:func:`measure_backends`) where ``--backend auto`` reads it, atomically (replacing an earlier
+    measurement, never anything that is not a regular file); the directory is created if needed."""
+    from .outputs import AtomicFiles
+
+    path = Path(path) if path is not None else measurement_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFiles([path], overwrite=True) as files:
+        files.temps[0].write_text(json.dumps(result, indent=2) + "\n")
+        files.commit()
+    return path
+
+
+def load_measurement(path=None) -> dict | None:
+    """The stored measurement if it was made on this machine as it is now (:func:`machine_key`), else None."""
+    path = Path(path) if path is not None else measurement_path()
+    try:
+        result = json.loads(path.read_text())
+        ok = result["key"] == machine_key() and result["mlx_step_s"] > 0 and result["torch_step_s"] > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return result if ok else None
+
+
+def _measured_choice() -> tuple[str, str] | None:
+    """``(backend, reason)`` from this machine's measurement, or None (none stored, or the torch extra missing)."""
+    result = load_measurement()
+    if result is None or any(importlib.util.find_spec(name) is None for name in TORCH_PACKAGES):
+        return None
+    ratio = result["torch_step_s"] / result["mlx_step_s"]
+    how = f"measured here by python -m mlx_sa3.info --measure-backends: torch's DiT step {ratio:.2f}x MLX's"
+    return ("torch", how) if ratio <= TORCH_STEP_RATIO else ("mlx", how)
 
 
 def resolve_backend(backend: str) -> tuple[str, str]:

@@ -55,16 +55,26 @@ def choose_openblas_coretype(cpu_flags: set[str], openblas_version: str | None) 
     return None
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The instruction-set flags the kernel reports for the first CPU (empty where /proc/cpuinfo has none)."""
+def _cpuinfo_value(field: str, cpuinfo: str) -> str | None:
+    """The value of ``field`` for the first CPU in /proc/cpuinfo (None where it has none)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags the kernel reports for the first CPU (empty where /proc/cpuinfo has none)."""
+    return set((_cpuinfo_value("flags", cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's model name as the kernel reports it (None where /proc/cpuinfo has none)."""
+    return _cpuinfo_value("model name", cpuinfo)
 
 
 def openblas_version_from_path(path: str) -> str | None:

@@ -10,15 +10,49 @@ from .platform import describe, gemm_gflops
 def main(argv=None) -> None:
     from . import backend, platform
 
-    args = platform.main(argv, more=lambda: {"torch": backend.describe_torch()})
+    args = platform.main(argv, more=lambda: {"torch": backend.describe_torch()}, add_arguments=_add_arguments)
     rate = backend.torch_gemm_gflops(args.size)
     if rate is not None:
-        bf16 = backend.torch_gemm_gflops(args.size, dtype="bfloat16")
         how = f"n={args.size}, as the torch backend runs them"
-        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM, {bf16:.1f} GFLOP/s bf16 ({how})")
+        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM, {_torch_bf16_rate(backend, args.size)} ({how})")
     print(f"{'bf16':>9}: {_bf16_units()}")
+    if args.measure_backends:
+        _measure(backend)
     name, reason = backend.choose_backend()
     print(f"{'auto':>9}: --backend auto runs {name} ({reason})")
+
+
+def _torch_bf16_rate(backend, size: int) -> str:
+    """torch's bfloat16 GEMM rate, timed only where the CPU has bfloat16 matrix instructions: without them it runs at
+    well under 1 GFLOP/s (0.2 on an AVX2 AMD EPYC), so one n = 2048 product alone would take over a minute."""
+    from .platform import has_fast_bf16_matmul
+
+    if not has_fast_bf16_matmul():
+        return "bf16 not timed (no bfloat16 matrix instructions)"
+    return f"{backend.torch_gemm_gflops(size, dtype='bfloat16'):.1f} GFLOP/s bf16"
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument(
+        "--measure-backends",
+        action="store_true",
+        help="time a DiT step on MLX and on torch here and keep the result for --backend auto (about 15 s; needs "
+        "the torch extra)",
+    )
+
+
+def _measure(backend) -> None:
+    """Measure both backends and store the result; a failure is one line on stderr, exit status 2."""
+    import sys
+
+    try:
+        result = backend.measure_backends()
+        path = backend.save_measurement(result)
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
+        print(f"error: --measure-backends: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    steps = f"MLX {result['mlx_step_s'] * 1e3:.0f} ms, torch {result['torch_step_s'] * 1e3:.0f} ms"
+    print(f"{'measured':>9}: DiT step ({result['depth']} blocks, {result['tokens']} tokens): {steps}; kept in {path}")
 
 
 def _bf16_units() -> str:

@@ -285,12 +285,15 @@ def _kernels_line() -> str:
     return f"{name} ({how})"
 
 
-def main(argv=None, more=None) -> argparse.Namespace:
-    """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's)."""
+def main(argv=None, more=None, add_arguments=None) -> argparse.Namespace:
+    """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's), and
+    ``add_arguments(parser)`` their options."""
     parser = argparse.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
     )
     parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if blas_warning():
         print(f"warning: {blas_warning()}", file=sys.stderr)

@@ -1,11 +1,16 @@
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import mlx_sa3  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 
 import numpy as np
 import pytest
+
+# A stored backend measurement (python -m mlx_sa3.info --measure-backends) would change what --backend auto runs:
+# the suite, and every CLI it starts, gets an empty cache of its own.
+os.environ["MLX_SA3_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlx_sa3-test-cache-")
 
 SHARED = Path(os.environ.get("MLX_SA3_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 REF = SHARED / "reference"

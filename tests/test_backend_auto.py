@@ -2,6 +2,12 @@
 otherwise; the CLI summary says which ran and why."""
 
 import importlib.util
+import json
+import os
+import platform
+import stat
+import subprocess
+import sys
 
 from mlx_sa3 import backend
 from mlx_sa3.pipeline import StableAudio3
@@ -93,3 +99,121 @@ def test_cli_hints_bfloat16_only_for_float32_torch_runs_on_bf16_cpus(monkeypatch
     assert generate._dtype_hint("mlx", None) is None
     monkeypatch.setattr(platform, "has_fast_bf16_matmul", lambda: False)
     assert generate._dtype_hint("torch", None) is None
+
+
+# -- this machine's measurement (python -m mlx_sa3.info --measure-backends) -----------------------------------------
+
+
+@pytest.fixture
+def x86_with_torch(cpu_only, tmp_path):
+    cpu_only.setattr(backend.platform, "machine", lambda: "x86_64")
+    cpu_only.setattr(importlib.util, "find_spec", lambda name: object())
+    cpu_only.setenv("MLX_SA3_CACHE_DIR", str(tmp_path / "cache"))
+    return cpu_only
+
+
+def _stored(mlx_s: float, torch_s: float, **key) -> dict:
+    result = {"mlx_step_s": mlx_s, "torch_step_s": torch_s, "tokens": 236, "depth": 2}
+    result["key"] = {**backend.machine_key(), **key}
+    return result
+
+
+def test_a_measurement_of_this_machine_decides_auto(x86_with_torch):
+    from mlx_sa3.cpu_kernels import cpu_flags
+
+    by_flags = backend.choose_backend(cpu_flags())
+    assert backend.choose_backend() == by_flags  # nothing stored yet: the flag rule
+    path = backend.save_measurement(_stored(1.0, 0.76))
+    assert path == backend.measurement_path() and path.parent.name == "cache"
+    name, reason = backend.choose_backend()
+    assert name == "torch" and "0.76x" in reason and "--measure-backends" in reason
+    backend.save_measurement(_stored(1.0, 0.97))  # replaces it; a near tie goes to MLX (less memory)
+    assert backend.choose_backend()[0] == "mlx"
+    backend.save_measurement(_stored(1.0, 0.95))
+    assert backend.choose_backend()[0] == "torch"
+    # explicit flags describe another CPU: the measurement does not apply to them
+    assert backend.choose_backend(AVX2)[0] == "mlx" and backend.choose_backend(AVX512)[0] == backend.X86_CPU_BACKEND
+
+
+def test_a_measurement_of_another_machine_or_library_is_ignored(x86_with_torch):
+    from mlx_sa3.cpu_kernels import cpu_flags
+
+    by_flags = backend.choose_backend(cpu_flags())
+    for key in ({"cpu": "another CPU"}, {"mlx": "0.0.1"}, {"torch": "1.0"}, {"blas": None, "cores": 1024}):
+        backend.save_measurement(_stored(1.0, 0.5, **key))
+        assert backend.load_measurement() is None
+        assert backend.choose_backend() == by_flags
+    backend.measurement_path().write_text("{not json")
+    assert backend.load_measurement() is None and backend.choose_backend() == by_flags
+    backend.save_measurement(_stored(1.0, 0.5))
+    assert backend.load_measurement()["torch_step_s"] == 0.5
+    # without the torch extra a measurement cannot choose torch
+    x86_with_torch.setattr(importlib.util, "find_spec", lambda name: None if name == "transformers" else object())
+    name, reason = backend.choose_backend()
+    assert name == "mlx" and "measured here" not in reason
+
+
+def test_saving_a_measurement_respects_the_umask_and_never_replaces_a_directory(x86_with_torch, tmp_path):
+    from mlx_sa3.outputs import OutputError
+
+    old = os.umask(0o027)
+    try:
+        path = backend.save_measurement(_stored(1.0, 0.8))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in path.parent.iterdir()] == [backend.MEASUREMENT_FILE]  # no temporary left behind
+    blocked = tmp_path / "blocked"
+    (blocked / backend.MEASUREMENT_FILE).mkdir(parents=True)
+    with pytest.raises(OutputError):
+        backend.save_measurement(_stored(1.0, 0.8), blocked / backend.MEASUREMENT_FILE)
+    assert (blocked / backend.MEASUREMENT_FILE).is_dir()
+
+
+def test_measure_backends_times_both_backends_on_the_same_weights():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from mlx_sa3.models.dit import DiTConfig
+
+    tiny = DiTConfig(
+        io_channels=8,
+        embed_dim=128,
+        depth=1,
+        num_heads=2,
+        cond_token_dim=32,
+        global_cond_dim=16,
+        local_add_cond_dim=9,
+        num_memory_tokens=4,
+        diffusion_objective="rf_denoiser",
+    )
+    result = backend.measure_backends(config=tiny, tokens=24, repeats=1)
+    assert result["mlx_step_s"] > 0 and result["torch_step_s"] > 0
+    assert (result["tokens"], result["depth"], result["key"]) == (24, 1, backend.machine_key())
+
+
+def test_info_measure_backends_stores_what_auto_then_reports(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "MLX_SA3_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "mlx_sa3.info", "--size", "64", "--measure-backends"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((tmp_path / backend.MEASUREMENT_FILE).read_text())
+    ratio = stored["torch_step_s"] / stored["mlx_step_s"]
+    assert f"MLX {stored['mlx_step_s'] * 1e3:.0f} ms, torch {stored['torch_step_s'] * 1e3:.0f} ms" in proc.stdout
+    auto = next(line for line in proc.stdout.splitlines() if line.strip().startswith("auto:"))
+    if platform.machine().lower() in ("x86_64", "amd64") and not backend.mx.metal.is_available():
+        assert f"{ratio:.2f}x MLX's" in auto
+        assert ("runs torch" in auto) == (ratio <= backend.TORCH_STEP_RATIO)
+
+
+def test_info_measure_backends_without_torch_is_one_line_and_status_2(tmp_path):
+    env = {**os.environ, "MLX_SA3_CACHE_DIR": str(tmp_path)}
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # an import of torch now fails, as without the extra
+        "from mlx_sa3.info import main; main(['--size', '64', '--measure-backends'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --measure-backends:") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / backend.MEASUREMENT_FILE).exists()

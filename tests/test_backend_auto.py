@@ -173,22 +173,12 @@ def test_saving_a_measurement_respects_the_umask_and_never_replaces_a_directory(
 def test_measure_backends_times_both_backends_on_the_same_weights():
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from mlx_sa3.models.dit import DiTConfig
+    from .test_torch_dit_blocks import random_dit  # its tiny DiT (head_dim 64, memory tokens)
 
-    tiny = DiTConfig(
-        io_channels=8,
-        embed_dim=128,
-        depth=1,
-        num_heads=2,
-        cond_token_dim=32,
-        global_cond_dim=16,
-        local_add_cond_dim=9,
-        num_memory_tokens=4,
-        diffusion_objective="rf_denoiser",
-    )
+    tiny = random_dit(differential=False).config
     result = backend.measure_backends(config=tiny, tokens=24, repeats=1)
     assert result["mlx_step_s"] > 0 and result["torch_step_s"] > 0
-    assert (result["tokens"], result["depth"], result["key"]) == (24, 1, backend.machine_key())
+    assert (result["tokens"], result["depth"], result["key"]) == (24, tiny.depth, backend.machine_key())
 
 
 def test_info_measure_backends_stores_what_auto_then_reports(tmp_path):

@@ -71,13 +71,16 @@ def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
         flags = cpu_flags()
     if not any(flag in flags for flag in TORCH_FASTER_FLAGS):
         return "mlx", (
-            "x86-64 CPU without AVX-512: MLX, as fast as torch to 30 s on the AVX2 CPU measured and in less memory "
-            "(python -m mlx_sa3.info --measure-backends measures this one)"
+            "x86-64 CPU without AVX-512: MLX was as fast as torch to 30 s on the AVX2 CPU measured, in less memory; "
+            "python -m mlx_sa3.info --measure-backends measures this one"
         )
     missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
-    return "torch", "x86-64 CPU with AVX-512 and no MLX GPU: the torch backend measured faster here"
+    return "torch", (
+        "x86-64 CPU with AVX-512 and no MLX GPU: the torch backend was faster on every such CPU measured; "
+        "python -m mlx_sa3.info --measure-backends measures this one"
+    )
 
 
 # -- this machine's measurement (python -m mlx_sa3.info --measure-backends) -----------------------------------------

@@ -14,7 +14,7 @@ def main(argv=None) -> None:
     rate = backend.torch_gemm_gflops(args.size)
     if rate is not None:
         how = f"n={args.size}, as the torch backend runs them"
-        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM, {_torch_bf16_rate(backend, args.size)} ({how})")
+        print(f"{'torch':>9}: {rate:.1f} GFLOP/s fp32 GEMM, {_torch_bf16_rate(backend, args.size)}; {how}")
     print(f"{'bf16':>9}: {_bf16_units()}")
     if args.measure_backends:
         _measure(backend)

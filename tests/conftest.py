@@ -1,5 +1,7 @@
+import atexit
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 # A stored backend measurement (python -m mlx_sa3.info --measure-backends) would change what --backend auto runs:
 # the suite, and every CLI it starts, gets an empty cache of its own.
 os.environ["MLX_SA3_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlx_sa3-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MLX_SA3_CACHE_DIR"], True)
 
 SHARED = Path(os.environ.get("MLX_SA3_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 REF = SHARED / "reference"

@@ -47,6 +47,11 @@ X86_CPU_BACKEND = "torch"
 TORCH_FASTER_FLAGS = ("avx512f",)
 
 
+def _missing_torch_packages() -> list[str]:
+    """The packages of :data:`TORCH_PACKAGES` that are not installed (found without importing them)."""
+    return [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
     """What ``backend="auto"`` runs here, and why (one line). ``flags``: the CPU's (default /proc/cpuinfo's).
 
@@ -74,7 +79,7 @@ def choose_backend(flags: set[str] | None = None) -> tuple[str, str]:
             "x86-64 CPU without AVX-512: MLX was as fast as torch to 30 s on the AVX2 CPU measured, in less memory; "
             "python -m mlx_sa3.info --measure-backends measures this one"
         )
-    missing = [name for name in TORCH_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = _missing_torch_packages()
     if missing:
         return "mlx", f"x86-64 CPU, but the torch backend needs {', '.join(missing)} (pip install 'mlx_sa3[torch]')"
     return "torch", (
@@ -187,7 +192,7 @@ def load_measurement(path=None) -> dict | None:
 def _measured_choice() -> tuple[str, str] | None:
     """``(backend, reason)`` from this machine's measurement, or None (none stored, or the torch extra missing)."""
     result = load_measurement()
-    if result is None or any(importlib.util.find_spec(name) is None for name in TORCH_PACKAGES):
+    if result is None or _missing_torch_packages():
         return None
     ratio = result["torch_step_s"] / result["mlx_step_s"]
     how = f"measured here by python -m mlx_sa3.info --measure-backends: torch's DiT step {ratio:.2f}x MLX's"

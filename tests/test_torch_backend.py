@@ -54,6 +54,34 @@ def sa3(request):
 
 
 @pytest.mark.parametrize("name", SAME_FIXTURES)
+def test_same_runs_its_gemms_in_onednn_on_torch_threads(autoencoders, monkeypatch, name):
+    """Encode and decode call every linear through ``common.linear`` (oneDNN) on torch's default thread count, with
+    the preloaded OpenBLAS (if any) on one thread: under the float32 policy alone (torch on one thread) the
+    decoder's convolutions, attention and elementwise ops ran single-threaded (measured 1.2x slower at 10 s)."""
+    from mlx_sa3 import platform
+    from mlx_sa3.torch_backend import common
+    from mlx_sa3.torch_backend import same as tsame
+
+    if common.onednn_linear() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    seen, real, blas = [], tsame.linear, platform._openblas()
+
+    def spy(x, layer):
+        seen.append((torch.get_num_threads(), blas.openblas_get_num_threads() if blas else None))
+        return real(x, layer)
+
+    monkeypatch.setattr(tsame, "linear", spy)
+    io = np.load(REF / name / "io.npz")
+    ae = autoencoders[name]
+    ae.decode(ae.encode(io["encode_in_audio"]))
+    blocks = sum(len(part.blocks) for part in (ae.net.encoder, ae.net.decoder))
+    assert len(seen) >= 4 * blocks + 2  # qkv, out, ff in/out per block; to_latent and from_latent
+    threads = {t for t, _ in seen}
+    assert threads == {platform.torch_default_threads}
+    assert {b for _, b in seen} <= {None, 1}
+
+
+@pytest.mark.parametrize("name", SAME_FIXTURES)
 def test_same_matches_official_fixture(autoencoders, name):
     io = np.load(REF / name / "io.npz")
     ae = autoencoders[name]

@@ -188,13 +188,13 @@ def test_step_runs_under_onednn_threads(monkeypatch):
     if common.onednn_linear() is None:
         pytest.skip("this torch has no oneDNN linear")
     seen = []
-    real = tdit._linear
+    real = tdit.linear
 
     def spy(x, layer):
         seen.append(torch.get_num_threads())
         return real(x, layer)
 
-    monkeypatch.setattr(tdit, "_linear", spy)
+    monkeypatch.setattr(tdit, "linear", spy)
     model = random_dit(differential=False)
     io = inputs(model.config, batch=1, length=4)
     model(io["x"], io["t"], io["cross_attn_cond"], io["global_cond"])

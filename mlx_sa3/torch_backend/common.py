@@ -217,6 +217,18 @@ def onednn_threads():
         yield
 
 
+def linear(x, layer):
+    """``layer(x)`` for an ``nn.Linear``, in oneDNN where torch has it (:func:`onednn_linear`), else ``F.linear``."""
+    op = onednn_linear(x.dtype) or require_torch().nn.functional.linear
+    return op(x, layer.weight, layer.bias)
+
+
+def linear_threads(dtype):
+    """Threads of a forward whose GEMMs are :func:`linear`'s: :func:`onednn_threads` where oneDNN has the dtype,
+    else the backend's policy (:func:`compute_threads`)."""
+    return onednn_threads() if onednn_linear(dtype) else compute_threads(dtype)
+
+
 class MappedReader:
     """Reads :class:`~mlx_sa3.loading.TensorRef` values into torch.
 

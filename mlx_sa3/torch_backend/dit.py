@@ -20,8 +20,8 @@ from .common import (
     _torch_dtype,
     check_dtype,
     compute_threads,
-    onednn_linear,
-    onednn_threads,
+    linear,
+    linear_threads,
     reorder_rows,
     require_torch,
 )
@@ -120,20 +120,9 @@ def _head_norm_rope(x, norm, rope):
     return out.to(x.dtype).transpose(1, 2)
 
 
-def _linear(x, layer):
-    """``layer(x)`` for an ``nn.Linear``, in oneDNN where torch has it (:func:`~.common.onednn_linear`)."""
-    linear = onednn_linear(x.dtype) or require_torch().nn.functional.linear
-    return linear(x, layer.weight, layer.bias)
-
-
 def _module_linear(x, layer):
     """``layer(x)``: the module's own forward (diffusers' path, :meth:`TorchDiT._reference_velocity`)."""
     return layer(x)
-
-
-def _step_threads(dtype):
-    """Threads of a step: :func:`~.common.onednn_threads` with oneDNN's linear, else the backend's policy."""
-    return onednn_threads() if onednn_linear(dtype) else compute_threads(dtype)
 
 
 def _attention(q, k, v):
@@ -150,14 +139,14 @@ def _self_attention(attn, x, rope, tokens: int):
     first ``tokens`` positions are keys (the rest is row padding, :data:`_ROW_ALIGN`)."""
     b, s, _ = x.shape
     parts = 5 if attn.use_differential else 3
-    qkv = _linear(x, attn.to_qkv).view(b, s, parts, attn.heads, attn.dim_heads)
+    qkv = linear(x, attn.to_qkv).view(b, s, parts, attn.heads, attn.dim_heads)
     v = qkv[:, :tokens, -1].transpose(1, 2)
     queries = [_head_norm_rope(qkv[:, :, i], attn.q_norm, rope) for i in range((parts - 1) // 2)]
     keys = [_head_norm_rope(qkv[:, :tokens, i], attn.k_norm, rope) for i in range((parts - 1) // 2, parts - 1)]
     out = _attention(queries[0], keys[0], v)
     if attn.use_differential:
         out = out - _attention(queries[1], keys[1], v)
-    return _linear(_merge_heads(out), attn.to_out)
+    return linear(_merge_heads(out), attn.to_out)
 
 
 def _cross_keys_values(attn, context) -> tuple:
@@ -173,19 +162,19 @@ def _cross_attention(attn, x, kv):
     """diffusers' ``StableAudio3CrossAttnProcessor`` (no mask: the official DiT never applies one) on prepared kv."""
     b, s, _ = x.shape
     parts = 2 if attn.use_differential else 1
-    q = _linear(x, attn.to_q).view(b, s, parts, attn.heads, attn.dim_heads)
+    q = linear(x, attn.to_q).view(b, s, parts, attn.heads, attn.dim_heads)
     queries = [_head_norm_rope(q[:, :, i], attn.q_norm, None) for i in range(parts)]
     out = _attention(queries[0], kv[0], kv[-1])
     if attn.use_differential:
         out = out - _attention(queries[1], kv[1], kv[-1])
-    return _linear(_merge_heads(out), attn.to_out)
+    return linear(_merge_heads(out), attn.to_out)
 
 
 def _feed_forward(ff, x):
     """diffusers' ``StableAudio3FeedForward`` (SwiGLU, proj_in rows [value | gate]); SiLU in place on the gate."""
     torch = require_torch()
-    hidden, gate = _linear(x, ff.proj_in).chunk(2, dim=-1)
-    return _linear(hidden * torch.nn.functional.silu(gate, inplace=True), ff.proj_out)
+    hidden, gate = linear(x, ff.proj_in).chunk(2, dim=-1)
+    return linear(hidden * torch.nn.functional.silu(gate, inplace=True), ff.proj_out)
 
 
 def _block(block, h, global_mod, rope, kv, cross_rows: int, local, memory: int, tokens: int):
@@ -318,8 +307,8 @@ class TorchDiT(DiffusionStep):
         """The network on channels-first x; with ``guided`` the rows are [cond; uncond] (2B)."""
         torch, dtype = require_torch(), self._torch_dtype
         net, memory_count = self.net, self.config.num_memory_tokens
-        with torch.inference_mode(), _step_threads(dtype):
-            h, global_mod = self._embed(x, t, prepared, _linear)
+        with torch.inference_mode(), linear_threads(dtype):
+            h, global_mod = self._embed(x, t, prepared, linear)
             kv, cross_rows = prepared.kv, h.shape[0]
             if guided:
                 h, global_mod = torch.cat([h, h]), torch.cat([global_mod, global_mod])
@@ -333,7 +322,7 @@ class TorchDiT(DiffusionStep):
             locals_ = prepared.local_terms or prepared.local_const
             for block, block_kv, local in zip(net.transformer_blocks, kv, locals_):
                 h = _block(block, h, global_mod, rope, block_kv, cross_rows, local, memory_count, tokens)
-            return self._project_out(h[:, memory_count:tokens], _linear)
+            return self._project_out(h[:, memory_count:tokens], linear)
 
     def _reference_velocity(self, x: mx.array, t: mx.array, prepared: TorchPrepared, guided: bool) -> mx.array:
         """:meth:`_velocity` with diffusers' ``StableAudio3DiTBlock`` forwards as they are (every block recomputing

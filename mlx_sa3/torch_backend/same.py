@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -9,7 +11,7 @@ from ..checkpoint import ENCODER_HALF, checkpoint_config
 from ..loading import Source, component_weights, open_source
 from ..models import keymaps
 from ..models import same as mlx_same
-from .common import _load_state, _state_dict, _to_mx, _to_torch, reorder_rows, require_torch
+from .common import _load_state, _state_dict, _to_mx, _to_torch, linear, linear_threads, reorder_rows, require_torch
 
 _SAME_BLOCKS = "diffusers.models.autoencoders.autoencoder_same"
 
@@ -38,7 +40,7 @@ def _same_attention(attn, x, positions, band):
     """diffusers ``SAMEAttention`` weights with RoPE at absolute ``positions`` and optional band attention."""
     torch, blocks = require_torch(_SAME_BLOCKS)
     F = torch.nn.functional
-    parts = attn.to_qkv(x).unflatten(-1, (-1, attn.heads, attn.dim_heads))  # (B, T, parts, H, d)
+    parts = linear(x, attn.to_qkv).unflatten(-1, (-1, attn.heads, attn.dim_heads))  # (B, T, parts, H, d)
     pairs = parts.shape[2] // 2  # diffusers rows [q1|q2|k1|k2|v] or [q|k|v]
     angles = torch.outer(positions.to(torch.float32), attn.rope.inv_freq)
     freqs = torch.cat([angles, angles], dim=-1)
@@ -52,12 +54,21 @@ def _same_attention(attn, x, positions, band):
         q, k = heads(i, attn.q_norm), heads(pairs + i, attn.k_norm)
         a = F.scaled_dot_product_attention(q, k, v) if band is None else _band_attention(q, k, v, *band)
         out = out + sign * a
-    return attn.to_out(out.transpose(1, 2).flatten(2))
+    return linear(out.transpose(1, 2).flatten(2), attn.to_out)
+
+
+def _same_ff(ff, x):
+    """diffusers' SAME ``FeedForward`` (a GLU with a SiLU or ``sin(pi * gate)`` gate), its GEMMs through
+    :func:`~.common.linear`."""
+    torch = require_torch()
+    hidden, gate = linear(x, ff.proj_in).chunk(2, dim=-1)
+    gate = torch.sin(math.pi * gate) if ff.sinusoidal else torch.nn.functional.silu(gate)
+    return linear(hidden * gate, ff.proj_out)
 
 
 def _same_block(block, x, positions, band):
     x = x + _same_attention(block.attn, block.norm_attn(x), positions, band)
-    return x + block.ff(block.norm_ff(x))
+    return x + _same_ff(block.ff, block.norm_ff(x))
 
 
 def _same_net(config: mlx_same.SAMEConfig):
@@ -163,12 +174,12 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
             raise ValueError(
                 f"audio must be (batch, {cfg.io_channels}, samples) with samples > 0, got {tuple(audio.shape)}"
             )
-        with torch.inference_mode():
+        with torch.inference_mode(), linear_threads(torch.float32):
             frames = self._patch(audio)
             frames = torch.nn.functional.pad(frames, (0, 0, 0, mlx_same.encoder_frame_padding(cfg, frames.shape[1])))
             tokens = self._resample_encode(frames)
             bottleneck = self.net.bottleneck
-            latents = self.net.to_latent(tokens) * bottleneck.scale + bottleneck.bias
+            latents = linear(tokens, self.net.to_latent) * bottleneck.scale + bottleneck.bias
             if cfg.auto_scale:
                 latents = latents / bottleneck.running_std
             return _to_mx(latents[:, : mlx_same.latent_count(cfg, audio.shape[2])].transpose(1, 2))
@@ -196,8 +207,8 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         """Audio of latents [start, stop) decoded from the latent window [window_start, window_stop) (see MLX)."""
         torch = require_torch()
         cfg = self.config
-        with torch.inference_mode():
-            tokens = self.net.from_latent(z[:, window_start : min(window_stop, z.shape[1])])
+        with torch.inference_mode(), linear_threads(torch.float32):
+            tokens = linear(z[:, window_start : min(window_stop, z.shape[1])], self.net.from_latent)
             tokens = torch.nn.functional.pad(tokens, (0, 0, 0, window_stop - window_start - tokens.shape[1]))
             cuts = mlx_same.window_cuts(cfg, window_start, window_stop, z.shape[1])
             frames = self._resample_decode(tokens, window_start, cuts)

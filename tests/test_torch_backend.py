@@ -71,6 +71,7 @@ def test_same_runs_its_gemms_in_onednn_on_torch_threads(autoencoders, monkeypatc
         return real(x, layer)
 
     monkeypatch.setattr(tsame, "linear", spy)
+    monkeypatch.setattr(common, "linear", spy)  # the feed-forward's (common.glu_feed_forward)
     io = np.load(REF / name / "io.npz")
     ae = autoencoders[name]
     ae.decode(ae.encode(io["encode_in_audio"]))

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import math
 import mmap
 import platform
 import sys
@@ -221,6 +222,15 @@ def linear(x, layer):
     """``layer(x)`` for an ``nn.Linear``, in oneDNN where torch has it (:func:`onednn_linear`), else ``F.linear``."""
     op = onednn_linear(x.dtype) or require_torch().nn.functional.linear
     return op(x, layer.weight, layer.bias)
+
+
+def glu_feed_forward(ff, x, sinusoidal: bool = False):
+    """diffusers' GLU feed-forwards (the DiT's SwiGLU, SAME's SiLU or ``sin(pi * gate)`` one): ``proj_in`` rows
+    [value | gate], GEMMs through :func:`linear`, the SiLU in place on the gate."""
+    torch = require_torch()
+    hidden, gate = linear(x, ff.proj_in).chunk(2, dim=-1)
+    gate = torch.sin(math.pi * gate) if sinusoidal else torch.nn.functional.silu(gate, inplace=True)
+    return linear(hidden * gate, ff.proj_out)
 
 
 def linear_threads(dtype):

@@ -20,6 +20,7 @@ from .common import (
     _torch_dtype,
     check_dtype,
     compute_threads,
+    glu_feed_forward,
     linear,
     linear_threads,
     reorder_rows,
@@ -170,13 +171,6 @@ def _cross_attention(attn, x, kv):
     return linear(_merge_heads(out), attn.to_out)
 
 
-def _feed_forward(ff, x):
-    """diffusers' ``StableAudio3FeedForward`` (SwiGLU, proj_in rows [value | gate]); SiLU in place on the gate."""
-    torch = require_torch()
-    hidden, gate = linear(x, ff.proj_in).chunk(2, dim=-1)
-    return linear(hidden * torch.nn.functional.silu(gate, inplace=True), ff.proj_out)
-
-
 def _block(block, h, global_mod, rope, kv, cross_rows: int, local, memory: int, tokens: int):
     """One ``StableAudio3DiTBlock`` on ``h`` (R, T, E), updated in place and returned; its first ``tokens`` = M + L
     positions are the memory tokens and latents, the rest row padding. ``kv``: keys/values for the first
@@ -198,7 +192,7 @@ def _block(block, h, global_mod, rope, kv, cross_rows: int, local, memory: int, 
     else:
         audio.unflatten(0, (-1, local.shape[0])).add_(local)
 
-    ff_out = _feed_forward(block.ff, _norm_modulate(h, block.ff_norm, scale_ff, shift_ff))
+    ff_out = glu_feed_forward(block.ff, _norm_modulate(h, block.ff_norm, scale_ff, shift_ff))
     return h.addcmul_(ff_out, torch.sigmoid(1 - gate_ff))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
@@ -11,7 +9,17 @@ from ..checkpoint import ENCODER_HALF, checkpoint_config
 from ..loading import Source, component_weights, open_source
 from ..models import keymaps
 from ..models import same as mlx_same
-from .common import _load_state, _state_dict, _to_mx, _to_torch, linear, linear_threads, reorder_rows, require_torch
+from .common import (
+    _load_state,
+    _state_dict,
+    _to_mx,
+    _to_torch,
+    glu_feed_forward,
+    linear,
+    linear_threads,
+    reorder_rows,
+    require_torch,
+)
 
 _SAME_BLOCKS = "diffusers.models.autoencoders.autoencoder_same"
 
@@ -57,18 +65,9 @@ def _same_attention(attn, x, positions, band):
     return linear(out.transpose(1, 2).flatten(2), attn.to_out)
 
 
-def _same_ff(ff, x):
-    """diffusers' SAME ``FeedForward`` (a GLU with a SiLU or ``sin(pi * gate)`` gate), its GEMMs through
-    :func:`~.common.linear`."""
-    torch = require_torch()
-    hidden, gate = linear(x, ff.proj_in).chunk(2, dim=-1)
-    gate = torch.sin(math.pi * gate) if ff.sinusoidal else torch.nn.functional.silu(gate)
-    return linear(hidden * gate, ff.proj_out)
-
-
 def _same_block(block, x, positions, band):
     x = x + _same_attention(block.attn, block.norm_attn(x), positions, band)
-    return x + _same_ff(block.ff, block.norm_ff(x))
+    return x + glu_feed_forward(block.ff, block.norm_ff(x), block.ff.sinusoidal)
 
 
 def _same_net(config: mlx_same.SAMEConfig):

@@ -13,11 +13,13 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import mlx_sa3
-from mlx_sa3 import convert, demo, same, torch_backend
+from mlx_sa3 import convert, demo, platform, same, torch_backend
 from mlx_sa3 import torch_backend as tb
 from mlx_sa3.dit import load_dit
 from mlx_sa3.loading import CheckpointError, open_source
 from mlx_sa3.pipeline import StableAudio3
+from mlx_sa3.torch_backend import common
+from mlx_sa3.torch_backend import same as tsame
 
 from .conftest import EPS, REF, rel_err, stack_tol
 from .conftest import dit_call as _call
@@ -58,10 +60,6 @@ def test_same_runs_its_gemms_in_onednn_on_torch_threads(autoencoders, monkeypatc
     """Encode and decode call every linear through ``common.linear`` (oneDNN) on torch's default thread count, with
     the preloaded OpenBLAS (if any) on one thread: under the float32 policy alone (torch on one thread) the
     decoder's convolutions, attention and elementwise ops ran single-threaded (measured 1.2x slower at 10 s)."""
-    from mlx_sa3 import platform
-    from mlx_sa3.torch_backend import common
-    from mlx_sa3.torch_backend import same as tsame
-
     if common.onednn_linear() is None:
         pytest.skip("this torch has no oneDNN linear")
     seen, real, blas = [], tsame.linear, platform._openblas()

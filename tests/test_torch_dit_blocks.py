@@ -195,6 +195,7 @@ def test_step_runs_under_onednn_threads(monkeypatch):
         return real(x, layer)
 
     monkeypatch.setattr(tdit, "linear", spy)
+    monkeypatch.setattr(common, "linear", spy)  # the feed-forward's (common.glu_feed_forward)
     model = random_dit(differential=False)
     io = inputs(model.config, batch=1, length=4)
     model(io["x"], io["t"], io["cross_attn_cond"], io["global_cond"])

@@ -579,7 +579,7 @@ NOTES = [
         "official MLX runtime (benchmarks/official_mlx.py): its CLI's main() from the checkout, fp32 DiT, "
         "--free-models, on random_model's weights stored in its layout (DiT/T5Gemma fp16 files, SAME fp32); "
         "its timed call includes loading each model from its file (page cache warm), and its canvas has no 6 "
-        "s headroom. Same OpenBLAS preload."
+        "s headroom. Same BLAS setting as mlx_sa3's rows (the OpenBLAS preload, or none with MLX_SA3_NO_OPENBLAS=1)."
     ),
 ]
 
@@ -700,8 +700,8 @@ def main(argv=None) -> None:
     for impl in oneshot:
         print_targets(rows, impl)
     machine = (
-        f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX+OpenBLAS, 2048^3); load average "
-        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"
+        f"{os.cpu_count()} CPU cores, fp32 GEMM {gemm:.1f} GFLOP/s (MLX, 2048^3; BLAS {describe()['blas']}); "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after (other processes may share the cores)"
     )
     print(machine)
     for line in NOTES:

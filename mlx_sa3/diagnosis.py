@@ -41,6 +41,8 @@ def _tensors(component, depth: int = 2) -> list:
 
 def _is_finite(tensor) -> bool:
     if hasattr(tensor, "detach"):  # torch: check in place, no copy to numpy (and no torch import here)
+        if tensor.is_meta:  # not read yet (the torch SAME encoder until its first encode): no values to check
+            return True
         return not tensor.is_floating_point() or bool(tensor.isfinite().all())
     import mlx.core as mx
 
@@ -65,13 +67,24 @@ COMPONENTS = (
 
 
 def broken_weights(model) -> dict[str, list[str]]:
-    """{component description: non-finite tensor names} for an SA3Model (or anything with those attributes)."""
+    """{component description: non-finite tensor names} for an SA3Model (or anything with those attributes).
+
+    A lazy SA3Model's networks that are not resident (one-shot use) are loaded one at a time for the scan and
+    released again, so a failing generation never holds more networks than a working one.
+    """
+    from .model import COMPONENTS as NETWORKS
+
+    resident = set(getattr(model, "loaded", NETWORKS))
+    release = getattr(model, "release", None)
     broken = {}
     for attr, described in COMPONENTS:
         component = getattr(model, attr, None)
         if attr == "conditioners" and component is not None:
             component = getattr(component, "tensors", component)
         names = non_finite_tensors(component) if component is not None else []
+        del component
+        if release is not None and attr in NETWORKS and attr not in resident:
+            release(attr)
         if names:
             broken[described] = names
     return broken

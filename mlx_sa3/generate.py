@@ -418,6 +418,7 @@ def _controls_request(args, request_class):
         "x",
         init_audio=args.init_audio,
         init_noise_level=args.init_noise_level,
+        cfg_scale=args.cfg_scale,
         apg_scale=args.apg_scale,
         **_control_fields(args),
     )

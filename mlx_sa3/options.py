@@ -96,6 +96,15 @@ def validate_cfg_norm_threshold(value=DEFAULT_CFG_NORM_THRESHOLD) -> float:
     return number
 
 
+def validate_cfg_scale(value=None) -> float:
+    """The guidance scale: any finite number (None: 1, guidance off). A NaN or infinite scale would only show as
+    non-finite latents after the first step, so it is refused up front."""
+    number = 1.0 if value is None else _number(value, "cfg_scale", "--cfg-scale")
+    if not math.isfinite(number):
+        raise OptionError(f"cfg_scale (--cfg-scale) must be a finite number, got {number:g}")
+    return number
+
+
 def validate_apg_scale(value=DEFAULT_APG_SCALE) -> float:
     """Blend between plain CFG (0) and adaptive projected guidance (1)."""
     return _in_unit_interval(DEFAULT_APG_SCALE if value is None else value, "apg_scale", "--apg-scale")
@@ -200,6 +209,7 @@ __all__ = [
     "OptionError",
     "headroom_latents",
     "validate_apg_scale",
+    "validate_cfg_scale",
     "validate_cfg_interval",
     "validate_cfg_norm_threshold",
     "validate_dist_shift",

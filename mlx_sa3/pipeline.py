@@ -182,6 +182,7 @@ class GenerationRequest:
         The CLI calls this before loading a model; planning calls it again.
         """
         validate_normalization(self.normalize, self.ceiling_dbfs, self.target_lufs)
+        opts.validate_cfg_scale(self.cfg_scale)
         sigma_max = None if self.sigma_max is None else opts.validate_sigma_max(self.sigma_max)
         if sigma_max is not None and self.init_audio is not None and sigma_max != float(self.init_noise_level):
             raise ValueError(
@@ -379,7 +380,7 @@ class StableAudio3:
         sampler = r.sampler or cfg.default_sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        cfg_scale = 1.0 if r.cfg_scale is None else float(r.cfg_scale)
+        cfg_scale = opts.validate_cfg_scale(r.cfg_scale)
         if cfg_scale != 1.0 and cfg.guidance_distilled:
             warnings.warn(
                 f"cfg_scale {cfg_scale:g} on a guidance-distilled (post-trained) checkpoint: guidance is already "
@@ -618,7 +619,9 @@ class StableAudio3:
 
     def _explain_non_finite(self, where: str) -> str:
         source = self.model.source.root if self.model.source is not None else None
-        return explain_non_finite(self.model, where, source=source, dtype=getattr(self.model.dit, "dtype", None))
+        # the DiT's precision shapes the advice; a released DiT (decoding in one-shot use) is not reloaded for it
+        dtype = getattr(self.model.dit, "dtype", None) if "dit" in self.model.loaded else None
+        return explain_non_finite(self.model, where, source=source, dtype=dtype)
 
     def generate(
         self, prompt=None, duration: float = 30.0, *, callback=None, request: GenerationRequest | None = None, **options

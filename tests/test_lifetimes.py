@@ -160,3 +160,49 @@ def test_one_shot_runs_without_the_buffer_cache_and_restores_it(keep_loaded):
         assert current_limit() == 123 << 20
     finally:
         mx.set_cache_limit(before)
+
+
+def _has_torch_backend() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("torch", "diffusers", "transformers"))
+
+
+FAILURES = {  # where the NaNs appear -> the network resident then, which stays; the others are scanned alone
+    "sampling": "dit",
+    "decoding": "autoencoder",
+}
+
+
+@pytest.mark.parametrize("where", sorted(FAILURES))
+@pytest.mark.parametrize(
+    "backend", ["mlx", pytest.param("torch", marks=pytest.mark.skipif(not _has_torch_backend(), reason="no torch"))]
+)
+def test_a_failing_one_shot_generation_scans_one_network_at_a_time(backend, where, monkeypatch):
+    """NaN/inf in one-shot use: the weight scan that explains them loads each released network alone and releases
+    it again (a failure never holds more than a working run), and the networks not yet read in full (the torch SAME
+    encoder before its first encode, on the meta device) do not stop it."""
+    from mlx_sa3 import diagnosis, sampling
+    from mlx_sa3.models.same import AutoencoderInterface
+    from mlx_sa3.sampling import NonFiniteError
+
+    pipe = StableAudio3.from_pretrained(CHECKPOINT, backend=backend, keep_loaded=False)
+    scanned = []
+    scan = diagnosis.non_finite_tensors
+
+    def spy(component):
+        scanned.append(set(pipe.model.loaded))
+        return scan(component)
+
+    monkeypatch.setattr(diagnosis, "non_finite_tensors", spy)
+    if where == "sampling":
+        monkeypatch.setattr(sampling, "euler_update", lambda x, v, t, t_next: x * float("nan"))
+    else:
+        monkeypatch.setattr(
+            AutoencoderInterface, "decode_stream", lambda self, z, *a, **k: iter([mx.full((1, 2, 4096), np.inf)])
+        )
+    with pytest.raises(NonFiniteError, match=f"^{where} produced non-finite values with finite inputs and weights"):
+        pipe.generate("x", duration=1.0, seed=0, steps=2, sampler="euler")
+    resident = FAILURES[where]
+    assert scanned[:3] == [{resident, name} for name in ("dit", "autoencoder", "text_encoder")]
+    assert set(pipe.model.loaded) <= {resident}

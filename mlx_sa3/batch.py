@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cli
+
 MANIFEST = "manifest.jsonl"
 SHARD = "manifest.rank{rank}.jsonl"  # one per rank when several ranks run; rank 0 merges them into MANIFEST
 MAX_SEED = 2**63
@@ -686,7 +688,7 @@ def _progress(total: int, initial: int, rank: Ranks, quiet: bool):
 def build_parser() -> argparse.ArgumentParser:
     from .generate import _add_lora_arguments
 
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m mlx_sa3.batch",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -722,7 +724,7 @@ def main(argv=None) -> int:
     try:
         return _main(args)
     except BatchError as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
 
 
 def _main(args) -> int:
@@ -865,11 +867,6 @@ def _lock(out_dir: Path, rank: int):
         handle.close()
         raise BatchError(f"another mlx_sa3.batch run is using {out_dir} (rank {rank})") from None
     return handle
-
-
-def _fail(message: str, status: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return status
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import time
 import warnings
 
+from . import cli
 from .audio import WRITE_FORMATS
 from .storage import WEIGHTS_DTYPES
 
@@ -41,7 +42,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m mlx_sa3.generate",
         description=__doc__,
         epilog=EXAMPLES,
@@ -244,21 +245,21 @@ def _progress(quiet: bool, check_signals=None):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.inpaint_start) != len(args.inpaint_end):
-        return _fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
+        return cli.fail(f"got {len(args.inpaint_start)} --inpaint-start but {len(args.inpaint_end)} --inpaint-end")
     if args.output is None and not args.play:
         args.output = "output.wav"
     if args.weights_dtype is not None and args.weights_dtype not in WEIGHTS_DTYPES:
-        return _fail(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {args.weights_dtype!r}")
+        return cli.fail(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {args.weights_dtype!r}")
     try:
         args.items = per_item_options(args)
     except ValueError as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
     from .loading import CheckpointError
 
     try:
         args.loras = lora_entries(args)
     except (ValueError, CheckpointError) as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
     from .platform import blas_warning
 
     if blas_warning():
@@ -382,17 +383,17 @@ def _run(args) -> int:
             if args.play:
                 _play(out)
     except KeyboardInterrupt:
-        return _fail("interrupted; no output written", 130)
+        return cli.fail("interrupted; no output written", 130)
     except Terminated as err:
-        return _fail(f"{err}; no output written", err.status)
+        return cli.fail(f"{err}; no output written", err.status)
     except GenerationCancelled as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
     except (ValueError, AudioError, CheckpointError, NonFiniteError) as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
     except PlaybackError as err:
-        return _fail(str(err))
+        return cli.fail(str(err))
     except OSError as err:  # missing files, permissions, full or read-only disks: one line, never a traceback
-        return _fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
+        return cli.fail(os_error_message(err, action="cannot read or write") if err.errno else str(err))
     return 0
 
 
@@ -536,11 +537,6 @@ def per_item_options(args) -> dict:
     if options["duration"] is None:
         options["duration"] = 30.0
     return options
-
-
-def _fail(message: str, status: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return status
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import platform
 import sys
 import time
 
+from . import cli
+
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -288,7 +290,7 @@ def _kernels_line() -> str:
 def main(argv=None, more=None, add_arguments=None) -> argparse.Namespace:
     """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's), and
     ``add_arguments(parser)`` their options."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
     )
     parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")

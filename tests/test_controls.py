@@ -315,10 +315,37 @@ def test_cli_refuses_bad_values_before_loading(no_loading, tmp_path, capsys, arg
 
 
 def test_cli_refuses_an_unknown_format_name(no_loading, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:  # argparse choices: usage and one error line, status 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse choices: one error line, status 2
         cli("--format", "aiff", "-o", tmp_path / "x.wav")
     assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command,argv",
+    [
+        ("generate", ["--backend", "cuda"]),
+        ("generate", ["--steps", "many"]),
+        ("generate", ["--no-such-flag"]),
+        ("batch", []),
+        ("convert", ["only-src"]),
+        ("info", ["--size", "big"]),
+    ],
+)
+def test_every_command_line_usage_error_is_one_line(command, argv, capsys):
+    """argparse's own errors (unknown flags, bad choices and types, missing arguments) are one line on stderr with
+    exit status 2, as every other error, not the whole usage first."""
+    import importlib
+
+    main = importlib.import_module(f"mlx_sa3.{command}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert f"python -m mlx_sa3.{command} --help" in captured.err
 
 
 @pytest.mark.parametrize(

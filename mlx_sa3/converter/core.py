@@ -38,6 +38,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .. import cli
 from ..checkpoint import SA3Config, _parsed
 from ..loading import (
     CONVERTED_FORMAT,
@@ -498,7 +499,7 @@ def _log_dropped(log: Callable[[str], None], dropped: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mlx_sa3.convert",
         description="Convert a Stable Audio 3 or SAME checkpoint (Hub repo id or local directory) once into "
         "mlx_sa3's own layout, which loads without any remapping.",
@@ -561,8 +562,7 @@ def main(argv=None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     except (CheckpointError, ValueError, OSError) as err:  # user errors: bad input, missing files, no access
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(str(err))
     print(f"done in {time.perf_counter() - start:.1f} s: load it with mlx_sa3 from {out}")
     return 0
 

@@ -199,12 +199,34 @@ def _measured_choice() -> tuple[str, str] | None:
     return ("torch", how) if ratio <= TORCH_STEP_RATIO else ("mlx", how)
 
 
-def resolve_backend(backend: str) -> tuple[str, str]:
-    """``(backend, reason)``: ``"auto"`` resolved by :func:`choose_backend`, an explicit backend checked."""
+def resolve_backend(backend: str, dtype=None, weights_dtype=None) -> tuple[str, str]:
+    """``(backend, reason)``: ``"auto"`` resolved by :func:`choose_backend`, an explicit backend checked.
+
+    ``auto`` honours the request: where it would pick torch but ``dtype`` or ``weights_dtype`` is one only MLX runs
+    (float16 compute, bfloat16 storage under float32 compute), it runs MLX, rather than refusing what was asked.
+    """
     if backend == AUTO:
-        return choose_backend()
+        chosen, reason = choose_backend()
+        if chosen == "torch":
+            needs = _mlx_only_request(dtype, weights_dtype)
+            if needs is not None:
+                return "mlx", f"{needs} runs on the MLX backend only; auto would run torch here otherwise"
+        return chosen, reason
     check_backend(backend)
     return backend, "requested"
+
+
+def _mlx_only_request(dtype, weights_dtype) -> str | None:
+    """``"dtype X"`` / ``"weights_dtype X"`` when the torch backend refuses that part of a request, else None."""
+    try:
+        check_dtype(dtype, "torch")
+    except ValueError:
+        return f"dtype {dtype}"
+    try:
+        check_weights_dtype(weights_dtype, dtype, "torch")
+    except ValueError:
+        return f"weights_dtype {weights_dtype}"
+    return None
 
 
 def torch_gemm_gflops(n: int = 2048, repeats: int = 5, dtype=None) -> float | None:

@@ -448,7 +448,7 @@ def _check_weights_dtype(args) -> None:
     """--dtype and --weights-dtype against the backend that will run (raises ValueError)."""
     from .backend import check_dtype, check_weights_dtype, resolve_backend
 
-    backend = resolve_backend(args.backend)[0]
+    backend = resolve_backend(args.backend, args.dtype, args.weights_dtype)[0]
     check_dtype(args.dtype, backend)
     if args.weights_dtype is not None:
         check_weights_dtype(args.weights_dtype, args.dtype, backend)

@@ -361,7 +361,7 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weight
     their memory for a relative weight error <= 2^-8 (:mod:`mlx_sa3.storage`; docs/ARCHITECTURE.md, "Weight
     storage"). The SAME decoder is never narrowed.
     """
-    backend, _ = backends.resolve_backend(backend)
+    backend, _ = backends.resolve_backend(backend, dtype, weights_dtype)
     backends.check_weights_dtype(weights_dtype, dtype, backend)
     source = src if isinstance(src, Source) else open_source(src)
     if source.layout == "same":

@@ -285,7 +285,7 @@ class StableAudio3:
         and why. ``weights_dtype`` (MLX): how the DiT's and text encoder's linear weights are held, e.g.
         ``"bfloat16"`` to halve their memory with float32 compute (:func:`mlx_sa3.load_model`).
         """
-        backend, reason = resolve_backend(backend)
+        backend, reason = resolve_backend(backend, dtype, weights_dtype)
         if str(src) == "demo":
             from .demo import demo_model
 

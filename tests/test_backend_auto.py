@@ -72,6 +72,34 @@ def test_arm_cpu_and_gpus_pick_mlx(cpu_only):
     assert backend.choose_backend() == ("mlx", "MLX has a GPU here")
 
 
+@pytest.mark.parametrize(
+    "dtype,weights_dtype,expected",
+    [
+        (None, None, "torch"),
+        ("bfloat16", None, "torch"),  # torch computes in bfloat16 too
+        ("bfloat16", "bfloat16", "torch"),  # ... holding its weights in that dtype
+        ("float16", None, "mlx"),
+        (None, "bfloat16", "mlx"),  # bfloat16 storage under float32 compute: MLX only
+        ("float32", "float16", "mlx"),
+    ],
+)
+def test_auto_runs_mlx_where_the_request_is_mlx_only(monkeypatch, dtype, weights_dtype, expected):
+    """Where auto would pick torch, a dtype or weights_dtype only MLX runs makes it run MLX (and say why), not
+    refuse what was asked; an explicit torch request stays torch (and is refused by the dtype checks)."""
+    monkeypatch.setattr(backend, "choose_backend", lambda flags=None: ("torch", "the rule here"))
+    chosen, reason = backend.resolve_backend("auto", dtype, weights_dtype)
+    assert chosen == expected
+    if expected == "mlx":
+        assert reason.startswith(f"{'dtype' if dtype == 'float16' else 'weights_dtype'} ") and "MLX" in reason
+        backend.check_dtype(dtype, chosen)
+        backend.check_weights_dtype(weights_dtype, dtype, chosen)
+    else:
+        assert reason == "the rule here"
+    assert backend.resolve_backend("torch", dtype, weights_dtype) == ("torch", "requested")
+    monkeypatch.setattr(backend, "choose_backend", lambda flags=None: ("mlx", "MLX has a GPU here"))
+    assert backend.resolve_backend("auto", dtype, weights_dtype) == ("mlx", "MLX has a GPU here")
+
+
 def test_explicit_backends_pass_and_unknown_ones_fail():
     assert backend.resolve_backend("mlx") == ("mlx", "requested")
     with pytest.raises(ValueError, match="unknown backend"):
@@ -207,3 +235,15 @@ def test_info_measure_backends_without_torch_is_one_line_and_status_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --measure-backends:") and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / backend.MEASUREMENT_FILE).exists()
+
+
+def test_cli_auto_with_bfloat16_storage_runs_mlx_where_auto_picks_torch(monkeypatch, tmp_path, capsys):
+    import soundfile as sf
+    from mlx_sa3 import generate
+
+    monkeypatch.setattr(backend, "choose_backend", lambda flags=None: ("torch", "the rule here"))
+    out = tmp_path / "b.wav"
+    argv = ["--model", str(REF / "sa3_small_tiny_s0"), "-p", "x", "--duration", "1", "--steps", "1"]
+    assert generate.main([*argv, "--weights-dtype", "bfloat16", "-o", str(out)]) == 0
+    assert "backend: mlx (weights_dtype bfloat16 runs on the MLX backend only" in capsys.readouterr().out
+    assert sf.info(out).frames == 44100

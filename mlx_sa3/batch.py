@@ -54,6 +54,10 @@ class BatchError(Exception):
     """A problem that stops the run before generation; printed as one line, exit status 2."""
 
 
+#: the ``field`` of a problem with the whole line (not JSON, not an object)
+WHOLE_LINE = "-"
+
+
 @dataclass(frozen=True)
 class Problem:
     line: int
@@ -61,7 +65,8 @@ class Problem:
     reason: str
 
     def format(self, path) -> str:
-        return f"{path}:{self.line}: {self.field}: {self.reason}"
+        where = "" if self.field == WHOLE_LINE else f" {self.field}:"
+        return f"{path}:{self.line}:{where} {self.reason}"
 
 
 @dataclass
@@ -220,10 +225,10 @@ def parse_jobs(
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
-            problems.append(Problem(number, "-", f"not valid JSON: {err.msg} (column {err.colno})"))
+            problems.append(Problem(number, WHOLE_LINE, f"not valid JSON: {err.msg} (column {err.colno})"))
             continue
         if not isinstance(raw, dict):
-            problems.append(Problem(number, "-", f"must be a JSON object, got {type(raw).__name__}"))
+            problems.append(Problem(number, WHOLE_LINE, f"must be a JSON object, got {type(raw).__name__}"))
             continue
         found = [Problem(number, k, "unknown field; known: " + ", ".join(FIELDS)) for k in raw if k not in FIELDS]
         for key, (kind, required) in FIELDS.items():

@@ -9,10 +9,11 @@ import stat
 import subprocess
 import sys
 
-from mlx_sa3 import backend
+from mlx_sa3 import backend, generate
 from mlx_sa3.pipeline import StableAudio3
 
 import pytest
+import soundfile as sf
 
 from .conftest import REF
 
@@ -238,9 +239,6 @@ def test_info_measure_backends_without_torch_is_one_line_and_status_2(tmp_path):
 
 
 def test_cli_auto_with_bfloat16_storage_runs_mlx_where_auto_picks_torch(monkeypatch, tmp_path, capsys):
-    import soundfile as sf
-    from mlx_sa3 import generate
-
     monkeypatch.setattr(backend, "choose_backend", lambda flags=None: ("torch", "the rule here"))
     out = tmp_path / "b.wav"
     argv = ["--model", str(REF / "sa3_small_tiny_s0"), "-p", "x", "--duration", "1", "--steps", "1"]

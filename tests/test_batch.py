@@ -210,7 +210,7 @@ def test_invalid_lines_all_listed_before_anything(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     expected = [
-        (2, "-"),
+        (2, None),  # the whole line: no field named
         (3, "duraton"),
         (3, "duration"),
         (4, "duration"),
@@ -222,7 +222,9 @@ def test_invalid_lines_all_listed_before_anything(tmp_path):
     ]
     assert len(lines) == len(expected)
     for line, (number, field) in zip(lines, expected):
-        assert line.startswith(f"error: {jobs}:{number}: {field}: ")
+        assert line.startswith(
+            f"error: {jobs}:{number}: {field}: " if field else f"error: {jobs}:{number}: not valid JSON"
+        )
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # checked before any generation (and before the model loads)
 

@@ -218,14 +218,15 @@ def resolve_backend(backend: str, dtype=None, weights_dtype=None) -> tuple[str, 
 
 def _mlx_only_request(dtype, weights_dtype) -> str | None:
     """``"dtype X"`` / ``"weights_dtype X"`` when the torch backend refuses that part of a request, else None."""
+    compute, storage = parse_dtype(dtype), parse_dtype(weights_dtype)  # an unknown name is refused here, anywhere
     try:
-        check_dtype(dtype, "torch")
+        check_dtype(compute, "torch")
     except ValueError:
-        return f"dtype {dtype}"
+        return f"dtype {dtype_name(compute)}"
     try:
-        check_weights_dtype(weights_dtype, dtype, "torch")
+        check_weights_dtype(storage, compute, "torch")
     except ValueError:
-        return f"weights_dtype {weights_dtype}"
+        return f"weights_dtype {dtype_name(storage)}"
     return None
 
 

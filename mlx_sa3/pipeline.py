@@ -529,7 +529,11 @@ class StableAudio3:
     def _events(self, plan: Plan, *, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
         """The events of :meth:`stream` for a plan; ``raw=True`` yields the decoder output without the clamp."""
         with self._one_shot_buffers():
-            yield from self._plan_events(plan, chunk_latents=chunk_latents, callback=callback, raw=raw)
+            try:
+                yield from self._plan_events(plan, chunk_latents=chunk_latents, callback=callback, raw=raw)
+            except BaseException:  # an error, a cancel or a consumer that stopped early: no stage comes next
+                self._release()
+                raise
 
     def _plan_events(self, plan: Plan, *, chunk_latents=None, callback=None, raw: bool = False) -> Iterator:
         timings = {}

@@ -12,6 +12,7 @@ import sys
 from mlx_sa3 import backend, generate
 from mlx_sa3.pipeline import StableAudio3
 
+import mlx.core as mx
 import pytest
 import soundfile as sf
 
@@ -97,6 +98,8 @@ def test_auto_runs_mlx_where_the_request_is_mlx_only(monkeypatch, dtype, weights
     else:
         assert reason == "the rule here"
     assert backend.resolve_backend("torch", dtype, weights_dtype) == ("torch", "requested")
+    if dtype == "float16":  # the library's dtype objects read the same
+        assert backend.resolve_backend("auto", mx.float16)[1] == reason
     monkeypatch.setattr(backend, "choose_backend", lambda flags=None: ("mlx", "MLX has a GPU here"))
     assert backend.resolve_backend("auto", dtype, weights_dtype) == ("mlx", "MLX has a GPU here")
 

@@ -206,3 +206,26 @@ def test_a_failing_one_shot_generation_scans_one_network_at_a_time(backend, wher
     resident = FAILURES[where]
     assert scanned[:3] == [{resident, name} for name in ("dit", "autoencoder", "text_encoder")]
     assert set(pipe.model.loaded) <= {resident}
+
+
+def test_one_shot_releases_its_network_when_a_generation_stops_early():
+    """A cancel mid-sampling, an error, or a stream its consumer leaves: in one-shot use no stage comes next, so
+    the resident network is freed then (a long-lived pipeline keeps its networks)."""
+    from mlx_sa3 import GenerationCancelled
+
+    pipe = StableAudio3.from_pretrained(CHECKPOINT, keep_loaded=False)
+
+    def cancel_at_first_step(event):
+        return not isinstance(event, StepEvent)
+
+    with pytest.raises(GenerationCancelled):
+        pipe.generate("x", duration=1.0, seed=0, steps=2, callback=cancel_at_first_step)
+    assert pipe.model.loaded == []
+    stream = pipe.stream("x", duration=1.0, seed=0, steps=2)
+    assert isinstance(next(stream), StepEvent) and pipe.model.loaded == ["dit"]
+    stream.close()
+    assert pipe.model.loaded == []
+    kept = StableAudio3.from_pretrained(CHECKPOINT)
+    with pytest.raises(GenerationCancelled):
+        kept.generate("x", duration=1.0, seed=0, steps=2, callback=cancel_at_first_step)
+    assert kept.model.loaded == ["text_encoder", "dit", "autoencoder"]

@@ -79,6 +79,10 @@ def expand_items(request) -> list:
     ``seed=None`` draws one random seed per item, so every item's seed is known (``out.seeds``).
     """
     count = item_count(request)
+    if count == 0:
+        raise ValueError(
+            "a per-item request has at least one item: its prompt, duration, seed or negative_prompt list is empty"
+        )
     if int(request.batch_size) not in (1, count):
         raise ValueError(f"batch size {request.batch_size} does not match the {count} items of a per-item request")
     if request.noise is not None:

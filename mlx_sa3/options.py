@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 
 DEFAULT_CFG_INTERVAL = (0.0, 1.0)
 DEFAULT_SCALE_PHI = 0.0
@@ -46,6 +47,18 @@ _INTEGER_PARAMS = ("anchor_length", "min_length", "max_length")
 
 class OptionError(ValueError):
     """A generation option outside its official range."""
+
+
+def whole_number(value, what: str) -> int:
+    """``value`` as an int: an integer (numpy's too) or a float without a fraction (as JSON may give); a ValueError
+    naming ``what`` for anything else (2.7, "3", True), never a silent truncation."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+    raise ValueError(f"{what} must be an integer, got {value!r}")
 
 
 def _number(value, name: str, flag: str) -> float:
@@ -217,4 +230,5 @@ __all__ = [
     "validate_guidance",
     "validate_scale_phi",
     "validate_sigma_max",
+    "whole_number",
 ]

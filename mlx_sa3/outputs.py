@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import operator
 import os
 import re
 import secrets
@@ -32,6 +31,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from .options import whole_number
 
 #: name of the temporary files: hidden, short, with the writer's pid so stale ones can be recognised
 TEMP_PATTERN = re.compile(r"^\.sa3-(\d+)-[0-9a-f]{8}\.(partial|old|converting)$")
@@ -481,15 +482,7 @@ def resolve_seed(seed) -> int:
     used as given (it fits a signed 64-bit integer: numpy, torch.manual_seed, JSON). Anything else is refused."""
     if seed is None:
         return secrets.randbelow(RANDOM_SEED_BOUND)
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")  # noqa: TRY004 (one error type for the CLI)
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
-        else:
-            raise ValueError(f"seed must be an integer, got {seed!r}") from None
+    seed = whole_number(seed, "seed")
     if seed < 0:
         return secrets.randbelow(RANDOM_SEED_BOUND)
     if seed > SEED_MAX:

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -183,6 +183,9 @@ class GenerationRequest:
         """
         validate_normalization(self.normalize, self.ceiling_dbfs, self.target_lufs)
         opts.validate_cfg_scale(self.cfg_scale)
+        opts.whole_number(self.batch_size, "batch size")
+        if self.steps is not None:
+            opts.whole_number(self.steps, "steps")
         sigma_max = None if self.sigma_max is None else opts.validate_sigma_max(self.sigma_max)
         if sigma_max is not None and self.init_audio is not None and sigma_max != float(self.init_noise_level):
             raise ValueError(
@@ -331,6 +334,7 @@ class StableAudio3:
 
     def _plan(self, r: GenerationRequest) -> Plan:
         checked = r.validate()
+        r = replace(r, batch_size=opts.whole_number(r.batch_size, "batch size"))
         duration = self._check_duration(r.duration)
         if r.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {r.batch_size}")
@@ -374,7 +378,7 @@ class StableAudio3:
     def _sampling_options(self, r: GenerationRequest) -> tuple[int, str, float]:
         """Steps, sampler and guidance scale with their defaults, validated."""
         cfg = self.model.config
-        steps = DEFAULT_STEPS if r.steps is None else int(r.steps)
+        steps = DEFAULT_STEPS if r.steps is None else opts.whole_number(r.steps, "steps")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         sampler = r.sampler or cfg.default_sampler
@@ -435,7 +439,12 @@ class StableAudio3:
 
     @staticmethod
     def _prompts(prompt, batch_size: int, required: bool) -> list:
+        if prompt is not None and not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"a prompt is a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] * batch_size if prompt is None or isinstance(prompt, str) else list(prompt)
+        wrong = [type(p).__name__ for p in prompts if p is not None and not isinstance(p, str)]
+        if wrong:
+            raise ValueError(f"a prompt is a string or a list of strings, got a list holding {wrong[0]}")
         if len(prompts) != batch_size:
             raise ValueError(f"got {len(prompts)} prompts for batch size {batch_size}")
         prompts = ["" if p is None else str(p) for p in prompts]
@@ -454,7 +463,10 @@ class StableAudio3:
             return [(source_seconds, duration)]
         out = []
         for region in regions:
-            start, end = (float(v) for v in region)
+            try:
+                start, end = (float(v) for v in region)
+            except (TypeError, ValueError):
+                raise ValueError(f"an inpaint region is (start, end) in seconds, got {region!r}") from None
             if not (0 <= start < end):
                 raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
             if start >= duration or end > duration + 1e-9:

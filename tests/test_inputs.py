@@ -108,6 +108,37 @@ def pipe():
     return StableAudio3.from_pretrained("demo")
 
 
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"prompt": 5}, "a prompt is a string or a list of strings, got int"),
+        ({"prompt": ["a", 5], "batch_size": 2}, "got a list holding int"),
+        ({"steps": 2.7}, "steps must be an integer, got 2.7"),
+        ({"steps": "3"}, "steps must be an integer, got '3'"),
+        ({"batch_size": 1.5}, "batch size must be an integer, got 1.5"),
+        ({"batch_size": True}, "batch size must be an integer, got True"),
+        ({"duration": []}, "at least one item"),
+        ({"inpaint_audio": "AUDIO", "inpaint_regions": [(0.5,)]}, r"an inpaint region is \(start, end\) in seconds"),
+        ({"inpaint_audio": "AUDIO", "inpaint_regions": [("a", 1)]}, "an inpaint region is"),
+    ],
+)
+def test_malformed_requests_are_refused_in_one_line(pipe, tmp_path, options, words):
+    """Wrong types and shapes in a library request: a ValueError that says what is wrong, not a TypeError,
+    IndexError or unpacking error from deep inside (and never a silent truncation of 2.7 steps)."""
+    clip = tmp_path / "in.wav"
+    sf.write(clip, np.stack([tone(SR), tone(SR)], axis=1), SR)
+    options = {k: (str(clip) if v == "AUDIO" else v) for k, v in options.items()}
+    request = {"prompt": "x", "duration": 1.0, "steps": 1, **options}
+    with pytest.raises(ValueError, match=words):
+        pipe.generate(**request)
+
+
+def test_integral_floats_are_whole_numbers(pipe):
+    """2.0 steps or a batch of 2.0 (as JSON may give them) are 2; seeds likewise."""
+    plan = pipe.plan("x", duration=1.0, steps=2.0, batch_size=2.0, seed=3.0)
+    assert (plan.steps, plan.seed, len(plan.prompts)) == (2, 3, 2)
+
+
 def test_bare_init_audio_is_validated_like_inpaint_audio(pipe):
     stereo = np.stack([tone(SR), tone(SR, 660.0)])
     reference = pipe.plan("x", duration=1.0, init_audio=(stereo, SR), seed=1).init_latents

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .outputs import not_a_file
+
 SAMPLE_RATE = 44100
 # Output formats by name: (libsndfile container, default subtype). See the writer section at the end of this file.
 WRITE_FORMATS = {
@@ -115,8 +117,11 @@ def prepare_audio(audio, sample_rate: int, what: str = "audio") -> np.ndarray:
 def read_audio(path: str | os.PathLike) -> np.ndarray:
     """Read wav/flac/ogg/mp3 (whatever libsndfile decodes) as stereo float32 (2, N) at 44.1 kHz."""
     path = Path(path)
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "no such file":
         raise AudioError(f"{path}: no such file")
+    if problem is not None:  # never opened: a FIFO or device would block or stream without end
+        raise AudioError(f"{path} is {problem}; an audio input must be a regular file")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:

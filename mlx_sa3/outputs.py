@@ -138,6 +138,16 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def not_a_file(path) -> str | None:
+    """Why ``path`` cannot be read as a file: "no such file", "a directory", "a FIFO (named pipe)" ...; None for a
+    regular file (symlinks followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+
 def _lstat(path: Path):
     try:
         return os.lstat(path)

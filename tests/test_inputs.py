@@ -1,6 +1,9 @@
 """One validation path for input audio (file, (array, rate), bare array), durations with real limits, and the
 diagnosis of non-finite results (input, checkpoint or sampling)."""
 
+import os
+import re
+
 from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
 
 import numpy as np
@@ -60,6 +63,18 @@ def test_integer_pcm_is_scaled_like_soundfile(tmp_path):
 def test_bad_arrays_are_refused(given, words):
     with pytest.raises(AudioError, match=words):
         load_audio_input(given, "init audio")
+
+
+def test_an_input_that_is_not_a_regular_file_says_what_it_is(tmp_path):
+    """A directory, FIFO or device given as audio is refused by kind (never opened: a FIFO would block), not
+    reported as missing."""
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    for path, kind in ((tmp_path, "a directory"), (fifo, "a FIFO (named pipe)"), ("/dev/zero", "a character device")):
+        with pytest.raises(AudioError, match=rf"^{re.escape(str(path))} is {re.escape(kind)}; an audio input must be"):
+            read_audio(path)
+    with pytest.raises(AudioError, match="no such file"):
+        read_audio(tmp_path / "missing.wav")
 
 
 def test_nan_in_an_input_file_names_the_file(tmp_path):

@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 import mlx.core as mx
 import numpy as np
 
+from .outputs import not_a_file
+
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model: missing, unexpected or wrongly shaped tensors, or a bad file."""
@@ -30,7 +32,8 @@ def resolve_source(src: str | os.PathLike, allow_patterns: Iterable[str] | None 
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{src} is a file; pass the directory that holds model_config.json / config.json")
+        kind = not_a_file(path) or "a file"
+        raise CheckpointError(f"{src} is {kind}; pass the directory that holds model_config.json / config.json")
     text = str(src)
     if text.count("/") != 1 or text.startswith((".", "/")):
         raise FileNotFoundError(f"{src}: no such directory, and it does not look like a Hub repo id (owner/name)")

@@ -45,6 +45,7 @@ import numpy as np
 
 from .loading import PICKLE_SUFFIXES, CheckpointError, read_json
 from .models.dit import sanitize
+from .outputs import not_a_file
 
 DIT = "dit"
 CONDITIONERS = "conditioners"
@@ -178,11 +179,7 @@ def _refuse_pickle(path: Path) -> None:
 
 def read_lora_file(path) -> tuple[dict, dict, str]:
     """Tensors (as stored), the ``lora_config`` dict (PEFT: from ``adapter_config.json`` beside it) and the sha256."""
-    path = Path(path)
-    _refuse_pickle(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such LoRA file")
-    _refuse_pickle_content(path)
+    path = check_lora_file(path)
     try:
         tensors, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
         mx.eval(list(tensors.values()))
@@ -211,8 +208,11 @@ def check_lora_file(path) -> Path:
     also validate its safetensors header). The strict per-tensor checks come when it is loaded."""
     path = Path(path).expanduser()
     _refuse_pickle(path)
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "no such file":
         raise CheckpointError(f"{path}: no such LoRA file")
+    if problem is not None:
+        raise CheckpointError(f"{path} is {problem}, not a LoRA file")
     _refuse_pickle_content(path)
     return path
 

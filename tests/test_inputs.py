@@ -218,3 +218,14 @@ def test_diagnosis_on_the_torch_backend():
     with torch.no_grad():
         tensor.view(-1)[0] = float("inf")
     assert broken_weights(model) == {"SAME autoencoder": [f"net.{name}"]}
+
+
+def test_a_model_path_that_is_not_a_directory_says_what_it_is(tmp_path):
+    from mlx_sa3.loading import CheckpointError, resolve_source
+
+    fifo, plain = tmp_path / "pipe", tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    plain.write_bytes(b"")
+    for path, kind in ((fifo, "a FIFO (named pipe)"), (plain, "a file"), ("/dev/null", "a character device")):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} is {re.escape(kind)}; pass the directory"):
+            resolve_source(path)

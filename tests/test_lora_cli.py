@@ -7,6 +7,7 @@ official stacked-LoRA outputs in lora.npz at the parity tolerance of tests/test_
 
 import hashlib
 import json
+import os
 import shutil
 
 import mlx_sa3
@@ -78,6 +79,8 @@ def test_interval_is_applied(tmp_path, base_audio):
         (["--lora", "{lora}", "--lora-interval", "0.9,0.1"], "LO <= HI"),
         (["--lora", "{lora}", "--lora-interval", "half"], "expected LO,HI"),
         (["--lora", "{missing}"], "no such LoRA file"),
+        (["--lora", "{folder}"], "is a directory, not a LoRA file"),
+        (["--lora", "{fifo}"], "is a FIFO (named pipe), not a LoRA file"),
         (["--lora", "{pickle}"], "pickle"),
         (["--lora", "{zip}"], "pickle"),
         (["--lora", "{truncated}"], "truncated"),
@@ -88,9 +91,13 @@ def test_bad_lora_arguments_refused_before_loading(tmp_path, capsys, extra, mess
     (tmp_path / "old.ckpt").write_bytes(b"\x80\x04junk")
     (tmp_path / "zip.safetensors").write_bytes(b"PK\x03\x04junk")
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "folder.safetensors").mkdir()
+    os.mkfifo(tmp_path / "pipe.safetensors")
     names = {
         "lora": good,
         "missing": tmp_path / "absent.safetensors",
+        "folder": tmp_path / "folder.safetensors",
+        "fifo": tmp_path / "pipe.safetensors",
         "pickle": tmp_path / "old.ckpt",
         "zip": tmp_path / "zip.safetensors",
         "truncated": tmp_path / "cut.safetensors",

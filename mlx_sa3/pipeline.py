@@ -399,7 +399,7 @@ class StableAudio3:
         if cfg_scale == 1.0:  # as officially: without guidance the negative branch is never evaluated
             warnings.warn("the negative prompt has no effect with cfg_scale 1", stacklevel=5)
             return None
-        return self._prompts(r.negative_prompt, r.batch_size, required=False)
+        return self._prompts(r.negative_prompt, r.batch_size, required=False, what="negative prompt")
 
     def _lengths(self, duration: float, headroom: float = HEADROOM_SECONDS) -> tuple[int, int, int]:
         """(output samples, latents the DiT runs on, latents of the requested duration).
@@ -438,13 +438,13 @@ class StableAudio3:
         return self._latent_mask(regions, duration, length), known
 
     @staticmethod
-    def _prompts(prompt, batch_size: int, required: bool) -> list:
+    def _prompts(prompt, batch_size: int, required: bool, what: str = "prompt") -> list:
         if prompt is not None and not isinstance(prompt, (str, list, tuple)):
-            raise ValueError(f"a prompt is a string or a list of strings, got {type(prompt).__name__}")
+            raise ValueError(f"a {what} is a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] * batch_size if prompt is None or isinstance(prompt, str) else list(prompt)
         wrong = [type(p).__name__ for p in prompts if p is not None and not isinstance(p, str)]
         if wrong:
-            raise ValueError(f"a prompt is a string or a list of strings, got a list holding {wrong[0]}")
+            raise ValueError(f"a {what} is a string or a list of strings, got a list holding {wrong[0]}")
         if len(prompts) != batch_size:
             raise ValueError(f"got {len(prompts)} prompts for batch size {batch_size}")
         prompts = ["" if p is None else str(p) for p in prompts]

@@ -128,6 +128,7 @@ def pipe():
     [
         ({"prompt": 5}, "a prompt is a string or a list of strings, got int"),
         ({"prompt": ["a", 5], "batch_size": 2}, "got a list holding int"),
+        ({"negative_prompt": 5, "cfg_scale": 2.0}, "a negative prompt is a string or a list of strings, got int"),
         ({"steps": 2.7}, "steps must be an integer, got 2.7"),
         ({"steps": "3"}, "steps must be an integer, got '3'"),
         ({"batch_size": 1.5}, "batch size must be an integer, got 1.5"),

@@ -138,6 +138,7 @@ def pipe():
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [("a", 1)]}, "an inpaint region is"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:cfg_scale")  # guidance on the distilled-style demo config is on purpose
 def test_malformed_requests_are_refused_in_one_line(pipe, tmp_path, options, words):
     """Wrong types and shapes in a library request: a ValueError that says what is wrong, not a TypeError,
     IndexError or unpacking error from deep inside (and never a silent truncation of 2.7 steps)."""

@@ -713,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16"),
         help="DiT/text precision (default: half on Metal, float32 on CPU)",
     )
-    p.add_argument("--backend", default="mlx", choices=("mlx", "torch"), help="compute backend (default mlx)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "mlx", "torch"),
+        help="compute backend (default auto, as python -m mlx_sa3.generate; the manifest records the one that ran)",
+    )
     _add_lora_arguments(p)  # parsed by generate.lora_entries, exactly as python -m mlx_sa3.generate does
     p.add_argument("--max-batch", type=int, default=1, help="most jobs per DiT batch (default 1)")
     p.add_argument("--format", choices=("wav", "flac"), default="wav", help="output format (default wav)")
@@ -797,7 +802,7 @@ def _main(args) -> int:
         pipe = StableAudio3.from_pretrained(args.model, dtype=args.dtype, backend=args.backend, loras=loras)
     except (CheckpointError, ValueError, OSError) as err:
         raise BatchError(str(err)) from None
-    stamp = {"model": identity, "backend": args.backend, "dtype": args.dtype, "rank": ranks.rank}
+    stamp = {"model": identity, "backend": pipe.backend, "dtype": args.dtype, "rank": ranks.rank}
     shard = out_dir / (MANIFEST if ranks.size == 1 else SHARD.format(rank=ranks.rank))
     written = []
     total = sum(len(b) for b in mine)

@@ -171,8 +171,11 @@ def write_jobs(path: Path, jobs) -> Path:
     return path
 
 
-def run_cli(*args, env=None, launcher=(), model="demo"):
-    cmd = [*launcher, sys.executable, "-m", "mlx_sa3.batch", *map(str, args), "--model", str(model), "--quiet"]
+def run_cli(*args, env=None, launcher=(), model="demo", backend="mlx"):
+    """The batch CLI in a subprocess; on MLX unless ``backend`` says otherwise (None: the default, auto), since
+    auto's torch pays its import in every run."""
+    chosen = () if backend is None else ("--backend", backend)
+    cmd = [*launcher, sys.executable, "-m", "mlx_sa3.batch", *map(str, args), "--model", str(model), "--quiet", *chosen]
     return subprocess.run(cmd, env=env or REPO_ENV, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -285,6 +288,18 @@ def test_runs_and_skips_done_jobs(tmp_path):
         assert e["batch"]["size"] == 2  # equal durations paired
     again = run_cli(jobs, out, "--max-batch", "2")
     assert again.returncode == 0 and "0 done, 4 skipped" in again.stdout
+
+
+def test_the_default_backend_is_auto_and_the_manifest_names_the_one_that_ran(tmp_path):
+    from mlx_sa3.backend import resolve_backend
+
+    assert batch.build_parser().parse_args(["jobs.jsonl", "out"]).backend == "auto"
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
+    out = tmp_path / "out"
+    proc = run_cli(jobs, out, backend=None)
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = manifest(out)
+    assert entry["backend"] == resolve_backend("auto")[0]  # what ran, not "auto" (same environment as the child)
 
 
 def test_killed_run_resumes_without_touching_finished_files(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .outputs import not_a_file
+from .outputs import MISSING, not_a_file
 
 SAMPLE_RATE = 44100
 # Output formats by name: (libsndfile container, default subtype). See the writer section at the end of this file.
@@ -118,7 +118,7 @@ def read_audio(path: str | os.PathLike) -> np.ndarray:
     """Read wav/flac/ogg/mp3 (whatever libsndfile decodes) as stereo float32 (2, N) at 44.1 kHz."""
     path = Path(path)
     problem = not_a_file(path)
-    if problem == "no such file":
+    if problem == MISSING:
         raise AudioError(f"{path}: no such file")
     if problem is not None:  # never opened: a FIFO or device would block or stream without end
         raise AudioError(f"{path} is {problem}; an audio input must be a regular file")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
-from .outputs import not_a_file
+from .outputs import MISSING, not_a_file
 
 MANIFEST = "manifest.jsonl"
 SHARD = "manifest.rank{rank}.jsonl"  # one per rank when several ranks run; rank 0 merges them into MANIFEST
@@ -127,7 +127,7 @@ def _check_field(kind: str, value, base: Path, max_duration: float | None) -> st
             return "must be a path (string)"
         problem = not_a_file(base / value)
         if problem is not None:
-            return f"no such file: {base / value}" if problem == "no such file" else f"{base / value} is {problem}"
+            return f"no such file: {base / value}" if problem == MISSING else f"{base / value} is {problem}"
     elif kind == "regions" and (
         not isinstance(value, list)
         or not all(

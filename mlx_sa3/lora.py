@@ -45,7 +45,7 @@ import numpy as np
 
 from .loading import PICKLE_SUFFIXES, CheckpointError, read_json
 from .models.dit import sanitize
-from .outputs import not_a_file
+from .outputs import MISSING, not_a_file
 
 DIT = "dit"
 CONDITIONERS = "conditioners"
@@ -209,7 +209,7 @@ def check_lora_file(path) -> Path:
     path = Path(path).expanduser()
     _refuse_pickle(path)
     problem = not_a_file(path)
-    if problem == "no such file":
+    if problem == MISSING:
         raise CheckpointError(f"{path}: no such LoRA file")
     if problem is not None:
         raise CheckpointError(f"{path} is {problem}, not a LoRA file")

@@ -138,13 +138,17 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+#: what :func:`not_a_file` says of a path that does not exist
+MISSING = "no such file"
+
+
 def not_a_file(path) -> str | None:
-    """Why ``path`` cannot be read as a file: "no such file", "a directory", "a FIFO (named pipe)" ...; None for a
-    regular file (symlinks followed)."""
+    """Why ``path`` cannot be read as a file: :data:`MISSING`, or what it is ("a directory", "a FIFO (named pipe)"
+    ...); None for a regular file (symlinks followed)."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        return "no such file"
+        return MISSING
     return None if stat.S_ISREG(mode) else _kind(mode)
 
 

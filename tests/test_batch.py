@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mlx_sa3 import StableAudio3, batch
+from mlx_sa3.backend import resolve_backend
 
 import numpy as np
 import pytest
@@ -291,8 +292,6 @@ def test_runs_and_skips_done_jobs(tmp_path):
 
 
 def test_the_default_backend_is_auto_and_the_manifest_names_the_one_that_ran(tmp_path):
-    from mlx_sa3.backend import resolve_backend
-
     assert batch.build_parser().parse_args(["jobs.jsonl", "out"]).backend == "auto"
     jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
     out = tmp_path / "out"

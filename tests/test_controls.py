@@ -1,5 +1,6 @@
 """Issue 14 end to end on the demo model: guidance/schedule options, levels, normalisation, formats, --play."""
 
+import importlib
 import json
 import math
 import os
@@ -336,8 +337,6 @@ def test_cli_refuses_an_unknown_format_name(no_loading, tmp_path, capsys):
 def test_every_command_line_usage_error_is_one_line(command, argv, capsys):
     """argparse's own errors (unknown flags, bad choices and types, missing arguments) are one line on stderr with
     exit status 2, as every other error, not the whole usage first."""
-    import importlib
-
     main = importlib.import_module(f"mlx_sa3.{command}").main
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -5,6 +5,7 @@ import os
 import re
 
 from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
+from mlx_sa3.loading import CheckpointError, resolve_source
 
 import numpy as np
 import pytest
@@ -223,8 +224,6 @@ def test_diagnosis_on_the_torch_backend():
 
 
 def test_a_model_path_that_is_not_a_directory_says_what_it_is(tmp_path):
-    from mlx_sa3.loading import CheckpointError, resolve_source
-
     fifo, plain = tmp_path / "pipe", tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     plain.write_bytes(b"")

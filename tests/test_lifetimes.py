@@ -1,10 +1,14 @@
 """Component lifetimes: one-shot pipelines hold one network at a time, long-lived ones keep them, and plain
 text-to-audio never reads the SAME encoder. Same outputs either way (the same arithmetic on the same weights)."""
 
-from mlx_sa3 import StableAudio3
+import importlib.util
+
+from mlx_sa3 import GenerationCancelled, StableAudio3, diagnosis, sampling
 from mlx_sa3.checkpoint import DecoderFirstSAME
 from mlx_sa3.model import load_model
+from mlx_sa3.models.same import AutoencoderInterface
 from mlx_sa3.pipeline import AudioEvent, StepEvent
+from mlx_sa3.sampling import NonFiniteError
 
 import mlx.core as mx
 import numpy as np
@@ -142,7 +146,6 @@ def test_text_embedding_stays_in_the_file(tmp_path, dtype):
 def test_one_shot_runs_without_the_buffer_cache_and_restores_it(keep_loaded):
     """One-shot on the CPU: MLX's buffer cache is off during the generation (every event sees limit 0) and the
     caller's limit is back afterwards, also after a cancel; a long-lived pipeline leaves the cache alone."""
-    from mlx_sa3 import GenerationCancelled
 
     def current_limit():
         limit = mx.set_cache_limit(0)
@@ -163,12 +166,10 @@ def test_one_shot_runs_without_the_buffer_cache_and_restores_it(keep_loaded):
 
 
 def _has_torch_backend() -> bool:
-    import importlib.util
-
     return all(importlib.util.find_spec(name) for name in ("torch", "diffusers", "transformers"))
 
 
-FAILURES = {  # where the NaNs appear -> the network resident then, which stays; the others are scanned alone
+FAILURES = {  # where the NaNs appear -> the network resident then; the others are scanned one at a time
     "sampling": "dit",
     "decoding": "autoencoder",
 }
@@ -182,10 +183,6 @@ def test_a_failing_one_shot_generation_scans_one_network_at_a_time(backend, wher
     """NaN/inf in one-shot use: the weight scan that explains them loads each released network alone and releases
     it again (a failure never holds more than a working run), and the networks not yet read in full (the torch SAME
     encoder before its first encode, on the meta device) do not stop it."""
-    from mlx_sa3 import diagnosis, sampling
-    from mlx_sa3.models.same import AutoencoderInterface
-    from mlx_sa3.sampling import NonFiniteError
-
     pipe = StableAudio3.from_pretrained(CHECKPOINT, backend=backend, keep_loaded=False)
     scanned = []
     scan = diagnosis.non_finite_tensors
@@ -205,14 +202,12 @@ def test_a_failing_one_shot_generation_scans_one_network_at_a_time(backend, wher
         pipe.generate("x", duration=1.0, seed=0, steps=2, sampler="euler")
     resident = FAILURES[where]
     assert scanned[:3] == [{resident, name} for name in ("dit", "autoencoder", "text_encoder")]
-    assert set(pipe.model.loaded) <= {resident}
+    assert pipe.model.loaded == []  # and the failed generation frees the network it held
 
 
 def test_one_shot_releases_its_network_when_a_generation_stops_early():
     """A cancel mid-sampling, an error, or a stream its consumer leaves: in one-shot use no stage comes next, so
     the resident network is freed then (a long-lived pipeline keeps its networks)."""
-    from mlx_sa3 import GenerationCancelled
-
     pipe = StableAudio3.from_pretrained(CHECKPOINT, keep_loaded=False)
 
     def cancel_at_first_step(event):

@@ -396,6 +396,11 @@ class Source:
     def converted(self) -> bool:
         return self.layout == "converted"
 
+    @property
+    def autoencoder_only(self) -> bool:
+        """A SAME autoencoder alone: its Hub repo, or convert.py's conversion of one."""
+        return self.model_config.get("model_type") == "autoencoder"
+
     def component(self, name: str, refs: bool = False) -> dict[str, mx.array]:
         """Tensors of one component: Hub names with the component prefix removed, or converted names as stored.
 

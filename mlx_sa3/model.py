@@ -364,8 +364,10 @@ def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weight
     backend, _ = backends.resolve_backend(backend, dtype, weights_dtype)
     backends.check_weights_dtype(weights_dtype, dtype, backend)
     source = src if isinstance(src, Source) else open_source(src)
-    if source.layout == "same":
-        raise CheckpointError(f"{source.root} is a SAME autoencoder repo; use load_autoencoder for it")
+    if source.autoencoder_only:
+        raise CheckpointError(
+            f"{source.root} is a SAME autoencoder checkpoint, not a Stable Audio 3 model; use load_autoencoder for it"
+        )
     parsed = checkpoint_config(source)
     parsed.check_sampleable()
     config = parsed.sa3

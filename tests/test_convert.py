@@ -748,3 +748,20 @@ def test_diffusers_refuses_unusable_folders(diffusers_folders, tmp_path):
     with pytest.raises(CheckpointError, match="not a Stable Audio 3 pipeline"):
         cv.convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_a_same_checkpoint_is_not_loaded_as_a_model(converted, dtype):
+    """A SAME repo and its conversion are both refused by load_model, and by the CLI in one line before any work."""
+    src = REF / "same_s_tiny_s0" if dtype is None else converted["same_s_tiny_s0", dtype]
+    with pytest.raises(CheckpointError, match="is a SAME autoencoder checkpoint, not a Stable Audio 3 model"):
+        load_model(src, lazy=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_sa3.generate", "--model", src, "--backend", "mlx", "-p", "x", "-o", "x.wav"],
+        cwd=converted["same_s_tiny_s0", "float32"].parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is a SAME autoencoder checkpoint" in proc.stderr

@@ -89,6 +89,7 @@ def test_torch_backend_dequantizes(checkpoints):
     [
         (["--quantize", "3"], "bits must be one of 4, 8"),
         (["--quantize", "8", "--group-size", "48"], "group size must be one of 32, 64, 128"),
+        (["--group-size", "32"], "--group-size applies only with --quantize"),
     ],
 )
 def test_convert_refuses_bad_settings(tmp_path, args, message):

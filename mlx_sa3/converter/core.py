@@ -536,13 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
         "on the CPU they are dequantized to float32 at load time, GPUs run them quantized)",
     )
     parser.add_argument(
-        "--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="quantization group (32, 64 or 128; default 64)"
+        "--group-size",
+        type=int,
+        help=f"quantization group (32, 64 or 128; default {DEFAULT_GROUP_SIZE}); only with --quantize",
     )
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.group_size is not None and args.quantize is None:
+        parser.error("--group-size applies only with --quantize")  # a group size alone would silently do nothing
     start = time.perf_counter()
     try:
         from ..lora import parse_lora_spec
@@ -556,7 +561,7 @@ def main(argv=None) -> int:
             log=print,
             loras=loras,
             quantize=args.quantize,
-            group_size=args.group_size,
+            group_size=DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size,
         )
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)

@@ -178,3 +178,18 @@ def test_refuses_a_non_empty_target(tiny):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tiny["small"].iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", "-1"], "'-1' is not a whole number >= 0"),  # numpy refused it only once writing had begun
+        (["--seed", "x"], "'x' is not a whole number >= 0"),
+        (["--colour"], "unrecognized arguments: --colour"),
+    ],
+)
+def test_usage_errors_are_one_line_and_write_nothing(tmp_path, args, message):
+    proc = _run(SCRIPT, "small", tmp_path / "out", "--tiny", *args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []

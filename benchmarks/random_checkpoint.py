@@ -481,25 +481,17 @@ def _check_target(out_dir: Path) -> str | None:
     return None
 
 
-def _seed(text: str) -> int:
-    """A seed numpy's SeedSequence takes: a whole number >= 0 (a negative one failed only once writing had begun)."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return seed
-
-
 def main(argv=None) -> int:
-    from mlx_sa3.cli import ArgumentParser  # one-line usage errors, as every mlx_sa3 command
+    from mlx_sa3.cli import ArgumentParser, whole_number_in  # one-line usage errors, as every mlx_sa3 command
 
     parser = ArgumentParser(prog="python benchmarks/random_checkpoint.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", choices=VARIANTS, help="small (DiT 1024x20, SAME-S) or medium (1536x24, SAME-L)")
     parser.add_argument("out_dir", help="directory to create (must not exist, or be empty)")
     parser.add_argument(
-        "--seed", type=_seed, default=0, help="random seed, a whole number >= 0 (default 0); same seed, same bytes"
+        "--seed",
+        type=whole_number_in(0),
+        default=0,
+        help="random seed, a whole number >= 0 (default 0); same seed, same bytes",
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # toy sizes, same layout: for tests
     args = parser.parse_args(argv)

@@ -16,6 +16,23 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def whole_number_in(low: int, high: int | None = None):
+    """An argparse ``type``: a whole number in ``low..high`` (no upper bound with None); anything else is a one-line
+    usage error that says the range, where ``type=int`` let a value through that failed later, with a traceback."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            wanted = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {wanted}")
+        return number
+
+    return parse
+
+
 def fail(message: str, status: int = 2) -> int:
     """Print ``error: message`` on stderr and return ``status`` (the command's exit status)."""
     print(f"error: {message}", file=sys.stderr)

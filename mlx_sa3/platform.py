@@ -287,13 +287,21 @@ def _kernels_line() -> str:
     return f"{name} ({how})"
 
 
+MAX_GEMM_SIZE = 16384  # three n x n float32 matrices: 3 GiB; beyond, the measurement itself can exhaust memory
+
+
 def main(argv=None, more=None, add_arguments=None) -> argparse.Namespace:
     """The report; ``more()`` adds rows from the layers above (``mlx_sa3.info`` adds the torch backend's), and
     ``add_arguments(parser)`` their options."""
     parser = cli.ArgumentParser(
         prog="python -m mlx_sa3.info", description="What MLX runs on here, which BLAS it uses and how fast a GEMM is."
     )
-    parser.add_argument("--size", type=int, default=2048, help="GEMM size n for the n x n x n rate (default 2048)")
+    parser.add_argument(
+        "--size",
+        type=cli.whole_number_in(1, MAX_GEMM_SIZE),
+        default=2048,
+        help="GEMM size n for the n x n x n rate (default 2048)",
+    )
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)

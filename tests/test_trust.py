@@ -338,3 +338,14 @@ def test_torch_backend_argument_errors_come_before_loading_torch(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV, timeout=120)
         assert proc.stdout.split() == ["2", "False", "False"], (args, proc.stdout, proc.stderr)
         one_error_line(proc.stderr)
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "100000", "x"])
+def test_info_refuses_a_gemm_size_it_cannot_measure(size):
+    """0 printed a rate of 0, -5 ended in a traceback and 100000 (three 40 GB matrices) crashed the process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_sa3.info", "--size", size], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    wanted = f"error: argument --size: '{size}' is not a whole number from 1 to 16384"
+    assert proc.stderr == f"{wanted} (see python -m mlx_sa3.info --help)\n"

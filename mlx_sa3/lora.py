@@ -235,6 +235,9 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
         try:
             strength = float(tail)
         except ValueError:
+            if not Path(spec).exists() and Path(head).exists():
+                # a typo in the strength, not a missing file: "no such LoRA file" would name the wrong mistake
+                raise ValueError(f"--lora {spec}: strength {tail!r} is not a number (PATH:STRENGTH)") from None
             return spec, 1.0
         if not math.isfinite(strength):
             raise ValueError(f"--lora {spec}: strength {tail} is not a finite number")

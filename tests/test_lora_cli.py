@@ -119,6 +119,13 @@ def test_lora_spec_parsing(tmp_path):
     assert lora.parse_lora_spec("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
     with pytest.raises(ValueError, match="finite"):
         lora.parse_lora_spec("a.safetensors:nan")
+    # a typo in the strength of a file that exists is named as such, not as a missing file
+    (tmp_path / "b.safetensors").touch()
+    with pytest.raises(ValueError, match="strength 'x8' is not a number"):
+        lora.parse_lora_spec(f"{tmp_path}/b.safetensors:x8")
+    # while a file whose name has ':' and a non-numeric tail is still the whole path
+    (tmp_path / "c.safetensors:v2").touch()
+    assert lora.parse_lora_spec(f"{tmp_path}/c.safetensors:v2") == (f"{tmp_path}/c.safetensors:v2", 1.0)
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

@@ -243,25 +243,32 @@ def parse_jobs(
                 found.append(Problem(number, key, reason))
         found += [Problem(number, k, r) for k, r in _cross_checks(raw, SAMPLERS)]
         given = raw.get("name") if isinstance(raw.get("name"), str) else None
-        if given is not None and given in names:
-            found.append(Problem(number, "name", f"{given!r} is already used by line {names[given]}"))
+        if given is not None and given.lower() in names:
+            found.append(Problem(number, "name", _name_taken(given, *names[given.lower()])))
         elif given is not None:
-            names[given] = number
+            names[given.lower()] = (number, given)
         if found:
             problems += found
             continue
         settings = _settings(raw)
         name = given or f"{_slug(raw['prompt'])}-{_digest(_canonical({**settings, 'seed': raw.get('seed')}))[:10]}"
-        if name in names and names[name] != number:
-            problems.append(Problem(number, "name", f"{name!r} is already used by line {names[name]}"))
+        if name.lower() in names and names[name.lower()][0] != number:
+            problems.append(Problem(number, "name", _name_taken(name, *names[name.lower()])))
             continue
-        names[name] = number
+        names[name.lower()] = (number, name)
         settings["seed"] = raw["seed"] if "seed" in raw else _derived_seed(name, settings)
         if loras:
             settings["loras"] = lora_settings(loras)
         audio = {k: str((base / raw[k]).resolve()) for k in ("init_audio", "inpaint_audio") if k in raw}
         jobs.append(Job(number, name, settings, f"{name}.{fmt}", audio))
     return jobs, problems
+
+
+def _name_taken(name: str, line: int, used: str) -> str:
+    # Names are compared ignoring letter case: on macOS's default file system rain.wav and Rain.wav are one file.
+    if used == name:
+        return f"{name!r} is already used by line {line}"
+    return f"{name!r} is already used by line {line} as {used!r} (names differing only in case are one file on macOS)"
 
 
 def lora_settings(loras) -> list[dict]:

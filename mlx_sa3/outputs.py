@@ -29,6 +29,7 @@ import signal
 import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -224,7 +225,24 @@ def check_output_targets(paths: Iterable, overwrite: bool = False) -> list[Path]
     targets = [check_output_target(p, overwrite) for p in paths]
     if len(set(targets)) != len(targets):
         raise OutputError("two outputs of this batch resolve to the same file")
+    seen = {}
+    for target in targets:
+        other = seen.setdefault(_folded_key(target), target)
+        if other is not target:
+            raise OutputError(
+                f"outputs {other.name} and {target.name} differ only in letter case (or Unicode form): one file on a "
+                "case-insensitive file system such as macOS's default, so one would replace the other"
+            )
     return targets
+
+
+def _folded_key(target: Path) -> tuple:
+    """The name as a case- and normalization-insensitive file system (APFS, HFS+) sees it, in its folder.
+
+    The folder is named by device and inode, so two spellings of one existing folder compare equal too.
+    """
+    st = os.stat(target.parent)
+    return st.st_dev, st.st_ino, unicodedata.normalize("NFC", unicodedata.normalize("NFC", target.name).casefold())
 
 
 # -- atomic group writes ----------------------------------------------------------------------------------------

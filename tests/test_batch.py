@@ -233,6 +233,18 @@ def test_invalid_lines_all_listed_before_anything(tmp_path):
     assert not out.exists()  # checked before any generation (and before the model loads)
 
 
+def test_names_that_differ_only_in_case_are_refused(tmp_path):
+    # rain.wav and Rain.wav are one file on macOS's default file system: the second job would replace the first.
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        [{"prompt": "rain", "duration": 1, "name": "rain"}, {"prompt": "snow", "duration": 1, "name": "Rain"}],
+    )
+    jobs_found, problems = batch.parse_jobs(jobs)
+    assert [j.name for j in jobs_found] == ["rain"]
+    assert [(p.line, p.field) for p in problems] == [(2, "name")]
+    assert "'Rain'" in problems[0].reason and "line 1" in problems[0].reason and "case" in problems[0].reason
+
+
 def test_parse_jobs_defaults_are_deterministic(tmp_path):
     path = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "Rain, on a roof!", "duration": 1.5}])
     (a,), problems = batch.parse_jobs(path)

@@ -149,6 +149,20 @@ def test_batch_is_all_or_nothing(tmp_path):
     assert all(t.is_file() for t in targets) and leftovers(tmp_path) == []
 
 
+def test_outputs_that_differ_only_in_case_are_refused(tmp_path):
+    # On macOS's default (case-insensitive) file system take.wav and TAKE.wav are one file: the second would replace
+    # the first. Refused on every system, so a batch means the same thing wherever it runs.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "sub")
+    for pair in (["take.wav", "TAKE.wav"], ["sub/take.wav", "link/Take.wav"], ["caf\u00e9.wav", "cafe\u0301.wav"]):
+        with pytest.raises(OutputError, match="differ only in letter case|the same file"):
+            outputs.check_output_targets([tmp_path / p for p in pair])
+    with pytest.raises(OutputError, match=r"^outputs take\.wav and TAKE\.wav differ only in letter case"):
+        outputs.check_output_targets([tmp_path / "take.wav", tmp_path / "TAKE.wav"])
+    assert len(outputs.check_output_targets([tmp_path / "take.wav", tmp_path / "sub" / "TAKE.wav"])) == 2
+    assert list(tmp_path.iterdir()) != [] and leftovers(tmp_path) == []
+
+
 def test_a_target_that_appears_is_never_replaced(tmp_path):
     a, b = tmp_path / "a.wav", tmp_path / "b.wav"
     with AtomicFiles([a, b]) as files:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
+from .options import DEFAULT_INIT_NOISE_LEVEL
 from .outputs import MISSING, not_a_file
 
 MANIFEST = "manifest.jsonl"
@@ -185,14 +186,14 @@ def _settings(raw: dict) -> dict:
         "sampler": raw.get("sampler"),  # None: the checkpoint's official default
         "cfg_scale": float(raw.get("cfg_scale", 1.0)),
         "init_audio": raw.get("init_audio"),
-        "init_noise_level": float(raw["init_noise_level"]) if "init_audio" in raw else None,
+        "init_noise_level": float(raw.get("init_noise_level", DEFAULT_INIT_NOISE_LEVEL))
+        if "init_audio" in raw
+        else None,
         "inpaint_audio": raw.get("inpaint_audio"),
         "inpaint_regions": [[float(a), float(b)] for a, b in raw["inpaint_regions"]]
         if "inpaint_regions" in raw
         else None,
     }
-    if "init_audio" in raw and "init_noise_level" not in raw:
-        settings["init_noise_level"] = 0.9  # the pipeline's default
     return settings
 
 
@@ -648,7 +649,7 @@ def run_batch(
                 sampler=s["sampler"],
                 cfg_scale=s["cfg_scale"],
                 init_audio=batch[0].audio_paths.get("init_audio"),
-                init_noise_level=s["init_noise_level"] if s["init_audio"] else 0.9,
+                init_noise_level=s["init_noise_level"] if s["init_audio"] else DEFAULT_INIT_NOISE_LEVEL,
                 inpaint_audio=batch[0].audio_paths.get("inpaint_audio"),
                 inpaint_regions=s["inpaint_regions"],
             )

@@ -10,6 +10,7 @@ import warnings
 
 from . import cli
 from .audio import WRITE_FORMATS
+from .options import DEFAULT_INIT_NOISE_LEVEL
 from .storage import WEIGHTS_DTYPES
 
 EXAMPLES = """examples:
@@ -78,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="random seed, 0..2**63-1; -1 or any negative = random (default: random, printed); one, or one per -p",
     )
     p.add_argument("--init-audio", help="audio file to restyle (audio-to-audio)")
-    p.add_argument("--init-noise-level", type=float, default=0.9, help="how far to move away from --init-audio, (0, 1]")
+    p.add_argument(
+        "--init-noise-level",
+        type=float,
+        default=DEFAULT_INIT_NOISE_LEVEL,
+        help="how far to move away from --init-audio, (0, 1]",
+    )
     p.add_argument("--inpaint-audio", help="audio file to inpaint or continue")
     p.add_argument(
         "--inpaint-start",

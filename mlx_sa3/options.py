@@ -31,6 +31,8 @@ DEFAULT_CFG_NORM_THRESHOLD = 0.0
 DEFAULT_APG_SCALE = 1.0
 DEFAULT_SIGMA_MAX = 1.0
 DEFAULT_DURATION_PADDING_SEC = 6.0
+#: audio-to-audio: how far from the init audio the sampling starts (the official default)
+DEFAULT_INIT_NOISE_LEVEL = 0.9
 
 # The shift types of ``sampling_distribution_shift_options`` (official diffusion.py ``_create_dist_shift``) with the
 # parameters the official gradio starts from for each ("LogSNR", "Flux", "Full", "None" in its dropdown). The

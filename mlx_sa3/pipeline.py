@@ -161,7 +161,7 @@ class GenerationRequest:
     seed: int | list | None = None
     noise: object = None
     init_audio: object = None
-    init_noise_level: float = 0.9
+    init_noise_level: float = opts.DEFAULT_INIT_NOISE_LEVEL
     inpaint_audio: object = None
     inpaint_regions: object = None
     batch_size: int = 1

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_sa3 import StableAudio3, batch
+from mlx_sa3 import GenerationRequest, StableAudio3, batch
 from mlx_sa3.backend import resolve_backend
 
 import numpy as np
@@ -301,6 +301,31 @@ def test_runs_and_skips_done_jobs(tmp_path):
         assert e["batch"]["size"] == 2  # equal durations paired
     again = run_cli(jobs, out, "--max-batch", "2")
     assert again.returncode == 0 and "0 done, 4 skipped" in again.stdout
+
+
+def test_audio_jobs_run_with_the_pipelines_defaults(tmp_path):
+    # init_audio without init_noise_level takes the pipeline's default (it raised KeyError in the parser).
+    rng = np.random.default_rng(0)
+    source = tmp_path / "in.wav"
+    sf.write(source, rng.uniform(-0.5, 0.5, (SR, 2)).astype(np.float32), SR, subtype="FLOAT")
+    lines = [
+        {"prompt": "jazz", "duration": 1.0, "seed": 3, "steps": 3, "init_audio": "in.wav", "name": "a2a"},
+        {"prompt": "more", "duration": 1.5, "seed": 4, "steps": 3, "inpaint_audio": "in.wav", "name": "cont"},
+    ]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    (a2a, cont), problems = batch.parse_jobs(jobs)
+    assert problems == [] and a2a.settings["init_noise_level"] == GenerationRequest.init_noise_level
+    out = tmp_path / "out"
+    proc = run_cli(jobs, out)
+    assert proc.returncode == 0 and "2 done" in proc.stdout, proc.stderr
+    pipe = StableAudio3.from_pretrained("demo", dtype="float32", backend="mlx")
+    expected = {
+        "a2a": pipe.generate("jazz", duration=1.0, seed=3, steps=3, init_audio=str(source)),
+        "cont": pipe.generate("more", duration=1.5, seed=4, steps=3, inpaint_audio=str(source)),
+    }
+    for name, want in expected.items():
+        data, _ = sf.read(out / f"{name}.wav", dtype="float32", always_2d=True)
+        assert rel_err(data.T, want.audio[0]) <= TOL
 
 
 def test_the_default_backend_is_auto_and_the_manifest_names_the_one_that_ran(tmp_path):

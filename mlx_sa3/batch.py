@@ -164,6 +164,35 @@ def _cross_checks(job: dict, samplers) -> list[tuple[str, str]]:
     return out
 
 
+def _audio_checks(job: dict, base: Path, seconds: dict) -> list[tuple[str, str]]:
+    """What would fail the job when it generates: audio that cannot be read, regions the inpaint audio refutes.
+
+    Each file is decoded once per job file (``seconds`` caches its length), as the pipeline will read it.
+    """
+    from .audio import SAMPLE_RATE, AudioError, read_audio
+    from .options import validate_inpaint_regions
+
+    out = []
+    for key in ("init_audio", "inpaint_audio"):
+        if key not in job:
+            continue
+        source = (base / job[key]).resolve()
+        if source not in seconds:
+            try:
+                seconds[source] = read_audio(source).shape[1] / SAMPLE_RATE
+            except AudioError as err:
+                seconds[source] = str(err)
+        if isinstance(seconds[source], str):
+            out.append((key, seconds[source]))
+        elif key == "inpaint_audio":
+            regions = job.get("inpaint_regions")
+            try:
+                validate_inpaint_regions(regions, seconds[source], float(job["duration"]))
+            except ValueError as err:
+                out.append(("inpaint_regions" if regions else key, str(err)))
+    return out
+
+
 def _canonical(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
@@ -217,7 +246,7 @@ def parse_jobs(
 
     path = Path(path)
     base = path.parent
-    jobs, problems, names = [], [], {}
+    jobs, problems, names, audio_seconds = [], [], {}, {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -243,6 +272,8 @@ def parse_jobs(
             if reason:
                 found.append(Problem(number, key, reason))
         found += [Problem(number, k, r) for k, r in _cross_checks(raw, SAMPLERS)]
+        if not found:
+            found = [Problem(number, k, r) for k, r in _audio_checks(raw, base, audio_seconds)]
         given = raw.get("name") if isinstance(raw.get("name"), str) else None
         if given is not None and given.lower() in names:
             found.append(Problem(number, "name", _name_taken(given, *names[given.lower()])))

@@ -325,7 +325,20 @@ def _preflight(args):
         check_duration(duration, SAMPLE_RATE, max_samples)
     init = load_audio_input(args.init_audio, "--init-audio") if args.init_audio is not None else None
     inpaint = load_audio_input(args.inpaint_audio, "--inpaint-audio") if args.inpaint_audio is not None else None
+    if inpaint is not None:
+        _check_inpainting(list(zip(args.inpaint_start, args.inpaint_end)), inpaint.shape[1] / SAMPLE_RATE, durations)
     return seed, init, inpaint
+
+
+def _check_inpainting(regions: list, source_seconds: float, durations: list) -> None:
+    """The regions (or the continuation) against every item's duration, as the pipeline will check them."""
+    from .options import validate_inpaint_regions
+
+    for i, duration in enumerate(durations):
+        try:
+            validate_inpaint_regions(regions, source_seconds, duration)
+        except ValueError as err:
+            raise ValueError(f"item {i + 1}: {err}" if len(durations) > 1 else str(err)) from None
 
 
 def _run(args) -> int:

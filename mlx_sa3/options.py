@@ -212,11 +212,39 @@ def validate_guidance(
     }
 
 
+def validate_inpaint_regions(regions, source_seconds: float, duration: float) -> list:
+    """The (start, end) pairs in seconds to regenerate; none given means continue the clip past its end.
+
+    ``source_seconds`` is the length of the inpaint audio: with no regions the duration must extend it. The CLI and
+    the job runner call this before a model loads, the pipeline when it generates.
+    """
+    if not regions:
+        if duration <= source_seconds:
+            raise ValueError(
+                f"inpaint audio is {source_seconds:.2f} s and the duration {duration:g} s does not extend it: "
+                "give inpaint regions (start, end) to regenerate, or a longer duration to continue the clip"
+            )
+        return [(source_seconds, duration)]
+    out = []
+    for region in regions:
+        try:
+            start, end = (float(v) for v in region)
+        except (TypeError, ValueError):
+            raise ValueError(f"an inpaint region is (start, end) in seconds, got {region!r}") from None
+        if not (0 <= start < end):
+            raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
+        if start >= duration or end > duration + 1e-9:
+            raise ValueError(f"inpaint region ({start:g}, {end:g}) lies outside the {duration:g} s output")
+        out.append((start, end))
+    return out
+
+
 __all__ = [
     "DEFAULT_APG_SCALE",
     "DEFAULT_CFG_INTERVAL",
     "DEFAULT_CFG_NORM_THRESHOLD",
     "DEFAULT_DURATION_PADDING_SEC",
+    "DEFAULT_INIT_NOISE_LEVEL",
     "DEFAULT_SCALE_PHI",
     "DEFAULT_SIGMA_MAX",
     "DIST_SHIFT_DEFAULTS",
@@ -230,6 +258,7 @@ __all__ = [
     "validate_dist_shift",
     "validate_duration_padding_sec",
     "validate_guidance",
+    "validate_inpaint_regions",
     "validate_scale_phi",
     "validate_sigma_max",
     "whole_number",

@@ -452,27 +452,10 @@ class StableAudio3:
             raise ValueError("a non-empty prompt is required for text-to-audio")
         return prompts
 
-    def _regions(self, regions, source_seconds: float, duration: float) -> list:
+    @staticmethod
+    def _regions(regions, source_seconds: float, duration: float) -> list:
         """Validated (start, end) pairs in seconds; none given means continue the clip past its end."""
-        if not regions:
-            if duration <= source_seconds:
-                raise ValueError(
-                    f"inpaint audio is {source_seconds:.2f} s and the duration {duration:g} s does not extend it: "
-                    "give inpaint regions (start, end) to regenerate, or a longer duration to continue the clip"
-                )
-            return [(source_seconds, duration)]
-        out = []
-        for region in regions:
-            try:
-                start, end = (float(v) for v in region)
-            except (TypeError, ValueError):
-                raise ValueError(f"an inpaint region is (start, end) in seconds, got {region!r}") from None
-            if not (0 <= start < end):
-                raise ValueError(f"inpaint region ({start:g}, {end:g}) must satisfy 0 <= start < end")
-            if start >= duration or end > duration + 1e-9:
-                raise ValueError(f"inpaint region ({start:g}, {end:g}) lies outside the {duration:g} s output")
-            out.append((start, end))
-        return out
+        return opts.validate_inpaint_regions(regions, source_seconds, duration)
 
     def _latent_mask(self, regions: list, duration: float, length: int) -> mx.array:
         """Official mask semantics: 1 = keep; the regions and everything past the duration are generated.

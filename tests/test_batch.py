@@ -245,6 +245,38 @@ def test_names_that_differ_only_in_case_are_refused(tmp_path):
     assert "'Rain'" in problems[0].reason and "line 1" in problems[0].reason and "case" in problems[0].reason
 
 
+def test_audio_inputs_are_checked_before_anything(tmp_path):
+    # What would fail a job at generation time is found while parsing: unreadable audio, more than two channels,
+    # inpaint audio that the duration does not extend (no regions given), a region outside the output.
+    sf.write(tmp_path / "two.wav", np.zeros((2 * SR, 2), np.float32), SR)
+    sf.write(tmp_path / "six.wav", np.zeros((SR, 6), np.float32), SR)
+    (tmp_path / "bad.wav").write_text("not audio")
+    lines = [
+        {"prompt": "a", "duration": 1, "init_audio": "bad.wav"},
+        {"prompt": "b", "duration": 1, "init_audio": "six.wav"},
+        {"prompt": "c", "duration": 1.5, "inpaint_audio": "two.wav"},
+        {"prompt": "d", "duration": 3, "inpaint_audio": "two.wav"},  # continues the clip: fine
+        {"prompt": "e", "duration": 3, "inpaint_audio": "two.wav", "inpaint_regions": [[0.5, 1]]},  # fine
+        {"prompt": "f", "duration": 1, "inpaint_audio": "bad.wav", "inpaint_regions": [[0.5, 1]]},
+    ]
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    found, problems = batch.parse_jobs(jobs)
+    assert [j.line for j in found] == [4, 5]
+    assert [(p.line, p.field) for p in problems] == [
+        (1, "init_audio"),
+        (2, "init_audio"),
+        (3, "inpaint_audio"),
+        (6, "inpaint_audio"),
+    ]
+    reasons = [p.reason for p in problems]
+    assert "not a readable audio file" in reasons[0] and "6 channels" in reasons[1]
+    assert "does not extend it" in reasons[2] and "not a readable audio file" in reasons[3]
+    out = tmp_path / "out"
+    proc = run_cli(jobs, out)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 4 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def test_parse_jobs_defaults_are_deterministic(tmp_path):
     path = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "Rain, on a roof!", "duration": 1.5}])
     (a,), problems = batch.parse_jobs(path)

@@ -161,6 +161,26 @@ def test_bad_input_clear_message_no_file(tmp_path, source_clip, capsys, args, me
     assert sorted(os.listdir(tmp_path)) == sorted(["bad.wav", "source.wav"])
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--inpaint-start", "0.5", "--inpaint-end", "9", "--duration", "2"], "outside the 2 s output"),
+        (["--duration", "1.5"], "does not extend it"),  # the clip is 2 s: nothing to continue, no region
+        (["--duration", "1", "--duration", "3", "-p", "y"], "duration 1 s does not extend it"),  # per item
+    ],
+)
+def test_inpainting_errors_are_found_before_the_model_loads(tmp_path, source_clip, capsys, monkeypatch, args, message):
+    # A full-size model takes seconds to load: what the audio and the regions decide is checked first.
+    from mlx_sa3 import StableAudio3
+
+    monkeypatch.setattr(StableAudio3, "from_pretrained", lambda *a, **k: pytest.fail("the model must not load"))
+    out = tmp_path / "out.wav"
+    assert run("-p", "x", "--inpaint-audio", source_clip, *args, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["source.wav"]
+
+
 def test_cfg_on_distilled_checkpoint_warns(tmp_path, capsys):
     assert run("-p", "x", "--duration", 1, "--cfg-scale", 2, "-o", tmp_path / "w.wav") == 0
     assert "warning:" in capsys.readouterr().err

@@ -145,12 +145,6 @@ def _cross_checks(job: dict, samplers) -> list[tuple[str, str]]:
         out.append(("init_noise_level", "needs init_audio"))
     if "inpaint_regions" in job and "inpaint_audio" not in job:
         out.append(("inpaint_regions", "needs inpaint_audio (the audio to keep outside the regions)"))
-    if isinstance(job.get("inpaint_regions"), list) and _number(job.get("duration")):
-        for start, end in (r for r in job["inpaint_regions"] if isinstance(r, list) and len(r) == 2):
-            if _number(end) and end > job["duration"] + 1e-9:
-                out.append(
-                    ("inpaint_regions", f"region ({start:g}, {end:g}) ends past the {job['duration']:g} s output")
-                )
     if "negative_prompt" in job and job.get("cfg_scale", 1.0) == 1.0:
         out.append(("negative_prompt", "has no effect without a cfg_scale other than 1"))
     if isinstance(job.get("sampler"), str) and job["sampler"] not in samplers:

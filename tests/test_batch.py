@@ -258,6 +258,7 @@ def test_audio_inputs_are_checked_before_anything(tmp_path):
         {"prompt": "d", "duration": 3, "inpaint_audio": "two.wav"},  # continues the clip: fine
         {"prompt": "e", "duration": 3, "inpaint_audio": "two.wav", "inpaint_regions": [[0.5, 1]]},  # fine
         {"prompt": "f", "duration": 1, "inpaint_audio": "bad.wav", "inpaint_regions": [[0.5, 1]]},
+        {"prompt": "g", "duration": 1, "inpaint_audio": "two.wav", "inpaint_regions": [[0.5, 1.5]]},
     ]
     jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
     found, problems = batch.parse_jobs(jobs)
@@ -267,13 +268,15 @@ def test_audio_inputs_are_checked_before_anything(tmp_path):
         (2, "init_audio"),
         (3, "inpaint_audio"),
         (6, "inpaint_audio"),
+        (7, "inpaint_regions"),
     ]
     reasons = [p.reason for p in problems]
     assert "not a readable audio file" in reasons[0] and "6 channels" in reasons[1]
     assert "does not extend it" in reasons[2] and "not a readable audio file" in reasons[3]
+    assert reasons[4] == "inpaint region (0.5, 1.5) lies outside the 1 s output"
     out = tmp_path / "out"
     proc = run_cli(jobs, out)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 4 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 5 and "Traceback" not in proc.stderr
     assert not out.exists()
 
 

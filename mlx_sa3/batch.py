@@ -438,14 +438,25 @@ def max_duration_of(src) -> float:
 
 
 def _read_lines(path: Path) -> list[dict]:
-    """Entries of one manifest file; a torn last line (a crash mid-write) is skipped."""
+    """Entries of one manifest file; a torn last line (a crash mid-write) or a line of foreign bytes is skipped.
+
+    Only a regular file is read (and later appended to): a directory, device or FIFO in its place is refused.
+    """
+    problem = not_a_file(path)
+    if problem == MISSING:
+        return []
+    if problem is not None:
+        raise BatchError(f"{path} is {problem}; the manifest must be a regular file (move it away)")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BatchError(f"cannot read the manifest {path}: {err.strerror or err}") from None
     entries = []
-    with contextlib.suppress(FileNotFoundError):
-        for text in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(text)
-                if isinstance(entry, dict) and "name" in entry:
-                    entries.append(entry)
+    for line in data.splitlines():
+        with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
+            entry = json.loads(line.decode("utf-8"))
+            if isinstance(entry, dict) and "name" in entry:
+                entries.append(entry)
     return entries
 
 

@@ -493,6 +493,34 @@ def test_foreign_file_is_never_replaced(tmp_path):
     assert (out / "clip00.wav").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("kind", ["directory", "device", "fifo"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_in_one_line(tmp_path, kind):
+    # It was read or appended to as it was: a traceback for a directory, writes into /dev/null, a FIFO that blocks.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / batch.MANIFEST
+    {"directory": target.mkdir, "device": lambda: target.symlink_to(os.devnull), "fifo": lambda: os.mkfifo(target)}[
+        kind
+    ]()
+    proc = run_cli(jobs, out)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {target}") and "regular file" in line
+    assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST]
+
+
+def test_a_manifest_line_that_is_not_utf8_is_skipped_like_a_torn_line(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(2))
+    out = tmp_path / "out"
+    assert run_cli(jobs, out).returncode == 0
+    with open(out / batch.MANIFEST, "ab") as f:
+        f.write(b'{"name": "clip01", "status": "\xff\xfe"}\n')  # foreign bytes: that line only is unreadable
+    assert sorted(batch.read_manifest(out)) == ["clip00", "clip01"]
+    again = run_cli(jobs, out)
+    assert again.returncode == 0 and "0 done, 2 skipped" in again.stdout, again.stderr
+
+
 def test_failed_job_recorded_and_retried(tmp_path, monkeypatch):
     jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(2))
     out = tmp_path / "out"

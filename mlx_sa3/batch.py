@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import cli
 from .options import DEFAULT_INIT_NOISE_LEVEL
-from .outputs import MISSING, not_a_file
+from .outputs import MISSING, not_a_file, os_error_message
 
 MANIFEST = "manifest.jsonl"
 SHARD = "manifest.rank{rank}.jsonl"  # one per rank when several ranks run; rank 0 merges them into MANIFEST
@@ -242,7 +242,7 @@ def parse_jobs(
     base = path.parent
     jobs, problems, names, audio_seconds = [], [], {}, {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark some editors write
     except (OSError, UnicodeDecodeError) as err:
         raise BatchError(f"cannot read the job file {path}: {err}") from None
     for number, text in enumerate(lines, start=1):
@@ -829,8 +829,11 @@ def _main(args) -> int:
     if not jobs:
         raise BatchError(f"{args.jobs} has no jobs")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out_dir, ranks.rank)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out_dir, ranks.rank)
+    except OSError as err:  # under a regular file, read-only, no permission: before the model loads
+        raise BatchError(os_error_message(err, out_dir, "cannot write to the output folder")) from None
     mine = split_batches(group_jobs(jobs, args.max_batch), ranks.size)[ranks.rank]
     from .outputs import remove_stale_temporaries
 

@@ -280,6 +280,23 @@ def test_audio_inputs_are_checked_before_anything(tmp_path):
     assert not out.exists()
 
 
+def test_a_byte_order_mark_is_not_a_json_error(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "rain", "duration": 1, "name": "rain"}).encode() + b"\n")
+    jobs, problems = batch.parse_jobs(path)
+    assert problems == [] and [j.name for j in jobs] == ["rain"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
+    (tmp_path / "file").write_text("mine")
+    proc = run_cli(jobs, tmp_path / "file" / "out")
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot write to the output folder {tmp_path / 'file' / 'out'}: ")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_parse_jobs_defaults_are_deterministic(tmp_path):
     path = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "Rain, on a roof!", "duration": 1.5}])
     (a,), problems = batch.parse_jobs(path)

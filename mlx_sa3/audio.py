@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .options import real_number
 from .outputs import MISSING, not_a_file
 
 SAMPLE_RATE = 44100
@@ -171,8 +172,8 @@ def check_duration(duration, sample_rate: int = SAMPLE_RATE, max_samples: int | 
     as given (``repr``), so they never read "47.6 exceeds 47.6".
     """
     try:
-        seconds = float(duration)
-    except (TypeError, ValueError):
+        seconds = real_number(duration, "duration")
+    except ValueError:
         raise ValueError(f"duration must be a number of seconds, got {duration!r}") from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")

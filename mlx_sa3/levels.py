@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import real_number
+
 DEFAULT_CEILING_DBFS = -1.0  # --ceiling: peak normalisation target, and the true-peak limit of loudness normalisation
 DEFAULT_TARGET_LUFS = -14.0  # --target-lufs
 CLIP_WARNING_FRACTION = 0.001  # warn when more than 0.1 % of the samples are cut by the clamp
@@ -261,7 +263,7 @@ def validate_normalization(
     """Refuse unusable normalisation settings (ValueError, one line, before any work)."""
     if mode is not None and mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
-    ceiling_dbfs, target_lufs = float(ceiling_dbfs), float(target_lufs)
+    ceiling_dbfs, target_lufs = real_number(ceiling_dbfs, "ceiling_dbfs"), real_number(target_lufs, "target_lufs")
     if not (math.isfinite(ceiling_dbfs) and ceiling_dbfs <= 0.0):
         raise ValueError(f"the ceiling (--ceiling) must be a finite level <= 0 dBFS, got {ceiling_dbfs:g}")
     if not (math.isfinite(target_lufs) and _ABSOLUTE_GATE < target_lufs <= 0.0):

@@ -45,6 +45,7 @@ import numpy as np
 
 from .loading import PICKLE_SUFFIXES, CheckpointError, read_json
 from .models.dit import sanitize
+from .options import real_number
 from .outputs import MISSING, not_a_file
 
 DIT = "dit"
@@ -536,7 +537,7 @@ class LoraStack:
 
     def set_strength(self, strength: float, lora_index: int | None = None) -> None:
         for adapter in self.select(lora_index):
-            adapter.strength = float(strength)
+            adapter.strength = real_number(strength, "a LoRA strength")
 
     def set_interval(self, interval, lora_index: int | None = None) -> None:
         interval = None if interval is None else (float(interval[0]), float(interval[1]))
@@ -622,7 +623,7 @@ def _with_strengths(loras: Iterable) -> list[tuple[Path, float, tuple | None]]:
         if isinstance(entry, (str, Path)):
             entry = (entry,)
         path, strength, interval = (*entry, 1.0, None)[:3] if len(entry) == 1 else (*entry, None)[:3]
-        out.append((Path(path), float(strength), interval))
+        out.append((Path(path), real_number(strength, "a LoRA strength"), interval))
     return out
 
 

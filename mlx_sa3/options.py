@@ -63,14 +63,33 @@ def whole_number(value, what: str) -> int:
     raise ValueError(f"{what} must be an integer, got {value!r}")
 
 
+def real_number(value, what: str) -> float:
+    """``value`` as a float: any number (numpy's and 0-d arrays too, inf and NaN included: callers check ranges); a
+    ValueError naming ``what`` for a bool, a string or anything else, never a silent True -> 1.0 or "2" -> 2.0."""
+    if not isinstance(value, (bool, str, bytes)) and type(value).__name__ not in ("bool", "bool_"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{what} must be a number, got {value!r}")
+
+
 def _number(value, name: str, flag: str) -> float:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} ({flag}) must be a number, got {value!r}") from None
+        number = real_number(value, f"{name} ({flag})")
+    except ValueError as err:
+        raise OptionError(str(err)) from None
     if math.isnan(number):
         raise OptionError(f"{name} ({flag}) must be a number, got nan")
     return number
+
+
+def _from_text(text: str, name: str, flag: str) -> float:
+    """A number in CLI text ("0.2" in "0.2,0.8"): the one place where a string is a number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"{name} ({flag}) must be a number, got {text!r}") from None
 
 
 def _in_unit_interval(value, name: str, flag: str) -> float:
@@ -84,11 +103,14 @@ def validate_cfg_interval(value=DEFAULT_CFG_INTERVAL) -> tuple[float, float]:
     """``(lo, hi)`` or the CLI text ``"LO,HI"``, with 0 <= lo <= hi <= 1."""
     if value is None:
         return DEFAULT_CFG_INTERVAL
-    parts = value.split(",") if isinstance(value, str) else value
+    text = isinstance(value, str)
+    parts = value.split(",") if text else value
     try:
         lo, hi = parts
     except (TypeError, ValueError):
         raise OptionError(f"cfg_interval (--cfg-interval) must be two numbers LO,HI, got {value!r}") from None
+    if text:
+        lo, hi = (_from_text(part, "cfg_interval", "--cfg-interval") for part in (lo, hi))
     lo = _number(lo, "cfg_interval", "--cfg-interval")
     hi = _number(hi, "cfg_interval", "--cfg-interval")
     if not 0.0 <= lo <= hi <= 1.0:
@@ -162,7 +184,9 @@ def validate_dist_shift(value=None) -> dict | None:
             key, sep, number = item.partition("=")
             if not sep:
                 raise OptionError(f"dist_shift (--dist-shift) parameters are key=value, got {item!r}")
-            params[key.strip()] = number
+            params[key.strip()] = (
+                number if key.strip() == "use_sine" else _from_text(number, f"dist_shift {key.strip()}", "--dist-shift")
+            )
         kind = kind.strip().lower()
         value = {"type": kind, **DIST_SHIFT_DEFAULTS.get(kind, {}), **params}
     if not isinstance(value, dict):
@@ -228,7 +252,7 @@ def validate_inpaint_regions(regions, source_seconds: float, duration: float) ->
     out = []
     for region in regions:
         try:
-            start, end = (float(v) for v in region)
+            start, end = (real_number(v, "an inpaint region's start and end") for v in region)
         except (TypeError, ValueError):
             raise ValueError(f"an inpaint region is (start, end) in seconds, got {region!r}") from None
         if not (0 <= start < end):
@@ -261,5 +285,6 @@ __all__ = [
     "validate_inpaint_regions",
     "validate_scale_phi",
     "validate_sigma_max",
+    "real_number",
     "whole_number",
 ]

@@ -339,7 +339,7 @@ class StableAudio3:
         if r.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {r.batch_size}")
         steps, sampler, cfg_scale = self._sampling_options(r)
-        if not 0.0 < float(r.init_noise_level) <= 1.0:
+        if not 0.0 < opts.real_number(r.init_noise_level, "init_noise_level") <= 1.0:
             raise ValueError(f"init noise level must be in (0, 1], got {r.init_noise_level}")
         prompts = self._prompts(r.prompt, r.batch_size, required=r.init_audio is None and r.inpaint_audio is None)
         negative_prompts = self._negative_prompts(r, cfg_scale)

@@ -137,6 +137,18 @@ def pipe():
         ({"duration": []}, "at least one item"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [(0.5,)]}, r"an inpaint region is \(start, end\) in seconds"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [("a", 1)]}, "an inpaint region is"),
+        # a bool or a string is not a number of seconds, a level or a scale (True made 1 s of audio)
+        ({"duration": True}, "duration must be a number of seconds, got True"),
+        ({"duration": "1"}, "duration must be a number of seconds, got '1'"),
+        ({"init_audio": "AUDIO", "init_noise_level": True}, "init_noise_level must be a number, got True"),
+        ({"sigma_max": "0.5"}, r"sigma_max \(--sigma-max\) must be a number, got '0.5'"),
+        ({"apg_scale": True}, r"apg_scale \(--apg-scale\) must be a number, got True"),
+        ({"cfg_scale": "2"}, r"cfg_scale \(--cfg-scale\) must be a number, got '2'"),
+        ({"cfg_interval": ("0", "1")}, "cfg_interval"),
+        ({"normalize": "peak", "ceiling_dbfs": "-1"}, "ceiling_dbfs must be a number, got '-1'"),
+        ({"normalize": "loudness", "target_lufs": False}, "target_lufs must be a number, got False"),
+        ({"inpaint_audio": "AUDIO", "inpaint_regions": [("0", "0.5")]}, "an inpaint region is"),
+        ({"inpaint_audio": "AUDIO", "inpaint_regions": [(False, True)]}, "an inpaint region is"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:cfg_scale")  # guidance on the distilled-style demo config is on purpose
@@ -149,6 +161,18 @@ def test_malformed_requests_are_refused_in_one_line(pipe, tmp_path, options, wor
     request = {"prompt": "x", "duration": 1.0, "steps": 1, **options}
     with pytest.raises(ValueError, match=words):
         pipe.generate(**request)
+
+
+def test_real_numbers_are_numbers_of_any_kind():
+    from mlx_sa3.options import real_number
+
+    import mlx.core as mx
+
+    for value in (2, 2.0, np.float32(2.0), np.int64(2), mx.array(2.0), np.array(2.0)):
+        assert real_number(value, "x") == 2.0 and type(real_number(value, "x")) is float
+    for bad in (True, np.bool_(False), "2", b"2", None, [2.0], object()):
+        with pytest.raises(ValueError, match="x must be a number, got "):
+            real_number(bad, "x")
 
 
 def test_integral_floats_are_whole_numbers(pipe):

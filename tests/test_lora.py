@@ -126,6 +126,19 @@ def test_strength_given_at_load(model_state):
     assert_matches(outputs(model, io), ref, "stack_lora_bora")
 
 
+def test_a_strength_that_is_not_a_number_is_refused(model_state):
+    fixture, model, *_ = model_state
+    with pytest.raises(ValueError, match="a LoRA strength must be a number, got True"):
+        model.load_lora(lora_file(fixture, "lora_r4"), strength=True)
+    model.load_lora(lora_file(fixture, "lora_r4"))
+    try:
+        with pytest.raises(ValueError, match="a LoRA strength must be a number, got '0.5'"):
+            model.set_lora_strength("0.5")
+        assert [entry["strength"] for entry in model.loras] == [1.0]
+    finally:
+        model.unload_lora()
+
+
 def test_dora_strength_zero_is_off(model_state):
     """Official rule: DoRA/BoRA skip the adapter at strength 0 (renormalising with the trained magnitudes would
     otherwise change the weights even without a delta)."""

@@ -377,6 +377,17 @@ def test_default_stream_windows_are_balanced(variant, length, keep):
     assert max(sizes) - min(sizes) <= 2 * config.decoder.latent_multiple
 
 
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, True, "4"])
+def test_chunk_latents_must_be_a_positive_whole_number(chunk):
+    # 1.5 was truncated to 1 and True read as 1: a silent change of the decode's work split
+    config = same.SAMEConfig.preset("same-s")
+    with pytest.raises(ValueError, match="chunk_latents must be"):
+        same.stream_windows(config, 172, chunk)
+    with pytest.raises(ValueError, match="keep_latents must be"):
+        same.stream_windows(config, 172, None, chunk if chunk not in (0, -1) else 2.5)
+    assert same.stream_windows(config, 172, 64.0) == same.stream_windows(config, 172, 64)
+
+
 def test_keep_latents_is_checked(models):
     ae = models["same_s_tiny_s0"]
     with pytest.raises(ValueError, match="keep_latents"):

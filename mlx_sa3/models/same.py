@@ -25,6 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, fold_weight_norm, to_mx
+from ..options import whole_number
 from . import kernels
 from .kernels import _attention, _swiglu, dyt, masked_attention_cpu, sin
 
@@ -235,7 +236,7 @@ def stream_windows(
     and the pieces are what the full decode gives. With the default chunk the pieces are balanced: n windows of
     ~keep / n latents, n = ceil(keep / default_chunk_latents), never a short tail window with its own margins.
     """
-    keep = length if keep_latents is None else min(int(keep_latents), length)
+    keep = length if keep_latents is None else min(whole_number(keep_latents, "keep_latents"), length)
     if keep < 1:
         raise ValueError(f"keep_latents must be >= 1, got {keep_latents}")
     multiple = config.decoder.latent_multiple
@@ -245,7 +246,7 @@ def stream_windows(
         count = -(-keep // default_chunk_latents(config))
         bounds = [min(keep, multiple * (i * units // count)) for i in range(count + 1)]
     else:
-        chunk = int(chunk_latents)
+        chunk = whole_number(chunk_latents, "chunk_latents")
         if chunk < 1:
             raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
         bounds = [*range(0, keep, chunk), keep]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -115,6 +116,7 @@ class SA3Model:
         """(B, max_length, 768) float32, padded positions replaced by the learned padding embedding, and the mask."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        _warn_on_truncation(self.text_encoder.tokenizer, list(prompts))
         hidden, mask = self.text_encoder.encode(list(prompts))
         emb = mx.where(mask[..., None], hidden.astype(mx.float32), self.conditioners.padding_embedding)
         return emb, mask
@@ -340,6 +342,21 @@ class SA3Model:
         from . import lora
 
         return lora.at_sigma(self, t)
+
+
+def _warn_on_truncation(tokenizer, prompts: list[str]) -> None:
+    """Say when a prompt is longer than the text encoder reads: truncation is official, but silent it looks like a
+    prompt that was obeyed."""
+    cut = [(i, n) for i, n in enumerate(tokenizer.overflow(prompts)) if n]
+    if cut:
+        which = (
+            "a prompt" if len(prompts) == 1 else f"prompt {cut[0][0] + 1}" + (" (and others)" if len(cut) > 1 else "")
+        )
+        warnings.warn(
+            f"{which} is longer than the text encoder reads: its last {cut[0][1]} tokens are ignored (at most "
+            f"{tokenizer.text_budget} tokens; the official model truncates the same way)",
+            stacklevel=4,
+        )
 
 
 def load_model(src, dtype=None, backend: str = "mlx", lazy: bool = False, weights_dtype=None) -> SA3Model:

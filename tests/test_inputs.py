@@ -3,6 +3,7 @@ diagnosis of non-finite results (input, checkpoint or sampling)."""
 
 import os
 import re
+import warnings
 
 from mlx_sa3.audio import SAMPLE_RATE, AudioError, check_duration, format_seconds, load_audio_input, read_audio
 from mlx_sa3.loading import CheckpointError, resolve_source
@@ -173,6 +174,21 @@ def test_real_numbers_are_numbers_of_any_kind():
     for bad in (True, np.bool_(False), "2", b"2", None, [2.0], object()):
         with pytest.raises(ValueError, match="x must be a number, got "):
             real_number(bad, "x")
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_named(pipe):
+    # Truncation is the official behaviour; it is said, so a long prompt's ignored tail is not a mystery.
+    budget = pipe.model.text_encoder.tokenizer.text_budget
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate("rain " * (2 * budget), duration=0.5, steps=1, seed=1)
+        pipe.generate(["short", "rain " * (2 * budget)], duration=0.5, steps=1, seed=[1, 2])
+    messages = [str(w.message) for w in caught if "text encoder reads" in str(w.message)]
+    assert len(messages) == 2 and messages[0].startswith("a prompt is longer") and f"at most {budget}" in messages[0]
+    assert messages[1].startswith("prompt 2 is longer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate("rain", duration=0.5, steps=1, seed=1)
 
 
 def test_integral_floats_are_whole_numbers(pipe):

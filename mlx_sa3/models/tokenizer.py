@@ -142,13 +142,22 @@ class T5GemmaTokenizer:
                 ids.extend(self.sp.encode(part))
         return ids
 
+    @property
+    def text_budget(self) -> int:
+        """Tokens of prompt text that fit beside BOS/EOS in ``max_length``."""
+        return self.max_length - len(self.prefix) - len(self.suffix)
+
+    def overflow(self, prompts: list[str]) -> list[int]:
+        """How many tokens of each prompt truncation drops (0 for a prompt that fits)."""
+        return [max(0, len(self.tokenize(p)) - self.text_budget) for p in prompts]
+
     def __call__(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> (input_ids int32 (B, max_length), attention_mask bool (B, max_length))."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(prompts), self.max_length), dtype=bool)
-        budget = self.max_length - len(self.prefix) - len(self.suffix)
+        budget = self.text_budget
         for row, prompt in enumerate(prompts):
             body = self.tokenize(prompt)
             body = body[:budget] if self.truncation_side == "right" else body[max(len(body) - budget, 0) :]

@@ -170,6 +170,7 @@ def check_output_target(path, overwrite: bool = False) -> Path:
     given = Path(os.fspath(path))
     if str(path).endswith(os.sep) or given.name in ("", ".", ".."):
         raise OutputError(f"{path}: the output must be a file name, not a directory")
+    _refuse_special_file(given)
     target = Path(os.path.realpath(given))  # follow symlinks (stated rule: the link's target is written)
     parent = target.parent
     if not parent.is_dir():
@@ -185,6 +186,17 @@ def check_output_target(path, overwrite: bool = False) -> Path:
         raise OutputError(f"{_shown(given, target)} already exists (use --overwrite / overwrite=True to replace it)")
     _probe_writable(parent)
     return target
+
+
+def _refuse_special_file(given: Path) -> None:
+    """What the path opens, links followed: /dev/stdout, /proc/self/fd/N lead to a pipe or a terminal that
+    realpath cannot name ("pipe:[N]"), so it is checked before the path is resolved."""
+    try:
+        mode = os.stat(given).st_mode
+    except OSError:
+        return  # missing, or unreadable: the checks on the resolved path say why
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{given} is {_kind(mode)}; the output must be a regular file")
 
 
 def _shown(given: Path, target: Path) -> str:

@@ -70,6 +70,19 @@ def test_socket_target_is_refused(tmp_path):
             check_output_target(path, overwrite=True)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc/self/fd")
+def test_a_link_to_a_pipe_is_named_as_a_pipe():
+    # /dev/stdout in `... -o /dev/stdout | player`: the link resolves to "pipe:[N]", which is no path at all; the
+    # refusal said "cannot write to /proc/<pid>/fd: no such file or directory".
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(OutputError, match=r"^/proc/self/fd/\d+ is a FIFO \(named pipe\); the output must be"):
+            check_output_target(f"/proc/self/fd/{write_end}")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_existing_file_needs_overwrite(tmp_path):
     target = tmp_path / "out.wav"
     target.write_bytes(b"precious")

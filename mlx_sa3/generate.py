@@ -316,6 +316,11 @@ def _preflight(args):
     has_audio = args.init_audio is not None or args.inpaint_audio is not None
     prompt = items["prompt"]
     StableAudio3._prompts(prompt, len(prompt) if isinstance(prompt, list) else args.batch, required=not has_audio)
+    if args.output == "-":  # every other tool's standard output; a file named "-" is ./-
+        raise ValueError(
+            "-o -: writing to standard output is not supported (a file is written atomically, then "
+            "renamed); give a file name, or --play to listen"
+        )
     if args.output is not None:  # --play alone writes nothing
         format_for(args.output, args.format)
         check_output_targets(batch_targets(args.output, count), args.overwrite)

@@ -181,6 +181,16 @@ def test_inpainting_errors_are_found_before_the_model_loads(tmp_path, source_cli
     assert sorted(os.listdir(tmp_path)) == ["source.wav"]
 
 
+def test_dash_is_not_a_file_name(tmp_path, capsys, monkeypatch):
+    # `-o -` reads as standard output in every other tool; it wrote a file named "-".
+    monkeypatch.chdir(tmp_path)
+    assert run("-p", "x", "--duration", "1", "-o", "-") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -o -: ") and "standard output" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+    assert run("-p", "x", "--duration", "1", "-o", "./-") == 0 and os.listdir(tmp_path) == ["-"]  # spelled out
+
+
 def test_cfg_on_distilled_checkpoint_warns(tmp_path, capsys):
     assert run("-p", "x", "--duration", 1, "--cfg-scale", 2, "-o", tmp_path / "w.wav") == 0
     assert "warning:" in capsys.readouterr().err

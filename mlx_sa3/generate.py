@@ -10,7 +10,7 @@ import warnings
 
 from . import cli
 from .audio import WRITE_FORMATS
-from .options import DEFAULT_INIT_NOISE_LEVEL
+from .options import DEFAULT_INIT_NOISE_LEVEL, check_batch_size
 from .storage import WEIGHTS_DTYPES
 
 EXAMPLES = """examples:
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MLX otherwise; the summary says which ran and why)",
     )
     p.add_argument(
-        "--batch", type=int, default=1, help="variations to generate at once (files get -1, -2, ... suffixes)"
+        "--batch", type=int, default=1, help="variations to generate at once, 1..1024 (files get -1, -2, ... suffixes)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
@@ -299,9 +299,8 @@ def _preflight(args):
 
     items = args.items
     seed = [resolve_seed(s) for s in items["seed"]] if isinstance(items["seed"], list) else resolve_seed(items["seed"])
+    check_batch_size(args.batch)
     count = max([len(v) for v in items.values() if isinstance(v, list)], default=args.batch)
-    if args.batch < 1:
-        raise ValueError(f"batch size must be at least 1, got {args.batch}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"steps must be at least 1, got {args.steps}")
     if args.sampler is not None and args.sampler not in SAMPLERS:

@@ -31,6 +31,9 @@ DEFAULT_CFG_NORM_THRESHOLD = 0.0
 DEFAULT_APG_SCALE = 1.0
 DEFAULT_SIGMA_MAX = 1.0
 DEFAULT_DURATION_PADDING_SEC = 6.0
+#: most variations of one request at once: beyond any machine's memory for one DiT batch (and [prompt] * 10**20
+#: is an OverflowError); more is several calls
+MAX_BATCH_SIZE = 1024
 #: audio-to-audio: how far from the init audio the sampling starts (the official default)
 DEFAULT_INIT_NOISE_LEVEL = 0.9
 
@@ -49,6 +52,14 @@ _INTEGER_PARAMS = ("anchor_length", "min_length", "max_length")
 
 class OptionError(ValueError):
     """A generation option outside its official range."""
+
+
+def check_batch_size(value) -> int:
+    """A batch size: a whole number in 1..MAX_BATCH_SIZE."""
+    size = whole_number(value, "batch size")
+    if not 1 <= size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch size must be 1..{MAX_BATCH_SIZE}, got {size}")
+    return size
 
 
 def whole_number(value, what: str) -> int:
@@ -271,6 +282,7 @@ __all__ = [
     "DEFAULT_INIT_NOISE_LEVEL",
     "DEFAULT_SCALE_PHI",
     "DEFAULT_SIGMA_MAX",
+    "MAX_BATCH_SIZE",
     "DIST_SHIFT_DEFAULTS",
     "DIST_SHIFT_TYPES",
     "OptionError",

@@ -334,10 +334,8 @@ class StableAudio3:
 
     def _plan(self, r: GenerationRequest) -> Plan:
         checked = r.validate()
-        r = replace(r, batch_size=opts.whole_number(r.batch_size, "batch size"))
+        r = replace(r, batch_size=opts.check_batch_size(r.batch_size))
         duration = self._check_duration(r.duration)
-        if r.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {r.batch_size}")
         steps, sampler, cfg_scale = self._sampling_options(r)
         if not 0.0 < opts.real_number(r.init_noise_level, "init_noise_level") <= 1.0:
             raise ValueError(f"init noise level must be in (0, 1], got {r.init_noise_level}")

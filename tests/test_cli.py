@@ -146,6 +146,8 @@ def test_batch_writes_one_file_each(tmp_path):
         (["-p", "x", "--init-audio", "{bad}", "--duration", "2"], "not a readable audio file"),
         (["-p", "x", "--init-audio", "{missing}", "--duration", "2"], "no such file"),
         (["-p", "x", "--sampler", "heun", "--duration", "2"], "unknown sampler"),
+        (["-p", "x", "--batch", "99999999999999999999", "--duration", "2"], "batch size must be 1..1024"),
+        (["-p", "x", "--batch", "0", "--duration", "2"], "batch size must be 1..1024, got 0"),
     ],
 )
 def test_bad_input_clear_message_no_file(tmp_path, source_clip, capsys, args, message):

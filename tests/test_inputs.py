@@ -135,6 +135,9 @@ def pipe():
         ({"steps": "3"}, "steps must be an integer, got '3'"),
         ({"batch_size": 1.5}, "batch size must be an integer, got 1.5"),
         ({"batch_size": True}, "batch size must be an integer, got True"),
+        ({"batch_size": 0}, r"batch size must be 1\.\.1024, got 0"),
+        ({"batch_size": 10**20}, r"batch size must be 1\.\.1024, got 10+$"),  # was an OverflowError
+        ({"batch_size": 10**9}, r"batch size must be 1\.\.1024"),  # was a list of 10**9 prompts, then the DiT
         ({"duration": []}, "at least one item"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [(0.5,)]}, r"an inpaint region is \(start, end\) in seconds"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [("a", 1)]}, "an inpaint region is"),

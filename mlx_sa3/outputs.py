@@ -184,7 +184,7 @@ def check_output_target(path, overwrite: bool = False) -> Path:
         raise OutputError(f"{_shown(given, target)} is {_kind(st.st_mode)}; the output must be a regular file")
     if st is not None and not overwrite:
         raise OutputError(f"{_shown(given, target)} already exists (use --overwrite / overwrite=True to replace it)")
-    _probe_writable(parent)
+    probe_writable(parent)
     return target
 
 
@@ -213,7 +213,7 @@ def _check_name_length(target: Path) -> None:
         raise OutputError(f"{target.name[:40]}...: file name too long ({size} bytes; at most {limit} here)")
 
 
-def _probe_writable(directory: Path) -> None:
+def probe_writable(directory: Path) -> None:
     """Create and remove one temporary file: the only test that sees read-only mounts, ACLs and root alike."""
     probe = directory / temp_name("partial")
     try:
@@ -552,7 +552,10 @@ def check_replaceable_conversion(path, force: bool) -> Path | None:
     else is never replaced. Raises :class:`OutputError` with the reason.
     """
     path = Path(path)
-    st = _lstat(path)
+    try:
+        st = _lstat(path)
+    except OSError as err:  # under a regular file, no permission to look, a name too long
+        raise OutputError(os_error_message(err, path, "cannot write")) from None
     if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):

@@ -407,6 +407,27 @@ def test_force_onto_a_regular_file_is_refused(tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_an_output_that_cannot_be_written_is_refused_before_converting(tmp_path, capsys, monkeypatch, where):
+    # It was found after the source was read, merged and quantized, as a raw "[Errno 20] Not a directory: ..."
+    from mlx_sa3.converter import core
+
+    monkeypatch.setattr(core, "plan_source", lambda *a, **k: pytest.fail("nothing may be converted"))
+    (tmp_path / "file").write_text("mine")
+    if where == "unwritable":
+        from mlx_sa3 import outputs
+
+        def refuse(directory):
+            raise outputs.OutputError(f"cannot write to {directory}: permission denied")
+
+        monkeypatch.setattr(core, "probe_writable", refuse)  # root ignores modes: the probe is what decides
+    out = tmp_path / "file" / "out" if where == "under_a_file" else tmp_path / "out"
+    assert core.main([str(REF / "same_s_tiny_s0"), str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot ") and "Errno" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "mine"
+
+
 def test_stale_conversion_directory_of_a_dead_run_is_removed(tmp_path):
     import os
     import time

@@ -60,6 +60,8 @@ from ..models.conditioners import Conditioners
 from ..outputs import (
     OutputError,
     check_replaceable_conversion,
+    os_error_message,
+    probe_writable,
     remove_stale_temporaries,
     temp_name,
     write_conversion_marker,
@@ -346,6 +348,7 @@ def convert(
     kind = "same" if source.layout == "same" else "sa3"
     if quantize is not None and kind == "same":
         raise CheckpointError(f"{source.root} is a SAME autoencoder: --quantize applies to a Stable Audio 3 DiT only")
+    _prepare_parent(out.parent)  # before the source is read, merged or quantized: that can take minutes
     described = {"same": "SAME autoencoder", "sa3": "Stable Audio 3", "diffusers": "diffusers Stable Audio 3"}
     log(f"source: {source.root} ({described[source.layout]} checkpoint)")
 
@@ -365,7 +368,6 @@ def convert(
     for note in notes:
         log(f"note: {note}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent)  # directories of conversions that died hard (their pid is gone)
     tmp = _make_temp_dir(out.parent, "converting")  # short name: a 255-byte ``out`` name still works
     try:
@@ -447,6 +449,15 @@ def _write_component(root: Path, component: Component, log: Callable[[str], None
         f"  {COMPONENT_FILES[component.name]:<36} {count:5d} tensors {nbytes / 1e6:10.1f} MB "
         f"({time.perf_counter() - start:.1f} s)"
     )
+
+
+def _prepare_parent(parent: Path) -> None:
+    """Create OUT's folder (as mkdir -p) and prove it writable, or raise one line naming it."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(os_error_message(err, parent, "cannot create the output folder")) from None
+    probe_writable(parent)
 
 
 def _make_temp_dir(parent: Path, kind: str) -> Path:

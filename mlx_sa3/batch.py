@@ -407,11 +407,16 @@ def _base_identity(src) -> dict:
 
     root = open_source(src).root
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(root).rglob("*.safetensors") if p.is_file())
+    files = sorted(p for p in Path(root).rglob("*.safetensors") if p.is_file() and not _hidden(p, root))
     for path in files:
         digest.update(str(path.relative_to(root)).encode())
         _file_fingerprint(path, digest)
     return {"id": str(src), "weights_hash": digest.hexdigest(), "hash_method": HASH_METHOD}
+
+
+def _hidden(path: Path, root) -> bool:
+    """Under a dot-name: macOS's ._ AppleDouble files (copies to exFAT or network volumes), a tool's .cache."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def same_weights(recorded: dict, identity: dict) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests import conftest
 from tests.conftest import rel_err
 
 SR = 44100
@@ -295,6 +296,23 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: cannot write to the output folder {tmp_path / 'file' / 'out'}: ")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_the_weights_fingerprint_ignores_hidden_files(tmp_path):
+    # macOS writes ._name AppleDouble files beside every file copied to an exFAT or network volume; a .cache folder
+    # is a tool's. Neither is a weight: a resume after copying the checkpoint must not read as "other weights".
+    src = conftest.REF / "sa3_small_tiny_s0"  # through the module: only this test needs the fixtures
+    model = tmp_path / "model"
+    shutil.copytree(src, model, ignore=shutil.ignore_patterns("*.npz", "lora"))
+    before = batch.model_identity(model)
+    (model / "._model.safetensors").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (model / ".cache").mkdir()
+    (model / ".cache" / "model.safetensors").write_bytes(b"partial download")
+    assert batch.model_identity(model)["weights_hash"] == before["weights_hash"]
+    with open(model / "model.safetensors", "r+b") as f:  # a real change still shows
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x01\x02\x03\x04")
+    assert batch.model_identity(model)["weights_hash"] != before["weights_hash"]
 
 
 def test_parse_jobs_defaults_are_deterministic(tmp_path):

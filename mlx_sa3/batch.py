@@ -613,17 +613,23 @@ class Ranks:
 
 
 class Interrupts:
-    """Ctrl-C and SIGTERM stop the run, except while a finished batch is being renamed and recorded."""
+    """Ctrl-C, SIGTERM and SIGHUP stop the run, except while a finished batch is being renamed and recorded.
+
+    ``signum`` is the signal that stopped it (the exit status is 128 + it, as for every entry point).
+    """
 
     def __init__(self):
         self.deferred = False
         self.pending = None
+        self.signum = signal.SIGINT
 
     def install(self):
-        signal.signal(signal.SIGTERM, self._handler)
-        signal.signal(signal.SIGINT, self._handler)
+        for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame):
+        self.signum = signum
         if self.deferred:
             self.pending = signum
             return
@@ -782,13 +788,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    interrupts = Interrupts()
     try:
-        return _main(args)
+        return _main(args, interrupts)
     except BatchError as err:
         return cli.fail(str(err))
+    except KeyboardInterrupt:  # before the first batch (loading the model): nothing was generated
+        print("interrupted: no clip was generated; rerun the same command to start", file=sys.stderr)
+        return 128 + int(interrupts.signum)
 
 
-def _main(args) -> int:
+def _main(args, interrupts: Interrupts) -> int:
     from .generate import lora_entries
     from .loading import CheckpointError
 
@@ -844,7 +854,6 @@ def _main(args) -> int:
 
     remove_stale_temporaries(out_dir)  # the atomic writer's temporaries left by a hard kill of an earlier run
 
-    interrupts = Interrupts()
     interrupts.install()
     counts = Counts()
     start = time.perf_counter()
@@ -892,7 +901,7 @@ def _main(args) -> int:
         print(
             f"interrupted: {counts.done} clips finished and recorded; rerun the same command to resume", file=sys.stderr
         )
-        return 130
+        return 128 + int(interrupts.signum)
 
     totals = ranks.sum([counts.done, counts.skipped, counts.failed, gen_seconds])  # the barrier before merging
     gathered = ranks.gather_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in written))

@@ -408,7 +408,8 @@ def test_the_default_backend_is_auto_and_the_manifest_names_the_one_that_ran(tmp
     assert entry["backend"] == resolve_backend("auto")[0]  # what ran, not "auto" (same environment as the child)
 
 
-def test_killed_run_resumes_without_touching_finished_files(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed (it killed the run)
+def test_killed_run_resumes_without_touching_finished_files(tmp_path, signum):
     jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(24, duration=4.0, steps=8))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mlx_sa3.batch", str(jobs), str(out), "--model", "demo", "--quiet"]
@@ -419,9 +420,9 @@ def test_killed_run_resumes_without_touching_finished_files(tmp_path):
         if path.exists() and len(path.read_text().splitlines()) >= 3:
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err  # as every entry point: 128 + the signal
     finished = {e["name"]: e for e in manifest(out)}
     assert 3 <= len(finished) < 24
     assert not [p for p in os.listdir(out) if p.endswith(".partial")]
@@ -434,6 +435,22 @@ def test_killed_run_resumes_without_touching_finished_files(tmp_path):
     assert f"{24 - len(finished)} done, {len(finished)} skipped, 0 failed" in proc.stdout
     assert {f: (os.stat(out / f).st_ino, os.stat(out / f).st_mtime_ns) for f in wavs} == before
     assert len(manifest(out)) == 24 and all(e["status"] == "done" for e in manifest(out))
+
+
+def test_interrupted_while_loading_is_one_line(tmp_path, capsys, monkeypatch):
+    # A full-size model loads for seconds: Ctrl-C there printed a KeyboardInterrupt traceback.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableAudio3, "from_pretrained", interrupted)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
+    try:
+        assert batch.main([str(jobs), str(tmp_path / "out"), "--model", "demo", "--quiet"]) == 130
+    finally:
+        for name in ("SIGTERM", "SIGINT", "SIGHUP"):  # the runner installed its handlers in this process
+            signal.signal(getattr(signal, name), signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL)
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_changed_line_refused_unless_overwrite(tmp_path):

@@ -330,7 +330,13 @@ class StableAudio3:
 
         Takes a :class:`GenerationRequest` or its fields as keyword arguments.
         """
-        return self._plan(GenerationRequest.of(request, prompt, duration, **options))
+        request = GenerationRequest.of(request, prompt, duration, **options)
+        if is_per_item(request):
+            raise ValueError(
+                f"plan() plans one batch; this request has per-item lists ({item_count(request)} items): plan each "
+                "item alone, or give batch_size=len(prompts) for one batch of them"
+            )
+        return self._plan(request)
 
     def _plan(self, r: GenerationRequest) -> Plan:
         checked = r.validate()

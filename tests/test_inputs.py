@@ -136,6 +136,7 @@ def pipe():
         ({"batch_size": 1.5}, "batch size must be an integer, got 1.5"),
         ({"batch_size": True}, "batch size must be an integer, got True"),
         ({"batch_size": 0}, r"batch size must be 1\.\.1024, got 0"),
+        ({"batch_size": "two"}, "batch size must be an integer, got 'two'"),  # was int()'s "invalid literal"
         ({"batch_size": 10**20}, r"batch size must be 1\.\.1024, got 10+$"),  # was an OverflowError
         ({"batch_size": 10**9}, r"batch size must be 1\.\.1024"),  # was a list of 10**9 prompts, then the DiT
         ({"duration": []}, "at least one item"),
@@ -192,6 +193,13 @@ def test_a_prompt_longer_than_the_encoder_reads_is_named(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.generate("rain", duration=0.5, steps=1, seed=1)
+
+
+def test_plan_of_a_per_item_request_says_so(pipe):
+    # plan() works out one batch; with per-item lists it said "got 2 prompts for batch size 1".
+    with pytest.raises(ValueError, match=r"^plan\(\) plans one batch; this request has per-item lists \(2 items\)"):
+        pipe.plan(["rain", "wind"], duration=1.0)
+    assert len(pipe.plan(["rain", "wind"], duration=1.0, batch_size=2).prompts) == 2
 
 
 def test_integral_floats_are_whole_numbers(pipe):

@@ -478,6 +478,19 @@ def read_manifest(out_dir: Path) -> dict[str, dict]:
     return latest
 
 
+def read_manifest_files(out_dir: Path) -> dict[str, dict]:
+    """The latest entry per output file (``name.wav`` and ``name.flac`` are two outputs of one job name)."""
+    latest = {}
+    for path in manifest_files(out_dir):
+        for entry in _read_lines(path):
+            latest[_entry_file(entry)] = entry
+    return latest
+
+
+def _entry_file(entry: dict) -> str:
+    return entry.get("file") if isinstance(entry.get("file"), str) else entry["name"]
+
+
 def append_entries(path: Path, entries: list[dict]) -> None:
     """Append entries as JSON lines and fsync: a finished job survives a crash right after."""
     if not entries:
@@ -518,11 +531,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def compact(entries: list[dict], jobs: list[Job]) -> list[dict]:
-    """One entry per name (the latest), in job-file order; names no longer in the job file keep their place after."""
+    """One entry per name and file (the latest), in job-file order; names no longer in the job file keep their
+    place after (a job made as wav and as flac keeps both entries: both files are on disk)."""
     latest = {}
     for entry in entries:
-        latest.pop(entry["name"], None)
-        latest[entry["name"]] = entry
+        key = (entry["name"], _entry_file(entry))
+        latest.pop(key, None)
+        latest[key] = entry
     order = {job.name: i for i, job in enumerate(jobs)}
     return sorted(latest.values(), key=lambda e: order.get(e["name"], len(order)))
 
@@ -820,13 +835,13 @@ def _main(args, interrupts: Interrupts) -> int:
     ranks = Ranks()
 
     # every rank checks everything; all stop if any rank found a problem (per-host folders can differ)
-    manifest = read_manifest(out_dir) if out_dir.is_dir() else {}
-    states = {job.name: job_state(job, manifest.get(job.name), out_dir, identity) for job in jobs}
+    manifest = read_manifest_files(out_dir) if out_dir.is_dir() else {}
+    states = {job.name: job_state(job, manifest.get(job.file), out_dir, identity) for job in jobs}
     conflicts = (
         []
         if args.overwrite
         else [
-            Problem(job.line, "name", conflict_reason(job, manifest.get(job.name), out_dir, identity))
+            Problem(job.line, "name", conflict_reason(job, manifest.get(job.file), out_dir, identity))
             for job in jobs
             if states[job.name] == "conflict"
         ]

@@ -453,6 +453,19 @@ def test_interrupted_while_loading_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.startswith("interrupted: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_switching_format_and_back_skips_what_each_format_made(tmp_path):
+    # The manifest kept one entry per name, the latest: after a flac run the earlier wav read as a foreign file.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", jobs_set(1))
+    out = tmp_path / "out"
+    assert run_cli(jobs, out).returncode == 0
+    assert run_cli(jobs, out, "--format", "flac").returncode == 0
+    again = run_cli(jobs, out)
+    assert again.returncode == 0 and "0 done, 1 skipped" in again.stdout, again.stderr
+    assert sorted(e["file"] for e in manifest(out)) == ["clip00.flac", "clip00.wav"]
+    flac = run_cli(jobs, out, "--format", "flac")
+    assert flac.returncode == 0 and "0 done, 1 skipped" in flac.stdout, flac.stderr
+
+
 def test_changed_line_refused_unless_overwrite(tmp_path):
     spec = jobs_set(2)
     jobs = write_jobs(tmp_path / "jobs.jsonl", spec)

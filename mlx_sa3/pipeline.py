@@ -200,7 +200,7 @@ class GenerationRequest:
             "normalize": self.normalize,
             "ceiling_dbfs": float(self.ceiling_dbfs),
             "target_lufs": float(self.target_lufs),
-            "clamp": bool(self.clamp),
+            "clamp": _flag(self.clamp, "clamp"),
         }
 
     @classmethod
@@ -385,6 +385,8 @@ class StableAudio3:
         steps = DEFAULT_STEPS if r.steps is None else opts.whole_number(r.steps, "steps")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if r.sampler is not None and not isinstance(r.sampler, str):
+            raise ValueError(f"sampler must be a name ({', '.join(SAMPLERS)}) or None, got {r.sampler!r}")
         sampler = r.sampler or cfg.default_sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -400,10 +402,11 @@ class StableAudio3:
     def _negative_prompts(self, r: GenerationRequest, cfg_scale: float) -> list | None:
         if r.negative_prompt is None:
             return None
+        prompts = self._prompts(r.negative_prompt, r.batch_size, required=False, what="negative prompt")
         if cfg_scale == 1.0:  # as officially: without guidance the negative branch is never evaluated
             warnings.warn("the negative prompt has no effect with cfg_scale 1", stacklevel=5)
             return None
-        return self._prompts(r.negative_prompt, r.batch_size, required=False, what="negative prompt")
+        return prompts
 
     def _lengths(self, duration: float, headroom: float = HEADROOM_SECONDS) -> tuple[int, int, int]:
         """(output samples, latents the DiT runs on, latents of the requested duration).
@@ -757,6 +760,13 @@ def _tag_prompt(prompts: list) -> str | None:
 
 
 # -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
+
+
+def _flag(value, what: str) -> bool:
+    """A bool (numpy's too): "no" or None would read as on or off by truthiness."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise ValueError(f"{what} must be True or False, got {value!r}")
 
 
 def _items_output(sample_rate: int, items: list, done: DoneEvent) -> GenerationOutput:

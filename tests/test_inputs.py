@@ -154,6 +154,12 @@ def pipe():
         ({"normalize": "loudness", "target_lufs": False}, "target_lufs must be a number, got False"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [("0", "0.5")]}, "an inpaint region is"),
         ({"inpaint_audio": "AUDIO", "inpaint_regions": [(False, True)]}, "an inpaint region is"),
+        # falsy or truthy stand-ins read as "the default" or "on"
+        ({"sampler": 0}, "sampler must be a name"),
+        ({"sampler": []}, "sampler must be a name"),
+        ({"clamp": "no"}, "clamp must be True or False, got 'no'"),
+        ({"clamp": None}, "clamp must be True or False, got None"),
+        ({"negative_prompt": 5}, "a negative prompt is a string or a list of strings, got int"),  # with cfg 1 too
     ],
 )
 @pytest.mark.filterwarnings("ignore:cfg_scale")  # guidance on the distilled-style demo config is on purpose

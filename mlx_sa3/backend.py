@@ -212,7 +212,8 @@ def resolve_backend(backend: str, dtype=None, weights_dtype=None) -> tuple[str, 
             if needs is not None:
                 return "mlx", f"{needs} runs on the MLX backend only; auto would run torch here otherwise"
         return chosen, reason
-    check_backend(backend)
+    if backend not in BACKENDS:  # check_backend's message would leave out auto
+        raise ValueError(f"unknown backend {backend!r}; choose one of {AUTO}, {', '.join(BACKENDS)}")
     return backend, "requested"
 
 

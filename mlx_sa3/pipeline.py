@@ -289,6 +289,7 @@ class StableAudio3:
         ``"bfloat16"`` to halve their memory with float32 compute (:func:`mlx_sa3.load_model`).
         """
         backend, reason = resolve_backend(backend, dtype, weights_dtype)
+        keep_loaded = _flag(keep_loaded, "keep_loaded")
         if str(src) == "demo":
             from .demo import demo_model
 

@@ -106,7 +106,7 @@ def test_auto_runs_mlx_where_the_request_is_mlx_only(monkeypatch, dtype, weights
 
 def test_explicit_backends_pass_and_unknown_ones_fail():
     assert backend.resolve_backend("mlx") == ("mlx", "requested")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; choose one of auto, mlx, torch$"):
         backend.resolve_backend("cuda")
 
 

@@ -174,6 +174,13 @@ def test_malformed_requests_are_refused_in_one_line(pipe, tmp_path, options, wor
         pipe.generate(**request)
 
 
+def test_keep_loaded_is_a_flag():
+    from mlx_sa3.pipeline import StableAudio3
+
+    with pytest.raises(ValueError, match="keep_loaded must be True or False, got 'no'"):
+        StableAudio3.from_pretrained("demo", keep_loaded="no")  # truthy: it kept everything loaded
+
+
 def test_real_numbers_are_numbers_of_any_kind():
     from mlx_sa3.options import real_number
 

@@ -22,6 +22,7 @@ from .checkpoint import SA3Config, checkpoint_config, dit_weights
 from .loading import CheckpointError, Source, open_source, to_mx
 from .models.conditioners import Conditioners
 from .models.diffusion import RF_OBJECTIVES
+from .options import real_number, whole_number
 from .sampling import Step, build_schedule, gaussian_noise, sample_iter
 
 default_dtype = backends.default_dtype
@@ -116,6 +117,8 @@ class SA3Model:
         """(B, max_length, 768) float32, padded positions replaced by the learned padding embedding, and the mask."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not len(prompts):
+            raise ValueError("encode_text needs at least one prompt")
         _warn_on_truncation(self.text_encoder.tokenizer, list(prompts))
         hidden, mask = self.text_encoder.encode(list(prompts))
         emb = mx.where(mask[..., None], hidden.astype(mx.float32), self.conditioners.padding_embedding)
@@ -137,7 +140,9 @@ class SA3Model:
         if isinstance(prompts, str):
             prompts = [prompts]
         batch = len(prompts)
-        seconds = np.broadcast_to(np.asarray(seconds, dtype=np.float32).reshape(-1), (batch,))
+        seconds = _seconds_per_prompt(seconds, batch)
+        if length is not None and whole_number(length, "length") < 1:
+            raise ValueError(f"length must be at least 1 latent, got {length}")
         emb, mask = self.encode_text(prompts)
         sec = self.encode_seconds(seconds)
         cond = {
@@ -219,7 +224,11 @@ class SA3Model:
                 f"are rectified-flow only ({', '.join(RF_OBJECTIVES)})"
             )
         sampler = sampler or self.config.default_sampler
+        steps = whole_number(steps, "steps")
         x = to_mx(noise)
+        self._check_latents(x, cond, "noise")
+        if init_latents is not None:
+            self._check_latents(to_mx(init_latents), cond, "init_latents", x.shape)
         batch, _, length = x.shape
         sigma_max = float(init_noise_level) if init_latents is not None else float(sigma_max)
         sigmas = self.schedule(steps, sigma_max, schedule_length or length, dist_shift)
@@ -263,6 +272,19 @@ class SA3Model:
             yield from sample_iter(velocity, x, sigmas, sampler, noise_fn)
         finally:
             self._lora_at(None)  # outside sampling every LoRA acts again, whatever its sigma interval
+
+    def _check_latents(self, x: mx.array, cond: dict, what: str, shape=None) -> None:
+        """(B, C, L) latents that fit the model and the conditioning, or a ValueError that says how they do not."""
+        if x.ndim != 3 or x.shape[1] != self.latent_dim or x.shape[2] < 1:
+            raise ValueError(f"{what} must be (batch, {self.latent_dim}, length >= 1), got {tuple(x.shape)}")
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{what} must have the noise's shape {tuple(shape)}, got {tuple(x.shape)}")
+        local = cond.get("local_add_cond")
+        if local is not None and local.shape[-1] != x.shape[2]:
+            raise ValueError(
+                f"{what} has {x.shape[2]} latents but the conditioning was made for {local.shape[-1]}: "
+                f"build it with conditioning(..., length={x.shape[2]})"
+            )
 
     def sample(
         self,
@@ -342,6 +364,17 @@ class SA3Model:
         from . import lora
 
         return lora.at_sigma(self, t)
+
+
+def _seconds_per_prompt(seconds, batch: int) -> np.ndarray:
+    """One finite duration in seconds for every prompt (one value is shared by all)."""
+    values = np.asarray(seconds, dtype=object).reshape(-1)
+    numbers = np.array([real_number(v, "seconds") for v in values], dtype=np.float32)
+    if not np.isfinite(numbers).all():
+        raise ValueError(f"seconds must be finite, got {list(values)}")
+    if numbers.size not in (1, batch):
+        raise ValueError(f"got {numbers.size} durations (seconds) for {batch} prompts")
+    return np.broadcast_to(numbers, (batch,))
 
 
 def _warn_on_truncation(tokenizer, prompts: list[str]) -> None:

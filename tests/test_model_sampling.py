@@ -98,3 +98,28 @@ def test_canvas_alignment_follows_official_default():
         assert SA3Config.from_dict(config).latent_align == 2
         config["model"]["pretransform"]["config"]["encoder"]["config"].update(strides=[8], chunk_size=64)
         assert SA3Config.from_dict(config).latent_align == 8
+
+
+def test_low_level_misuse_is_named(loaded):
+    # model.conditioning / model.sample are public: shapes and counts that do not fit are said in their own terms
+    # (they were MLX's conv error, numpy's broadcast error, a float step count's TypeError, or silently accepted).
+    model, ref = loaded
+    C, length = model.latent_dim, 6
+    cond = model.conditioning(["a"], [1.0], length=length)
+    noise = mx.random.normal((1, C, length), key=mx.random.key(0))
+    cases = [
+        (lambda: model.sample(noise, cond, steps=2.5), "steps must be an integer, got 2.5"),
+        (lambda: model.sample(mx.zeros((1, C + 1, length)), cond, steps=1), rf"noise must be \(batch, {C}, length"),
+        (lambda: model.sample(mx.zeros((1, C, length + 3)), cond, steps=1), "conditioning was made for 6"),
+        (lambda: model.sample(noise, cond, steps=1, init_latents=mx.zeros((1, C, 2))), "init_latents must have"),
+        (lambda: model.conditioning(["a", "b"], [1.0, 2.0, 3.0], length=length), "got 3 durations"),
+        (lambda: model.conditioning(["a"], [float("nan")], length=length), "seconds must be finite"),
+        (lambda: model.conditioning(["a"], ["x"], length=length), "seconds must be a number"),
+        (lambda: model.conditioning(["a"], [1.0], length=0), "length must be at least 1"),
+        (lambda: model.encode_text([]), "at least one prompt"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError, match=words):
+            call()
+    shared = model.conditioning(["a", "b"], 2.0, length=length)  # one duration for every prompt still works
+    assert shared["global_cond"].shape[0] == 2

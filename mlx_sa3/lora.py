@@ -45,7 +45,7 @@ import numpy as np
 
 from .loading import PICKLE_SUFFIXES, CheckpointError, read_json
 from .models.dit import sanitize
-from .options import real_number
+from .options import real_number, whole_number
 from .outputs import MISSING, not_a_file
 
 DIT = "dit"
@@ -531,22 +531,24 @@ class LoraStack:
     def select(self, lora_index: int | None) -> list[LoraAdapter]:
         if lora_index is None:
             return list(self.adapters)
+        lora_index = whole_number(lora_index, "lora_index")
         if not 0 <= lora_index < len(self.adapters):
             raise IndexError(f"lora_index {lora_index} out of range: {len(self.adapters)} LoRA(s) loaded")
         return [self.adapters[lora_index]]
 
     def set_strength(self, strength: float, lora_index: int | None = None) -> None:
+        strength = _checked_strength(strength)
         for adapter in self.select(lora_index):
-            adapter.strength = real_number(strength, "a LoRA strength")
+            adapter.strength = strength
 
     def set_interval(self, interval, lora_index: int | None = None) -> None:
-        interval = None if interval is None else (float(interval[0]), float(interval[1]))
-        if interval is not None and interval[0] > interval[1]:
-            raise ValueError(f"LoRA interval {interval}: low end above high end")
+        interval = _checked_interval(interval)
         for adapter in self.select(lora_index):
             adapter.interval = interval
 
     def set_layer_filter(self, layer_filter: str, lora_index: int | None = None) -> None:
+        if layer_filter is not None and not isinstance(layer_filter, str):
+            raise ValueError(f"layer_filter must be a string of module names, got {layer_filter!r}")
         for adapter in self.select(lora_index):
             adapter.layer_filter = layer_filter or ""
 
@@ -623,8 +625,26 @@ def _with_strengths(loras: Iterable) -> list[tuple[Path, float, tuple | None]]:
         if isinstance(entry, (str, Path)):
             entry = (entry,)
         path, strength, interval = (*entry, 1.0, None)[:3] if len(entry) == 1 else (*entry, None)[:3]
-        out.append((Path(path), real_number(strength, "a LoRA strength"), interval))
+        out.append((Path(path), _checked_strength(strength), interval))
     return out
+
+
+def _checked_strength(value) -> float:
+    strength = real_number(value, "a LoRA strength")
+    if not math.isfinite(strength):
+        raise ValueError(f"a LoRA strength must be finite, got {strength}")
+    return strength
+
+
+def _checked_interval(value) -> tuple[float, float] | None:
+    """None (always active) or ``(low, high)``: two finite sigmas, low <= high (a list pair too)."""
+    if value is None:
+        return None
+    if _is_interval(value):
+        lo, hi = (real_number(v, "a LoRA sigma") for v in value)
+        if math.isfinite(lo) and math.isfinite(hi) and lo <= hi:
+            return lo, hi
+    raise ValueError(f"LoRA sigma interval {value!r}: expected (low, high), finite, with low <= high")
 
 
 def _is_interval(value) -> bool:
@@ -762,9 +782,7 @@ def attach(model, loras, interval=None, layer_filter: str = "") -> list[int]:
     entries = _with_strengths([loras] if isinstance(loras, (str, Path)) else loras)
     defaults = per_lora_intervals(interval, len(entries))
     intervals = [own if own is not None else default for (_, _, own), default in zip(entries, defaults)]
-    for lo_hi in intervals:
-        if lo_hi is not None and not (_is_interval(lo_hi) and lo_hi[0] <= lo_hi[1]):
-            raise ValueError(f"LoRA sigma interval {lo_hi!r}: expected (low, high) with low <= high")
+    intervals = [_checked_interval(lo_hi) for lo_hi in intervals]
     stack = _stack(model, create=True)
     base = _model_base(model, stack)
     shapes = _shapes(base)

@@ -139,6 +139,34 @@ def test_a_strength_that_is_not_a_number_is_refused(model_state):
         model.unload_lora()
 
 
+def test_controls_refuse_what_they_cannot_use(model_state):
+    # NaN strengths or intervals ran (non-finite audio); a string index, a one-number interval or an int filter were
+    # TypeError / IndexError / AttributeError from inside.
+    fixture, model, *_ = model_state
+    model.load_lora(lora_file(fixture, "lora_r4"))
+    try:
+        cases = [
+            (lambda: model.set_lora_strength(float("nan")), "a LoRA strength must be finite"),
+            (lambda: model.set_lora_strength(float("inf")), "a LoRA strength must be finite"),
+            (lambda: model.set_lora_interval((float("nan"), 1.0)), "LoRA sigma interval"),
+            (lambda: model.set_lora_interval((0.1,)), "LoRA sigma interval"),
+            (lambda: model.set_lora_interval(("a", 1)), "LoRA sigma interval"),
+            (lambda: model.set_lora_interval(5), "LoRA sigma interval"),
+            (lambda: model.set_lora_strength(0.5, lora_index="0"), "lora_index must be an integer"),
+            (lambda: model.set_lora_strength(0.5, lora_index=True), "lora_index must be an integer"),
+            (lambda: model.set_lora_layer_filter(5), "layer_filter must be a string"),
+        ]
+        for call, words in cases:
+            with pytest.raises(ValueError, match=words):
+                call()
+        (entry,) = model.loras
+        assert entry["strength"] == 1.0 and entry["interval"] is None and entry["layer_filter"] == ""
+        model.set_lora_interval([0.2, 0.8], lora_index=0)  # a list pair is an interval
+        assert model.loras[0]["interval"] == (0.2, 0.8)
+    finally:
+        model.unload_lora()
+
+
 def test_dora_strength_zero_is_off(model_state):
     """Official rule: DoRA/BoRA skip the adapter at strength 0 (renormalising with the trained magnitudes would
     otherwise change the weights even without a delta)."""

@@ -74,10 +74,22 @@ def whole_number(value, what: str) -> int:
     raise ValueError(f"{what} must be an integer, got {value!r}")
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's bool too
+
+
+def flag(value, what: str) -> bool:
+    """``value`` as a bool: True or False (numpy's too); a ValueError for "no", None, 0 ..., which truthiness would
+    read as on or off."""
+    if _is_bool(value):
+        return bool(value)
+    raise ValueError(f"{what} must be True or False, got {value!r}")
+
+
 def real_number(value, what: str) -> float:
     """``value`` as a float: any number (numpy's and 0-d arrays too, inf and NaN included: callers check ranges); a
     ValueError naming ``what`` for a bool, a string or anything else, never a silent True -> 1.0 or "2" -> 2.0."""
-    if not isinstance(value, (bool, str, bytes)) and type(value).__name__ not in ("bool", "bool_"):
+    if not isinstance(value, (str, bytes)) and not _is_bool(value):
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -297,6 +309,7 @@ __all__ = [
     "validate_inpaint_regions",
     "validate_scale_phi",
     "validate_sigma_max",
+    "flag",
     "real_number",
     "whole_number",
 ]

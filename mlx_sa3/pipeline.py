@@ -200,7 +200,7 @@ class GenerationRequest:
             "normalize": self.normalize,
             "ceiling_dbfs": float(self.ceiling_dbfs),
             "target_lufs": float(self.target_lufs),
-            "clamp": _flag(self.clamp, "clamp"),
+            "clamp": opts.flag(self.clamp, "clamp"),
         }
 
     @classmethod
@@ -289,7 +289,7 @@ class StableAudio3:
         ``"bfloat16"`` to halve their memory with float32 compute (:func:`mlx_sa3.load_model`).
         """
         backend, reason = resolve_backend(backend, dtype, weights_dtype)
-        keep_loaded = _flag(keep_loaded, "keep_loaded")
+        keep_loaded = opts.flag(keep_loaded, "keep_loaded")
         if str(src) == "demo":
             from .demo import demo_model
 
@@ -761,13 +761,6 @@ def _tag_prompt(prompts: list) -> str | None:
 
 
 # -- per-item requests (mlx_sa3.items): the hooks above call only these ---------------------------------------------
-
-
-def _flag(value, what: str) -> bool:
-    """A bool (numpy's too): "no" or None would read as on or off by truthiness."""
-    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
-        return bool(value)
-    raise ValueError(f"{what} must be True or False, got {value!r}")
 
 
 def _items_output(sample_rate: int, items: list, done: DoneEvent) -> GenerationOutput:

@@ -331,6 +331,22 @@ def component_weights(source: "Source", name: str, sanitize, module, what: str, 
     return sanitize_checked(tensors, None if source.converted else sanitize, module, what)
 
 
+def check_float_audio(x, what: str = "audio") -> None:
+    """Refuse integer (PCM) or bool arrays where float samples in [-1, 1] are meant: a cast would keep 32767x full
+    scale. numpy, MLX, torch and anything numpy converts."""
+    if isinstance(x, mx.array):
+        floating = mx.issubdtype(x.dtype, mx.floating)
+    elif callable(getattr(x, "is_floating_point", None)):  # a torch tensor, without importing torch
+        floating = x.is_floating_point()
+    else:
+        floating = np.asarray(x).dtype.kind == "f"
+    if not floating:
+        raise ValueError(
+            f"{what} must be floating point in [-1, 1]; integer PCM must be scaled first "
+            "(mlx_sa3.load_audio_input and read_audio do it)"
+        )
+
+
 def to_mx(x, dtype=mx.float32) -> mx.array:
     """Accept numpy or MLX input (or anything numpy converts) and return an MLX array, cast to ``dtype`` if given."""
     if not isinstance(x, mx.array):

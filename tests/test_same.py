@@ -388,6 +388,20 @@ def test_chunk_latents_must_be_a_positive_whole_number(chunk):
     assert same.stream_windows(config, 172, 64.0) == same.stream_windows(config, 172, 64)
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_integer_audio_is_refused_not_cast(backend):
+    # int16 PCM cast to float32 is audio at 32767x full scale: encoded silently into garbage latents (official
+    # torch refuses it in its first conv); integer files are scaled by mlx_sa3.read_audio / load_audio_input.
+    if backend == "torch":
+        pytest.importorskip("torch")
+    ae = same.load_autoencoder(REF / "same_s_tiny_s0", backend=backend)
+    pcm = np.zeros((1, 2, 8192), np.int16)
+    for audio in (pcm, mx.array(pcm)):
+        with pytest.raises(ValueError, match="audio must be floating point"):
+            ae.encode(audio)
+    assert ae.encode(pcm.astype(np.float32)).shape[-1] == 2
+
+
 def test_keep_latents_is_checked(models):
     ae = models["same_s_tiny_s0"]
     with pytest.raises(ValueError, match="keep_latents"):

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..loading import CheckpointError, fold_weight_norm, to_mx
+from ..loading import CheckpointError, check_float_audio, fold_weight_norm, to_mx
 from ..options import whole_number
 from . import kernels
 from .kernels import _attention, _swiglu, dyt, masked_attention_cpu, sin
@@ -613,6 +613,7 @@ class SAMEAutoencoder(AutoencoderInterface, nn.Module):
 
         Like the official code, the audio is zero-padded to whole patches and the frames to whole attention units.
         """
+        check_float_audio(audio)
         audio = to_mx(audio, mx.float32)
         if audio.ndim != 3 or audio.shape[1] != self.config.io_channels or audio.shape[2] == 0:
             raise ValueError(

@@ -6,7 +6,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..checkpoint import ENCODER_HALF, checkpoint_config
-from ..loading import Source, component_weights, open_source
+from ..loading import Source, check_float_audio, component_weights, open_source
 from ..models import keymaps
 from ..models import same as mlx_same
 from .common import (
@@ -168,6 +168,7 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         torch = require_torch()
         cfg = self.config
         self._load_encoder()
+        check_float_audio(audio)
         audio = _to_torch(audio)
         if audio.ndim != 3 or audio.shape[1] != cfg.io_channels or audio.shape[2] == 0:
             raise ValueError(

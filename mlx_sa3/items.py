@@ -19,6 +19,7 @@ dispatches here when a request is per item (:func:`is_per_item`).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -98,14 +99,24 @@ def expand_items(request) -> list:
 
 
 def plan_items(pipe, request) -> list[ItemPlan]:
-    """Validate every item by planning it alone; raises ValueError naming the first bad item."""
-    items = []
-    for i, solo in enumerate(expand_items(request)):
-        try:
-            plan = pipe.plan(request=solo)
-        except ValueError as err:
-            raise ValueError(f"item {i + 1}: {err}") from None
-        items.append(ItemPlan(i, plan, solo.seed))
+    """Validate every item by planning it alone; raises ValueError naming the first bad item.
+
+    A warning the items share (a negative prompt without guidance, cfg on a distilled checkpoint) is given once.
+    """
+    items, remarks = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, solo in enumerate(expand_items(request)):
+            try:
+                plan = pipe.plan(request=solo)
+            except ValueError as err:
+                raise ValueError(f"item {i + 1}: {err}") from None
+            items.append(ItemPlan(i, plan, solo.seed))
+    for remark in caught:
+        if (str(remark.message), remark.category) not in remarks:
+            remarks.append((str(remark.message), remark.category))
+    for message, category in remarks:
+        warnings.warn(message, category, stacklevel=3)
     return items
 
 

@@ -208,6 +208,15 @@ def test_a_prompt_longer_than_the_encoder_reads_is_named(pipe):
         pipe.generate("rain", duration=0.5, steps=1, seed=1)
 
 
+def test_a_warning_about_every_item_is_given_once(pipe):
+    # Each item is planned alone: the same remark came once per item (ten prompts, ten identical lines).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate(["a", "b", "c"], duration=0.5, steps=1, seed=[1, 2, 3], negative_prompt="n")
+    remarks = [str(w.message) for w in caught]
+    assert remarks.count("the negative prompt has no effect with cfg_scale 1") == 1, remarks
+
+
 def test_plan_of_a_per_item_request_says_so(pipe):
     # plan() works out one batch; with per-item lists it said "got 2 prompts for batch size 1".
     with pytest.raises(ValueError, match=r"^plan\(\) plans one batch; this request has per-item lists \(2 items\)"):

@@ -429,14 +429,16 @@ def same_weights(recorded: dict, identity: dict) -> bool:
 def max_duration_of(src) -> float:
     """The checkpoint's longest output (config ``sample_size``), read without loading weights."""
     if str(src) == "demo":
+        from .checkpoint import SA3Config
         from .demo import DEMO_CONFIG
 
-        config = DEMO_CONFIG
+        config = SA3Config.from_dict(DEMO_CONFIG)
     else:
+        from .checkpoint import model_config_of
         from .loading import open_source
 
-        config = open_source(src).model_config
-    return config.get("sample_size", 5292032) / config.get("sample_rate", 44100)
+        config = model_config_of(open_source(src))
+    return config.sample_size / config.sample_rate
 
 
 # -- manifest -------------------------------------------------------------------------------------------------------

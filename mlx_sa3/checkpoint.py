@@ -32,6 +32,7 @@ from .models.dit import sanitize as sanitize_dit
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.same import sanitize as sanitize_same
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
+from .options import whole_number
 from .quantize import KEEP as QUANTIZE_KEEP
 from .quantize import QuantizationConfig, apply_quantization, dequantize_weights
 from .storage import cast_to, load_cast, narrow_linears, storage_dtype, stored_dtypes
@@ -76,8 +77,8 @@ class SA3Config:
         encoder = model.get("pretransform", {}).get("config", {}).get("encoder", {}).get("config", {})
         strides = encoder.get("strides", [16])
         return cls(
-            sample_rate=config.get("sample_rate", 44100),
-            sample_size=config.get("sample_size", 5292032),
+            sample_rate=whole_number(config.get("sample_rate", 44100), "sample_rate"),
+            sample_size=whole_number(config.get("sample_size", 5292032), "sample_size"),
             io_channels=model.get("io_channels", 256),
             diffusion_objective=diffusion.get("diffusion_objective", DEFAULT_OBJECTIVE),
             cross_attention_cond_ids=tuple(diffusion.get("cross_attention_cond_ids", ("prompt", "seconds_total"))),
@@ -138,10 +139,16 @@ class CheckpointConfig:
             )
 
 
+def model_config_of(source: Source) -> SA3Config:
+    """The SA3 part of ``source``'s config alone (canvas, sample rate), one line naming it when malformed."""
+    return _parsed(f"{source.root} model", lambda: SA3Config.from_dict(source.model_config))
+
+
 def checkpoint_config(source: Source) -> CheckpointConfig:
     """The parsed config of ``source``, built once and kept with it."""
-    if "config" not in source.cache:
-        source.cache["config"] = CheckpointConfig.from_dict(source.model_config)
+    if "config" not in source.cache:  # a config missing its parts is one line naming the checkpoint, not a KeyError
+        build = lambda: CheckpointConfig.from_dict(source.model_config)  # noqa: E731
+        source.cache["config"] = _parsed(f"{source.root} model", build)
     return source.cache["config"]
 
 

@@ -279,7 +279,7 @@ def main(argv=None) -> int:
 
 def _max_samples(model: str) -> int | None:
     """The checkpoint's canvas (``sample_size``) from its config alone, without loading weights (None: unknown)."""
-    from .checkpoint import SA3Config
+    from .checkpoint import SA3Config, model_config_of
     from .loading import open_source
 
     if model == "demo":
@@ -287,7 +287,7 @@ def _max_samples(model: str) -> int | None:
 
         return SA3Config.from_dict(DEMO_CONFIG).sample_size
     source = open_source(model, allow_patterns=["model_config.json", "config.json"])  # configs only
-    return SA3Config.from_dict(source.model_config).sample_size if source.layout != "same" else None
+    return model_config_of(source).sample_size if source.layout != "same" else None
 
 
 def _preflight(args):

@@ -64,13 +64,19 @@ def _download(repo_id: str, allow_patterns: Iterable[str] | None) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's config file, or a CheckpointError naming the file."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory in its place, no permission, foreign bytes
+        raise CheckpointError(f"{path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def refuse_pickle(path: Path) -> None:

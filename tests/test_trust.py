@@ -6,6 +6,7 @@ Everything happens in tmp_path: a FIFO and a directory stand in for /dev/null (n
 private tmpfs for a full or read-only disk, real signals go to a real CLI subprocess.
 """
 
+import json
 import os
 import resource
 import shutil
@@ -248,6 +249,32 @@ def test_nan_in_the_input_audio_names_the_input(tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert str(clip) in line and "(input file)" in line and "NaN" in line and "float32" not in line
     assert sorted(os.listdir(tmp_path)) == ["in.wav"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "diffusion_cond"},  # KeyError: 'model'
+        {"model_type": "diffusion_cond", "model": {}},  # KeyError: 'pretransform'
+        {"model_type": "diffusion_cond", "model": 5},  # AttributeError
+        [],  # AttributeError
+    ],
+)
+def test_a_config_missing_its_parts_is_one_line(tmp_path, capsys, config):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_config.json").write_text(json.dumps(config))
+    assert (
+        generate.main(
+            ["--model", str(model), "--backend", "mlx", "-p", "x", "--duration", "1", "-o", str(tmp_path / "o.wav")]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if text.startswith("error")]
+    assert str(model) in line and ("cannot read the" in line or "must hold a JSON object" in line), line
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.wav").exists()
 
 
 def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):

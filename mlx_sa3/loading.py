@@ -457,6 +457,23 @@ class Source:
         return read(self.root / "model.safetensors")
 
 
+def _check_converted_meta(path: Path, meta: dict) -> None:
+    """A converted checkpoint's config.json: its model_config and its component files (relative, inside the folder)."""
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{path}: no model_config object; convert the checkpoint again")
+    components = meta.get("components", {})
+    plain = isinstance(components, dict) and all(
+        isinstance(name, str) and isinstance(file, str) and _inside(file) for name, file in components.items()
+    )
+    if not plain:
+        raise CheckpointError(f"{path}: components must map names to file names in its folder; convert it again")
+
+
+def _inside(file: str) -> bool:
+    parts = Path(file).parts
+    return bool(parts) and not Path(file).is_absolute() and ".." not in parts
+
+
 def open_source(src, allow_patterns: Iterable[str] | None = None) -> Source:
     """Locate ``src`` (directory or repo id) and tell which layout it is in."""
     root = resolve_source(src, allow_patterns)
@@ -464,6 +481,7 @@ def open_source(src, allow_patterns: Iterable[str] | None = None) -> Source:
     if meta_path.exists():
         meta = read_json(meta_path)
         if meta.get("format") == CONVERTED_FORMAT:
+            _check_converted_meta(meta_path, meta)
             return Source(root, "converted", meta["model_config"], meta)
     for pickle_file in (root / f"model{s}" for s in PICKLE_SUFFIXES):
         if pickle_file.exists() and not (root / "model.safetensors").exists():

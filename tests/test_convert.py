@@ -374,6 +374,26 @@ def test_refuses_incomplete_diffusers_and_converted_sources(tmp_path, converted)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda meta: meta.pop("model_config"), "no model_config object"),  # was KeyError: 'model_config'
+        (lambda meta: meta.update(components=5), "components must map names"),  # was TypeError
+        (lambda meta: meta["components"].update(dit="../elsewhere.safetensors"), "components must map names"),
+        (lambda meta: meta["components"].update(dit="/etc/passwd"), "components must map names"),
+    ],
+)
+def test_a_converted_config_that_was_edited_is_one_line(tmp_path, converted, edit, words):
+    model = tmp_path / "model"
+    shutil.copytree(converted["sa3_small_tiny_s0", "float32"], model)
+    meta = json.loads((model / "config.json").read_text())
+    edit(meta)
+    (model / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=words):
+        open_source(model)
+    assert open_source(converted["sa3_small_tiny_s0", "float32"]).converted  # the untouched one still opens
+
+
 def test_existing_output_needs_force(tmp_path):
     """--force replaces only an earlier conversion (its marker); an unrelated folder is refused and kept whole."""
     out = tmp_path / "out"

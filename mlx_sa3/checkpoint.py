@@ -32,7 +32,7 @@ from .models.dit import sanitize as sanitize_dit
 from .models.same import SAMEAutoencoder, SAMEConfig
 from .models.same import sanitize as sanitize_same
 from .models.t5gemma import T5GemmaConfig, T5GemmaEncoder, T5GemmaTokenizer, TextEncoder
-from .options import whole_number
+from .options import at_least
 from .quantize import KEEP as QUANTIZE_KEEP
 from .quantize import QuantizationConfig, apply_quantization, dequantize_weights
 from .storage import cast_to, load_cast, narrow_linears, storage_dtype, stored_dtypes
@@ -77,8 +77,8 @@ class SA3Config:
         encoder = model.get("pretransform", {}).get("config", {}).get("encoder", {}).get("config", {})
         strides = encoder.get("strides", [16])
         return cls(
-            sample_rate=whole_number(config.get("sample_rate", 44100), "sample_rate"),
-            sample_size=whole_number(config.get("sample_size", 5292032), "sample_size"),
+            sample_rate=at_least(config.get("sample_rate", 44100), 1, "sample_rate"),
+            sample_size=at_least(config.get("sample_size", 5292032), 1, "sample_size"),
             io_channels=model.get("io_channels", 256),
             diffusion_objective=diffusion.get("diffusion_objective", DEFAULT_OBJECTIVE),
             cross_attention_cond_ids=tuple(diffusion.get("cross_attention_cond_ids", ("prompt", "seconds_total"))),

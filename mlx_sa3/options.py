@@ -62,6 +62,14 @@ def check_batch_size(value) -> int:
     return size
 
 
+def at_least(value, low: int, what: str) -> int:
+    """:func:`whole_number`, and at least ``low``."""
+    number = whole_number(value, what)
+    if number < low:
+        raise ValueError(f"{what} must be at least {low}, got {number}")
+    return number
+
+
 def whole_number(value, what: str) -> int:
     """``value`` as an int: an integer (numpy's too) or a float without a fraction (as JSON may give); a ValueError
     naming ``what`` for anything else (2.7, "3", True), never a silent truncation."""
@@ -309,6 +317,7 @@ __all__ = [
     "validate_inpaint_regions",
     "validate_scale_phi",
     "validate_sigma_max",
+    "at_least",
     "flag",
     "real_number",
     "whole_number",

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests import conftest
+
 SR = 44100
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -275,6 +277,32 @@ def test_a_config_missing_its_parts_is_one_line(tmp_path, capsys, config):
     assert str(model) in line and ("cannot read the" in line or "must hold a JSON object" in line), line
     assert "Traceback" not in err
     assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("depth", "x", "DiT depth must be an integer"),  # was TypeError in range()
+        ("embed_dim", 0, "DiT embed_dim must be at least 1"),  # was ZeroDivisionError
+        ("num_memory_tokens", -3, "DiT num_memory_tokens must be at least 0"),  # was MLX's "[full] Negative dimensions"
+        ("num_heads", 5, "embed_dim 96 is not a multiple of num_heads 5"),
+        ("sample_rate", 0, "sample_rate must be at least 1"),  # was ZeroDivisionError
+        ("sample_size", -5, "sample_size must be at least 1"),  # was "at most -0.001 s"
+    ],
+)
+def test_impossible_numbers_in_a_config_are_one_line(tmp_path, capsys, key, value, words):
+    model = tmp_path / "model"
+    source = conftest.REF / "sa3_small_tiny_s0"  # through the module: only this test needs the fixtures
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns("*.npz", "lora"))
+    config = json.loads((model / "model_config.json").read_text())
+    target = config if key.startswith("sample_") else config["model"]["diffusion"]["config"]
+    target[key] = value
+    (model / "model_config.json").write_text(json.dumps(config))
+    args = ["--model", str(model), "--backend", "mlx", "-p", "x", "--duration", "1", "-o", str(tmp_path / "o.wav")]
+    assert generate.main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if text.startswith("error")]
+    assert words in line and "Traceback" not in err, line
 
 
 def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, to_mx
+from ..options import at_least
 from ..storage import for_calls, row_blocks
 from .diffusion import DEFAULT_OBJECTIVE, OBJECTIVES, DiffusionStep, PrepareAndStep, guide  # noqa: F401  (guide: public here too)
 from .kernels import _SCORES_PER_CHUNK, _attention, _swiglu, _swiglu_parts, _use_fused_kernels  # noqa: F401
@@ -76,6 +77,13 @@ class DiTConfig:
     def __post_init__(self):
         if self.diffusion_objective not in OBJECTIVES:
             raise ValueError(f"unsupported diffusion_objective {self.diffusion_objective!r}")
+        # a malformed config fails here in one line, not as range("x") or a division by zero while building
+        for name in ("io_channels", "embed_dim", "depth", "num_heads", "cond_token_dim", "global_cond_dim"):
+            setattr(self, name, at_least(getattr(self, name), 1, f"DiT {name}"))
+        self.local_add_cond_dim = at_least(self.local_add_cond_dim, 0, "DiT local_add_cond_dim")
+        self.num_memory_tokens = at_least(self.num_memory_tokens, 0, "DiT num_memory_tokens")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"DiT embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":

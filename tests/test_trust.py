@@ -305,6 +305,30 @@ def test_impossible_numbers_in_a_config_are_one_line(tmp_path, capsys, key, valu
     assert words in line and "Traceback" not in err, line
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda c: c["encoder"].update(num_attention_heads=0), "num_attention_heads must be at least 1"),  # 1/0
+        (lambda c: c["encoder"].update(hidden_size=None), "hidden_size must be an integer"),  # was TypeError
+        (lambda c: c["encoder"].update(vocab_size=-1), "vocab_size must be at least 1"),  # was MLX's "[bits]"
+        (lambda c: c.pop("encoder"), "cannot read the T5Gemma configuration"),  # was TypeError: missing arguments
+    ],
+)
+def test_impossible_text_encoder_configs_are_one_line(tmp_path, capsys, edit, words):
+    model = tmp_path / "model"
+    source = conftest.REF / "sa3_small_tiny_s0"  # through the module: only this test needs the fixtures
+    shutil.copytree(source, model, ignore=shutil.ignore_patterns("*.npz", "lora"))
+    path = model / "t5gemma-b-b-ul2" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    args = ["--model", str(model), "--backend", "mlx", "-p", "x", "--duration", "1", "-o", str(tmp_path / "o.wav")]
+    assert generate.main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if text.startswith("error")]
+    assert line.startswith(f"error: {path}: ") and words in line and "Traceback" not in err, line
+
+
 def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):
     from mlx_sa3.sampling import NonFiniteError
 

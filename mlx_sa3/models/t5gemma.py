@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..loading import read_json, sanitize_checked
+from ..loading import CheckpointError, read_json, sanitize_checked
+from ..options import at_least
 from .kernels import gelu_tanh, masked_softmax, tanh
 from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, T5GemmaTokenizer  # noqa: F401
 
@@ -51,6 +52,16 @@ class T5GemmaConfig:
     layer_types: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):  # a malformed config fails here in one line, not as a division by zero while building
+            setattr(self, name, at_least(getattr(self, name), 1, f"T5Gemma {name}"))
         if not self.layer_types:
             # transformers' default for T5Gemma: sliding window on even layers, full attention on odd ones.
             self.layer_types = [
@@ -81,7 +92,13 @@ class T5GemmaConfig:
 
     @classmethod
     def from_dir(cls, directory) -> "T5GemmaConfig":
-        return cls.from_dict(read_json(Path(directory) / "config.json"))
+        """From the text encoder folder's config.json; a config missing its parts is a one-line CheckpointError."""
+        path = Path(directory) / "config.json"
+        raw = read_json(path)
+        try:
+            return cls.from_dict(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{path}: cannot read the T5Gemma configuration: {err}") from None
 
 
 class RMSNorm(nn.Module):

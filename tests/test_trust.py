@@ -315,10 +315,30 @@ def test_impossible_numbers_in_a_config_are_one_line(tmp_path, capsys, key, valu
     ],
 )
 def test_impossible_text_encoder_configs_are_one_line(tmp_path, capsys, edit, words):
+    source = conftest.REF / "sa3_small_tiny_s0"  # through the module: only these tests need the fixtures
+    _check_config_edit(source, tmp_path, capsys, ["t5gemma-b-b-ul2", "config.json"], edit, words)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda c: c.update(latent_dim=0), "SAME latent_dim must be at least 1"),  # was ZeroDivisionError
+        (lambda c: c["encoder"]["config"].update(channels=0), "SAME width must be at least 1"),  # modulo by zero
+        (lambda c: c["decoder"]["config"].update(transformer_depths=["x"]), "SAME depth must be an integer"),
+    ],
+)
+def test_impossible_autoencoder_configs_are_one_line(tmp_path, capsys, edit, words):
+    def pretransform(config):
+        edit(config["model"]["pretransform"]["config"])
+
+    _check_config_edit(conftest.REF / "sa3_small_tiny_s0", tmp_path, capsys, ["model_config.json"], pretransform, words)
+
+
+def _check_config_edit(source, tmp_path, capsys, parts, edit, words):
+    """A copy of ``source`` with one config file edited: the CLI refuses it in one line naming it."""
     model = tmp_path / "model"
-    source = conftest.REF / "sa3_small_tiny_s0"  # through the module: only this test needs the fixtures
     shutil.copytree(source, model, ignore=shutil.ignore_patterns("*.npz", "lora"))
-    path = model / "t5gemma-b-b-ul2" / "config.json"
+    path = model.joinpath(*parts)
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
@@ -326,7 +346,7 @@ def test_impossible_text_encoder_configs_are_one_line(tmp_path, capsys, edit, wo
     assert generate.main(args) == 2
     err = capsys.readouterr().err
     (line,) = [text for text in err.splitlines() if text.startswith("error")]
-    assert line.startswith(f"error: {path}: ") and words in line and "Traceback" not in err, line
+    assert (str(path) in line or str(model) in line) and words in line and "Traceback" not in err, line
 
 
 def test_nan_in_the_weights_names_the_checkpoint(pipe, tmp_path):

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import CheckpointError, check_float_audio, fold_weight_norm, to_mx
-from ..options import whole_number
+from ..options import at_least, whole_number
 from . import kernels
 from .kernels import _attention, _swiglu, dyt, masked_attention_cpu, sin
 
@@ -82,6 +82,8 @@ class ResamplerConfig:
         )
 
     def __post_init__(self):
+        for name in ("width", "stride", "depth", "head_dim", "chunk_size", "mapping_kernel"):  # one line, not 1/0
+            setattr(self, name, at_least(getattr(self, name), 1, f"SAME {name}"))
         self.head_dim = min(self.head_dim, self.width)
         if self.width % self.head_dim:
             raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
@@ -142,6 +144,10 @@ class SAMEConfig:
     auto_scale: bool = True  # the bottleneck carries a running_std
     noise_regularize: bool = False
     soft_clip: bool = False
+
+    def __post_init__(self):
+        for name in ("latent_dim", "io_channels", "patch_size", "sample_rate"):  # one line, not a division by zero
+            setattr(self, name, at_least(getattr(self, name), 1, f"SAME {name}"))
 
     @classmethod
     def from_dict(cls, d: dict, sample_rate: int | None = None) -> "SAMEConfig":

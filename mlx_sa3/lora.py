@@ -369,10 +369,12 @@ def load_lora(
     if callable(svd_bases):
         svd_bases = svd_bases() if adapter_type.endswith("-xs") else None
     try:
-        rank = int(config["rank"]) if "rank" in config else _infer_rank(groups)
+        rank = whole_number(config["rank"], "lora_config rank") if "rank" in config else _infer_rank(groups)
+        alpha = real_number(config.get("alpha", rank), "lora_config alpha")
+        if not math.isfinite(alpha):
+            raise ValueError(f"lora_config alpha must be finite, got {alpha}")
     except (TypeError, ValueError, CheckpointError) as err:
         raise CheckpointError(f"{path}: {err}") from None
-    alpha = float(config.get("alpha", rank))
     if rank <= 0:
         raise CheckpointError(f"{path}: rank {rank} in lora_config")
     roots = _PEFT_ROOTS if peft else _SA3_ROOTS

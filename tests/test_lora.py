@@ -8,6 +8,7 @@ values allow).
 """
 
 import json
+import re
 
 import mlx_sa3
 from mlx_sa3 import lora
@@ -124,6 +125,25 @@ def test_strength_given_at_load(model_state):
     fixture, model, io, ref, _ = model_state
     model.load_lora([lora_file(fixture, "lora_r4"), lora_file(fixture, "bora")], strength=[0.8, 0.4])
     assert_matches(outputs(model, io), ref, "stack_lora_bora")
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"alpha": "x"}, "lora_config alpha must be a number, got 'x'"),  # was float()'s message without the file
+        ({"alpha": float("inf")}, "lora_config alpha must be finite"),
+        ({"rank": 4.5}, "lora_config rank must be an integer, got 4.5"),  # was truncated to 4
+    ],
+)
+def test_a_lora_config_with_impossible_numbers_names_the_file(model_state, tmp_path, edit, words):
+    fixture, model, *_ = model_state
+    tensors, metadata = mx.load(str(lora_file(fixture, "lora_r4")), return_metadata=True)
+    path = tmp_path / "edited.safetensors"
+    config = {**json.loads(metadata["lora_config"]), **edit}
+    mx.save_safetensors(str(path), tensors, metadata={"lora_config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {words}"):
+        model.load_lora(path)
+    assert model.loras == []
 
 
 def test_a_strength_that_is_not_a_number_is_refused(model_state):

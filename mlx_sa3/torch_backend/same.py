@@ -167,8 +167,8 @@ class TorchAutoencoder(mlx_same.AutoencoderInterface):
         """(B, io_channels, T) audio -> (B, latent_dim, ceil(T / downsampling_ratio)) latents."""
         torch = require_torch()
         cfg = self.config
+        check_float_audio(audio)  # before the encoder's weights are read
         self._load_encoder()
-        check_float_audio(audio)
         audio = _to_torch(audio)
         if audio.ndim != 3 or audio.shape[1] != cfg.io_channels or audio.shape[2] == 0:
             raise ValueError(

@@ -23,6 +23,7 @@ from .loading import (
     load_safetensors,
     open_source,
     parse_dtype,
+    parsed_config,
     sanitize_checked,
 )
 from .models import t5gemma
@@ -102,14 +103,7 @@ class SA3Config:
         return self.diffusion_objective == "rf_denoiser"
 
 
-def _parsed(what: str, build):
-    """Run a config parser, turning the errors a malformed config produces into one clear CheckpointError."""
-    try:
-        return build()
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise CheckpointError(f"cannot read the {what} configuration: {type(err).__name__}: {err}") from None
+_parsed = parsed_config  # the converter's name for it
 
 
 @dataclass

@@ -63,6 +63,16 @@ def _download(repo_id: str, allow_patterns: Iterable[str] | None) -> Path:
         ) from err
 
 
+def parsed_config(what: str, build):
+    """Run a config parser, turning the errors a malformed config produces into one clear CheckpointError."""
+    try:
+        return build()
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"cannot read the {what} configuration: {type(err).__name__}: {err}") from None
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a checkpoint's config file, or a CheckpointError naming the file."""
     try:

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..loading import CheckpointError, read_json, sanitize_checked
+from ..loading import CheckpointError, parsed_config, read_json, sanitize_checked
 from ..options import at_least
 from .kernels import gelu_tanh, masked_softmax, tanh
 from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, T5GemmaTokenizer  # noqa: F401
@@ -96,9 +96,9 @@ class T5GemmaConfig:
         path = Path(directory) / "config.json"
         raw = read_json(path)
         try:
-            return cls.from_dict(raw)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{path}: cannot read the T5Gemma configuration: {err}") from None
+            return parsed_config("T5Gemma", lambda: cls.from_dict(raw))
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 class RMSNorm(nn.Module):

@@ -212,8 +212,7 @@ def resolve_backend(backend: str, dtype=None, weights_dtype=None) -> tuple[str, 
             if needs is not None:
                 return "mlx", f"{needs} runs on the MLX backend only; auto would run torch here otherwise"
         return chosen, reason
-    if backend not in BACKENDS:  # check_backend's message would leave out auto
-        raise ValueError(f"unknown backend {backend!r}; choose one of {AUTO}, {', '.join(BACKENDS)}")
+    check_backend(backend, also=(AUTO,))
     return backend, "requested"
 
 

@@ -376,9 +376,10 @@ def to_mx(x, dtype=mx.float32) -> mx.array:
 BACKENDS = ("mlx", "torch")
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: str, also: tuple = ()) -> None:
+    """``backend`` must be one of BACKENDS; ``also``: other names the caller resolved before, listed in the message."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join((*also, *BACKENDS))}")
 
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

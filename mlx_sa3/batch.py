@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -473,20 +474,18 @@ def manifest_files(out_dir: Path) -> list[Path]:
 
 def read_manifest(out_dir: Path) -> dict[str, dict]:
     """The latest entry per job name over the manifest and any rank shards."""
-    latest = {}
-    for path in manifest_files(out_dir):
-        for entry in _read_lines(path):
-            latest[entry["name"]] = entry
-    return latest
+    return {entry["name"]: entry for entry in _manifest_entries(out_dir)}
 
 
 def read_manifest_files(out_dir: Path) -> dict[str, dict]:
     """The latest entry per output file (``name.wav`` and ``name.flac`` are two outputs of one job name)."""
-    latest = {}
+    return {_entry_file(entry): entry for entry in _manifest_entries(out_dir)}
+
+
+def _manifest_entries(out_dir: Path) -> Iterator[dict]:
+    """Every entry of the manifest, then of each rank shard, in order (later ones are newer)."""
     for path in manifest_files(out_dir):
-        for entry in _read_lines(path):
-            latest[_entry_file(entry)] = entry
-    return latest
+        yield from _read_lines(path)
 
 
 def _entry_file(entry: dict) -> str:

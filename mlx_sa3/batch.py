@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cli
-from .options import DEFAULT_INIT_NOISE_LEVEL
+from .options import DEFAULT_INIT_NOISE_LEVEL, validate_inpaint_regions
 from .outputs import MISSING, not_a_file, os_error_message
 
 MANIFEST = "manifest.jsonl"
@@ -165,7 +165,6 @@ def _audio_checks(job: dict, base: Path, seconds: dict) -> list[tuple[str, str]]
     Each file is decoded once per job file (``seconds`` caches its length), as the pipeline will read it.
     """
     from .audio import SAMPLE_RATE, AudioError, read_audio
-    from .options import validate_inpaint_regions
 
     out = []
     for key in ("init_audio", "inpaint_audio"):

@@ -10,7 +10,7 @@ import warnings
 
 from . import cli
 from .audio import WRITE_FORMATS
-from .options import DEFAULT_INIT_NOISE_LEVEL, check_batch_size
+from .options import DEFAULT_INIT_NOISE_LEVEL, check_batch_size, validate_inpaint_regions
 from .storage import WEIGHTS_DTYPES
 
 EXAMPLES = """examples:
@@ -336,8 +336,6 @@ def _preflight(args):
 
 def _check_inpainting(regions: list, source_seconds: float, durations: list) -> None:
     """The regions (or the continuation) against every item's duration, as the pipeline will check them."""
-    from .options import validate_inpaint_regions
-
     for i, duration in enumerate(durations):
         try:
             validate_inpaint_regions(regions, source_seconds, duration)
